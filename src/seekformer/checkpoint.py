@@ -1,0 +1,378 @@
+"""Hugging Face-format checkpoints: safetensors with per-expert keys, sharding, atomic writes, trainer state.
+
+A model directory holds `config.json` (model_type deepseek_v3), `model.safetensors` (or shards plus
+`model.safetensors.index.json`), `generation_config.json` and, when saved by a trainer or with a
+tokenizer, `tokenizer.json` + `tokenizer_config.json`. On disk, routed experts are per-expert keys
+`model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight` and MTP module k is layer
+`num_hidden_layers + k` (with copies of the shared embedding and head, as DeepSeek-V3 ships them).
+
+Every write goes to a temporary file or directory first, is fsynced, then renamed into place: a crash
+mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import SeekConfig
+from .errors import CheckpointError, ConfigError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TRAINER_STATE_DIR = "trainer_state"
+
+_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_DISK_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+# ====================================================================== atomic file system helpers
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory; on success its files replace those of `path`.
+
+    A new `path` appears in one rename. An existing one has each file replaced by an atomic rename
+    (weights last), and files the new content no longer has (old shards) are removed afterwards.
+    On an exception nothing under `path` changes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if not path.exists():
+            os.replace(tmp, path)
+        else:
+            new_files = sorted((p for p in tmp.rglob("*") if p.is_file()),
+                               key=lambda p: (p.suffix == ".safetensors", str(p)))
+            for f in new_files:
+                dest = path / f.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f, dest)
+            # stale weight files of an earlier save (e.g. a different shard count)
+            names = {f.relative_to(tmp).as_posix() for f in new_files}
+            for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
+                if old.exists() and old.relative_to(path).as_posix() not in names:
+                    old.unlink()
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ====================================================================== key mapping
+def to_disk_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """In-memory state dict -> the `transformers` DeepseekV3 key layout (per-expert keys, MTP as layers)."""
+    cfg: SeekConfig = model.config
+    n_layers = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    sd = model.state_dict()
+
+    def put(key: str, t: torch.Tensor) -> None:
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and not key.endswith("e_score_correction_bias"):
+            t = t.to(dtype)
+        out[key] = t.contiguous().clone() if t.data_ptr() in seen else t.contiguous()
+        seen.add(out[key].data_ptr())
+
+    seen: set[int] = set()
+    for key, t in sd.items():
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        if key.startswith("mtp."):
+            _, k, rest = key.split(".", 2)
+            prefix = f"model.layers.{n_layers + int(k)}"
+            rest = rest[len("block."):] if rest.startswith("block.") else rest
+            key = f"{prefix}.{rest}"
+        m = _EXPERTS_RE.match(key)
+        if m:
+            base, kind = m.groups()
+            for e in range(t.shape[0]):
+                if kind == "gate_up_proj":
+                    f = t.shape[1] // 2
+                    put(f"{base}.{e}.gate_proj.weight", t[e, :f])
+                    put(f"{base}.{e}.up_proj.weight", t[e, f:])
+                else:
+                    put(f"{base}.{e}.down_proj.weight", t[e])
+            continue
+        put(key, t)
+    d = cfg.hidden_size
+    for i in range(n_layers + cfg.num_nextn_predict_layers):
+        if cfg.is_moe_layer(i) and cfg.n_shared_experts == 0:  # transformers builds zero-width shared experts
+            for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                out[f"model.layers.{i}.mlp.shared_experts.{name}.weight"] = torch.zeros(shape, dtype=dtype or model.dtype)
+    for k in range(cfg.num_nextn_predict_layers):  # DeepSeek-V3's MTP layers carry copies of the shared weights
+        prefix = f"model.layers.{n_layers + k}"
+        put(f"{prefix}.embed_tokens.weight", sd["model.embed_tokens.weight"])
+        put(f"{prefix}.shared_head.head.weight", sd["lm_head.weight"])
+    return out
+
+
+def from_disk_state_dict(tensors: dict[str, torch.Tensor], cfg: SeekConfig) -> dict[str, torch.Tensor]:
+    """Inverse of `to_disk_state_dict`: stacks per-expert keys and maps MTP layers to `mtp.K.*`."""
+    n_layers = cfg.num_hidden_layers
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        m = _LAYER_RE.match(key)
+        is_mtp = bool(m) and int(m.group(1)) >= n_layers
+        if is_mtp:
+            k, rest = int(m.group(1)) - n_layers, m.group(2)
+            if k >= cfg.num_nextn_predict_layers or rest in ("embed_tokens.weight", "shared_head.head.weight"):
+                continue
+        if ".shared_experts." in key and t.numel() == 0 and cfg.n_shared_experts == 0:
+            continue
+        e_match = _DISK_EXPERT_RE.match(key)
+        if e_match:
+            base, e, kind = e_match.groups()
+            experts.setdefault(_layer_to_mtp_key(base, cfg), {}).setdefault(int(e), {})[kind] = t
+            continue
+        if is_mtp:
+            if not rest.startswith(("enorm.", "hnorm.", "eh_proj.", "shared_head.")):
+                rest = "block." + rest
+            key = f"mtp.{k}.{rest}"
+        out[key] = t
+    for base, per in experts.items():
+        e_count = max(per) + 1
+        missing = [e for e in range(e_count) if set(per.get(e, {})) != {"gate_proj", "up_proj", "down_proj"}]
+        if missing:
+            raise CheckpointError(f"checkpoint is missing weights of experts {missing[:5]} in {base}; it is truncated")
+        out[f"{base}.gate_up_proj"] = torch.stack(
+            [torch.cat([per[e]["gate_proj"], per[e]["up_proj"]], dim=0) for e in range(e_count)])
+        out[f"{base}.down_proj"] = torch.stack([per[e]["down_proj"] for e in range(e_count)])
+    return out
+
+
+def _layer_to_mtp_key(base: str, cfg: SeekConfig) -> str:
+    m = _LAYER_RE.match(base)
+    if m and int(m.group(1)) >= cfg.num_hidden_layers:
+        return f"mtp.{int(m.group(1)) - cfg.num_hidden_layers}.block.{m.group(2)}"
+    return base
+
+
+# ====================================================================== save
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"cannot read the size {size!r}; write e.g. '2GB' or '500MB'")
+    unit = (m.group(2) or "B").upper().replace("I", "")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[unit])
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "2GB") -> None:
+    """Write tensors as one safetensors file or as shards with an index, as `transformers` does."""
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        t = tensors[key]
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata=meta)
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=meta)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                   indent=2, sort_keys=True))
+
+
+def generation_config(cfg: SeekConfig) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+            "do_sample": False, "_from_model_config": True}
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: int | str = "2GB",
+               dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
+    """Atomically write `model` as a Hugging Face model directory (plus `extra_files`, e.g. a tokenizer)."""
+    tensors = to_disk_state_dict(model, dtype)
+    with atomic_directory(path) as tmp:
+        cfg_dict = model.config.to_dict()
+        if dtype is not None:
+            cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data.encode() if isinstance(data, str) else data)
+        write_weights(tmp, tensors, max_shard_size)
+
+
+# ====================================================================== load
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (single file or the shards named by the index)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is corrupt ({e}); re-save the checkpoint") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is incomplete: shard(s) {', '.join(missing[:3])} missing")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    others = sorted(path.glob("*.safetensors"))
+    if others:
+        return others
+    raise CheckpointError(f"no model weights (*.safetensors) in {path}; is it a model directory?")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read {f}: {str(e).splitlines()[0]}; the file is truncated or corrupt") \
+                from None
+    return tensors
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not a directory; pass the model directory written by save_pretrained")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{p} has no config.json; is it a model directory (from save_pretrained or training)?")
+    return p
+
+
+def load_config(path: str | os.PathLike) -> SeekConfig:
+    p = check_model_dir(path)
+    try:
+        return SeekConfig.load(p / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"{p}/config.json: {e}") from None
+
+
+def load_model(cls, path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               config: SeekConfig | None = None):
+    """Build `cls(config)` and fill it from the directory; missing or mis-shaped weights raise CheckpointError."""
+    p = check_model_dir(path)
+    cfg = config or load_config(p)
+    tensors = read_tensors(p)
+    if cfg.num_nextn_predict_layers:
+        first_mtp = f"model.layers.{cfg.num_hidden_layers}."
+        if not any(k.startswith(first_mtp) for k in tensors):  # e.g. saved by transformers, which drops MTP
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+    sd = from_disk_state_dict(tensors, cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing:
+        raise CheckpointError(f"{p} does not match its config: {len(missing)} weight(s) missing, e.g. "
+                              f"{', '.join(missing[:3])}; the checkpoint is truncated or from another model")
+    if unexpected:
+        raise CheckpointError(f"{p} does not match its config: unexpected weight(s) {', '.join(unexpected[:3])}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{p}: weight {k} has shape {tuple(sd[k].shape)}, config expects {tuple(t.shape)}")
+    target_dtype = dtype or torch.float32
+    for k in sd:
+        if k.endswith("e_score_correction_bias"):
+            sd[k] = sd[k].float()
+        elif sd[k].is_floating_point():
+            sd[k] = sd[k].to(target_dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    # buffers that are not saved (rotary frequencies, load counters) are rebuilt on the real device
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg.qk_rope_head_dim, cfg.rope_parameters,
+                                                         cfg.max_position_embeddings)
+    for _, moe in model.moe_layers():
+        moe.load_counts = torch.zeros(moe.num_experts, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+# ====================================================================== trainer state
+def save_trainer_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write optimizer/scheduler/step/RNG/data-position state under `directory/trainer_state/`."""
+    d = directory / TRAINER_STATE_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(state, d / "state.pt")
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    f = Path(directory) / TRAINER_STATE_DIR / "state.pt"
+    if not f.is_file():
+        raise CheckpointError(f"no trainer state at {f}; cannot resume from {directory}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"cannot read {f} ({type(e).__name__}); the trainer state is corrupt") from None

@@ -1,0 +1,260 @@
+"""SeekForCausalLM: the DeepSeek-V3 decoder with an LM head and Multi-Token Prediction modules.
+
+Module and parameter names follow `transformers`' DeepseekV3ForCausalLM (`model.embed_tokens`,
+`model.layers.N.self_attn.*`, `model.layers.N.mlp.*`, `model.norm`, `lm_head`), so checkpoints map 1:1;
+the only in-memory differences are the stacked expert tensors and the MTP modules (`mtp.K.*`), which
+checkpoint.py writes as per-expert keys and as layers `num_hidden_layers + K`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import SeekConfig
+from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
+from ..nn.moe import Experts, Router
+
+
+@dataclass
+class CausalLMOutput:
+    """What the model returns: `logits` [B,T,V]; `loss` when labels are given (LM + MTP + balance terms)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Padding mask [B,T] -> boolean attention mask [B,1,T,T]: causal, no padded keys, pads see themselves."""
+    t = attention_mask.shape[1]
+    keep = attention_mask.to(torch.bool)
+    tri = torch.ones(t, t, dtype=torch.bool, device=keep.device).tril()
+    visible = tri[None] & keep[:, None, :]
+    visible |= torch.eye(t, dtype=torch.bool, device=keep.device)[None]
+    return visible[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: [B,T] -> cumsum(mask) - 1, clamped at 0."""
+    return (attention_mask.long().cumsum(1) - 1).clamp_min(0)
+
+
+class SeekModel(nn.Module):
+    """Embeddings, decoder blocks and the final norm: input_ids [B,T] -> hidden states [B,T,D]."""
+
+    def __init__(self, config: SeekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.qk_rope_head_dim, config.rope_parameters,
+                                          config.max_position_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        b, t = input_ids.shape
+        mask = slots = None
+        if cache is not None:
+            am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            slots, pos, mask = cache.prepare(am)
+            position_ids = pos if position_ids is None else position_ids
+        else:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                mask = causal_mask(attention_mask)
+                if position_ids is None:
+                    position_ids = positions_from_mask(attention_mask)
+            if position_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, slots, attention_mask)
+        if cache is not None:
+            cache.commit()
+        self.last_attention_inputs = (cos, sin, mask, slots)  # reused by MTP speculative decoding
+        return self.norm(x)
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth (DeepSeek-V3 sec. 2.2).
+
+    h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), h^k = Block(h'), logits = head(shared_head.norm(h^k)).
+    The embedding and the output head are the main model's (shared).
+    """
+
+    def __init__(self, config: SeekConfig, depth: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False)
+        self.block = DecoderLayer(config, config.num_hidden_layers + depth)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """h_prev [B,T,D] (depth k-1), emb_next [B,T,D] (tokens shifted by k) -> normed h^k [B,T,D]."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        h = self.block(h, cos, sin, mask, cache, slots, token_mask)
+        return h
+
+    def head_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.shared_head.norm(h)
+
+
+class SeekForCausalLM(nn.Module):
+    """DeepSeek-V3 causal LM. `model(input_ids, attention_mask=None, labels=None)` -> CausalLMOutput."""
+
+    def __init__(self, config: SeekConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = SeekModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(config.num_nextn_predict_layers))
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) weights (residual projections scaled by 1/sqrt(2L)), unit norms."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * max(1, self.config.num_hidden_layers))
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                s = resid_std if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+        for m in self.modules():
+            if isinstance(m, Router):
+                m.e_score_correction_bias.zero_()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def moe_layers(self) -> list[tuple[str, MoE]]:
+        """(name, module) of every MoE layer, main model first, then MTP blocks."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, MoE)]
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for n, p in self.named_parameters():
+            if id(p) in seen or (exclude_embeddings and ("embed_tokens" in n or "lm_head" in n)):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> CausalLMOutput:
+        """input_ids [B,T] -> CausalLMOutput(logits [B,T,V]); labels [B,T] (-100 ignored) add `.loss`.
+
+        The loss is the next-token cross-entropy, plus `mtp_loss_weight` times the mean MTP loss and the
+        MoE balance terms in training. `logits_to_keep=n` computes logits for the last n positions only.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        h_keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.lm_head(h_keep)
+        out = CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden else None)
+        if labels is not None:
+            out.lm_loss = shifted_cross_entropy(logits, labels)
+            loss = out.lm_loss
+            if self.mtp and self.training:
+                out.mtp_loss, out.mtp_logits = self._mtp_loss(hidden, input_ids, labels, attention_mask)
+                loss = loss + self.config.mtp_loss_weight * out.mtp_loss
+            if self.training:
+                aux = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
+                if aux:
+                    out.aux_loss = torch.stack(aux).sum()
+                    loss = loss + out.aux_loss
+                for _, m in self.moe_layers():
+                    m.aux_loss = None
+            out.loss = loss
+        return out
+
+    def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Depth k predicts token i+k+1 from h^{k-1}_i and Emb(t_{i+k}); returns the mean of the depth losses."""
+        losses, all_logits = [], []
+        h = hidden
+        b, t = input_ids.shape
+        for k, module in enumerate(self.mtp, start=1):
+            n = t - k
+            if n < 2:
+                break
+            emb = self.model.embed_tokens(input_ids[:, k:])
+            am = attention_mask[:, k:] if attention_mask is not None else None
+            mask = causal_mask(am) if am is not None and not bool(am.all()) else None
+            pos = torch.arange(n, device=input_ids.device).expand(b, n)
+            cos, sin = self.model.rotary_emb(pos, h.dtype)
+            h = module(h[:, :n], emb, cos, sin, mask, token_mask=am)
+            logits = self.lm_head(module.head_norm(h))
+            losses.append(shifted_cross_entropy(logits, labels[:, k:]))
+            all_logits.append(logits)
+        if not losses:
+            return hidden.new_zeros(()), []
+        return torch.stack(losses).mean(), all_logits
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Decode like `transformers`' generate(): returns the prompt ids followed by the new ids.
+
+        See `seekformer.inference.generate` for the options (greedy, sampling, beams, stops, speculative).
+        """
+        from ..inference.generate import generate  # the decoding engine lives above the model
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> SeekForCausalLM:
+        """Load a model directory (seekformer's or a `transformers` DeepseekV3/V2 one; sharded or not)."""
+        from ..checkpoint import load_model
+
+        return load_model(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB",
+                        dtype: torch.dtype | None = None) -> None:
+        """Write a Hugging Face model directory (config.json, safetensors, generation_config.json) atomically."""
+        from ..checkpoint import save_model
+
+        save_model(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits[:, i] predicts labels[:, i+1]; -100 labels are ignored."""
+    v = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+__all__ = ["SeekForCausalLM", "SeekModel", "MTPModule", "CausalLMOutput", "Experts", "shifted_cross_entropy",
+           "causal_mask", "positions_from_mask"]

@@ -1,0 +1,132 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), with the "absorb" latent KV cache.
+
+Shapes: B batch, T new tokens, S attended slots, D hidden, H heads, R kv_lora_rank, P qk_rope_head_dim,
+N qk_nope_head_dim, V v_head_dim.
+
+    q        = q_b(norm(q_a(x)))  or  q_proj(x)              [B,T,H,N+P]
+    c_kv,k_pe = kv_a_proj_with_mqa(x)                          [B,T,R], [B,T,P]  (k_pe shared by all heads)
+    k_nope,v  = kv_b_proj(norm(c_kv))                          [B,T,H,N], [B,T,H,V]
+    out      = o_proj(softmax(q.k / sqrt(N+P)) v)
+
+Absorb mode folds kv_b_proj into the query and the output, so attention runs directly on the cached
+latent: q_lat = q_nope W_UK [B,T,H,R]; scores = [q_lat, q_pe] . [c_kv, k_pe]; out = (p c_kv) W_UV^T.
+That is multi-query attention with one (R+P)-wide key head and one R-wide value head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KVCache
+from .norm import RMSNorm
+from .rope import apply_rope
+
+# With a latent cache, chunks longer than this expand the cached latent to per-head K/V (cheaper for
+# prefill); shorter ones (decoding, speculative verification) attend in absorbed form.
+ABSORB_MAX_CHUNK = 8
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention; parameter names follow `transformers`' DeepseekV3Attention."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        d, h = config.hidden_size, config.num_attention_heads
+        self.num_heads = h
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.scale = config.softmax_scale
+        self.interleave = config.rope_interleave
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
+
+    # ------------------------------------------------------------------ pieces
+    def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B,T,D] -> q_nope [B,T,H,N], q_pe [B,T,H,P] (rotated)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, t, self.num_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin, self.interleave)
+
+    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B,T,D] -> [norm(c_kv), rope(k_pe)] [B,T,R+P], what the latent cache stores."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin, self.interleave).squeeze(2)
+        return torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)
+
+    def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [B,S,R+P] -> k [B,S,H,N+P], v [B,S,H,V]."""
+        b, s, _ = latent.shape
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.num_heads, self.rope_dim)], dim=-1)
+        return k, v
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """q [B,T,H,E], k [B,S,H,E], v [B,S,H,V] -> [B,T,H*V]; causal when mask is None."""
+        b, t = q.shape[:2]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None and t > 1, scale=self.scale)
+        return out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim)
+
+    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention on the latent: q_nope [B,T,H,N], q_pe [B,T,H,P], latent [B,S,R+P] -> [B,T,H*V]."""
+        b, t = q_nope.shape[:2]
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,N,R], [H,V,R]
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
+        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B,H,T,R+P]
+        k = latent.unsqueeze(1)  # one shared key head [B,1,S,R+P]
+        v = latent[..., : self.kv_lora_rank].unsqueeze(1)  # [B,1,S,R]
+        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+                                               scale=self.scale, enable_gqa=True)  # [B,H,T,R]
+        out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)
+        return out.reshape(b, t, self.num_heads * self.v_dim)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,T,D], cos/sin [B,T,P/2], mask bool [B,1,T,S] (None = causal over x) -> [B,T,D].
+
+        With `cache`, the T new entries are written at `slots` [B,T] and attention covers the S = mask.shape[-1]
+        first slots of each row.
+        """
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent = self._latent(x, cos, sin)
+        if cache is None:
+            k, v = self._expand(latent)
+            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+        elif cache.mode == "naive":
+            k_new, v_new = self._expand(latent)
+            cache.write(layer, slots, k_new, v_new)
+            k, v = cache.read(layer, mask.shape[-1])
+            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+        else:
+            cache.write(layer, slots, latent)
+            cached, _ = cache.read(layer, mask.shape[-1])
+            if x.shape[1] <= ABSORB_MAX_CHUNK:
+                out = self._absorbed(q_nope, q_pe, cached, mask)
+            else:
+                k, v = self._expand(cached)
+                out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+        return self.o_proj(out)

@@ -1,0 +1,199 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts, with auxiliary-loss-free balancing.
+
+Shapes: N tokens, D hidden, E routed experts, K experts per token, F expert width, G groups.
+
+Routing (DeepSeek-V3, `topk_method="noaux_tc"`): s = sigmoid(x W^T) [N,E]; experts are *selected* on
+s + b (b = `e_score_correction_bias`, fp32, never trained by the optimizer), first restricted to the
+`topk_group` groups with the largest sum of their top-2 biased scores, then the top K; the gate weights
+are the unbiased s of the chosen experts, normalised to sum to 1 (`norm_topk_prob`) and multiplied by
+`routed_scaling_factor`. DeepSeek-V2 uses softmax scores and `greedy` / `group_limited_greedy` (group
+score = max) selection. The auxiliary-loss-free update b += gamma * sign(mean load - load) is applied by
+the trainer after each optimizer step from the counts this module accumulates in `load_counts`.
+
+Dispatch: token copies are sorted by expert once, each expert runs one GEMM on its contiguous group
+(or one grouped GEMM for all), and results are scattered back with index_add: no per-token loop and no
+expert computed on tokens that did not choose it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mlp import MLP
+
+
+@dataclass
+class Routing:
+    """The router's decision for N tokens."""
+
+    weights: torch.Tensor  # [N,K] gate weights (fp32)
+    indices: torch.Tensor  # [N,K] chosen experts
+    scores: torch.Tensor  # [N,E] sigmoid/softmax scores (fp32, unbiased)
+    logits: torch.Tensor  # [N,E] raw router logits (fp32)
+
+
+class Router(nn.Module):
+    """Scores, group-limited top-K selection and gate weights; names follow `DeepseekV3TopkRouter`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group or 1
+        self.topk_group = config.topk_group or 1
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x [N,D] -> Routing."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        if self.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        else:
+            choice = scores
+        if self.n_group > 1 and self.topk_method != "greedy":
+            n = choice.shape[0]
+            grouped = choice.view(n, self.n_group, self.num_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N,G]
+            else:
+                group_scores = grouped.max(dim=-1).values
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(n, self.num_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.routed_scaling_factor
+        return Routing(weights, indices, scores, logits)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked tensors: gate_up_proj [E,2F,D] (gate rows first), down_proj [E,D,F].
+
+    On disk they are per-expert `experts.{e}.{gate,up,down}_proj.weight` (see checkpoint.py).
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        e, d, f = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D]."""
+        n, k = indices.shape
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)  # token copies grouped by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]  # [N*K, D]
+        parts = []
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            h = F.linear(xs[start:start + c], self.gate_up_proj[e])
+            gate, up = h.chunk(2, dim=-1)
+            parts.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += c
+        ys = torch.cat(parts) if parts else xs.new_zeros(0, x.shape[1])
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+class MoE(nn.Module):
+    """Shared experts (always on) + routed experts; x [B,T,D] -> [B,T,D].
+
+    In training it sets `aux_loss` (sequence-wise balance loss and router z-loss, already weighted) and
+    accumulates per-expert token counts in `load_counts` for balancing and logging.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.seq_aux_loss_alpha = config.seq_aux_loss_alpha
+        self.router_z_loss_coef = config.router_z_loss_coef
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts > 0 else None)
+        self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_routing: Routing | None = None
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(-1, d)
+        routing = self.gate(flat)
+        self.last_routing = routing
+        out = self.experts(flat, routing.indices, routing.weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        if self.training:
+            self._balance_terms(routing, b, t, token_mask)
+        return out.view(b, t, d)
+
+    def _balance_terms(self, r: Routing, b: int, t: int, token_mask: torch.Tensor | None) -> None:
+        """Accumulate loads and compute the (optional) sequence-wise balance loss and router z-loss."""
+        e, k = self.num_experts, self.top_k
+        m = token_mask.reshape(-1).float() if token_mask is not None else None
+        with torch.no_grad():
+            chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
+            if m is not None:
+                chosen = chosen * m[:, None]
+            self.load_counts += chosen.sum(0)
+        aux = r.logits.new_zeros(())
+        if self.seq_aux_loss_alpha > 0:
+            # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
+            norm_scores = r.scores / (r.scores.sum(-1, keepdim=True) + 1e-20)
+            if m is not None:
+                norm_scores = norm_scores * m[:, None]
+                count = m.view(b, t).sum(1).clamp_min(1)[:, None]
+            else:
+                count = torch.full((b, 1), float(t), device=r.scores.device)
+            p = norm_scores.view(b, t, e).sum(1) / count  # [B,E]
+            f = chosen.view(b, t, e).sum(1) * (e / (k * count))  # [B,E]
+            aux = aux + self.seq_aux_loss_alpha * (f * p).sum(-1).mean()
+        if self.router_z_loss_coef > 0:
+            z = torch.logsumexp(r.logits, dim=-1).pow(2)
+            z = (z * m).sum() / m.sum().clamp_min(1) if m is not None else z.mean()
+            aux = aux + self.router_z_loss_coef * z
+        self.aux_loss = aux
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float) -> dict[str, float]:
+        """Auxiliary-loss-free balancing step: b += gamma * sign(mean load - load); resets the counts.
+
+        Returns load statistics of the counts consumed: max/mean load ratio and number of dead experts.
+        """
+        counts = self.load_counts
+        total = float(counts.sum())
+        stats = load_stats(counts)
+        if gamma > 0 and total > 0:
+            self.gate.e_score_correction_bias += gamma * torch.sign(counts.mean() - counts)
+        counts.zero_()
+        return stats
+
+
+def load_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Load summary of per-expert token counts [E]: fractions, max/mean ratio, dead experts."""
+    total = float(counts.sum())
+    if total <= 0:
+        return {"max_over_mean": 0.0, "dead": float(counts.numel()), "fractions": [0.0] * counts.numel()}
+    frac = (counts / total).tolist()
+    return {"max_over_mean": float(counts.max() / counts.mean()), "dead": float((counts == 0).sum()),
+            "fractions": frac}
