@@ -1,0 +1,85 @@
+"""The `seekformer` command: one verb per workflow.
+
+Each workflow registers its commands from its own module (train.py, generate.py, finetune.py, serve.py,
+bench.py). A `SeekformerError` (a mistake the user can fix) is printed in one line and exits with code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from ..errors import SeekformerError
+
+try:  # typer >= 0.20 vendors click
+    from typer._click import exceptions as _click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as _click_exc
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers.")
+
+# Modules that add commands to `app` (each has `register(app)`); missing ones are skipped.
+COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench")
+
+
+@app.callback()
+def _root() -> None:
+    """Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers."""
+
+
+@app.command("version")
+def version() -> None:
+    """Print the seekformer version."""
+    from .. import __version__
+
+    typer.echo(__version__)
+
+
+def _register() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+_register()
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with code 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except SeekformerError as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except FileNotFoundError as e:
+        fail(f"file not found: {e.filename or e}")
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive as exceptions in non-standalone mode
+        if isinstance(e, _click_exc.ClickException):
+            e.show()
+            raise SystemExit(2) from None
+        if isinstance(e, _click_exc.Abort):
+            raise SystemExit(1) from None
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])
