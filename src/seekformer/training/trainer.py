@@ -1,0 +1,325 @@
+"""The pretraining loop: tokenizer -> token shards -> model -> AdamW steps with balancing, eval, checkpoints.
+
+Output directory layout (OUT = recipe.train.out):
+
+    OUT/config.json, model.safetensors, tokenizer.json, ...   the latest model (a Hugging Face model dir)
+    OUT/recipe.yaml                                          the resolved recipe
+    OUT/checkpoints/step-000500/{model files, trainer_state/state.pt, recipe.yaml}
+    OUT/checkpoints/latest                                   name of the newest complete checkpoint
+    OUT/metrics.jsonl, OUT/tensorboard/, OUT/training.png    logs and the plot
+    OUT/data/                                                token shards (reused across runs)
+
+Checkpoint directories appear by one atomic rename, and `latest` is replaced atomically after that, so a
+crash mid-save leaves the previous checkpoint as `latest`. Resuming restores weights (incl. the routers'
+balancing biases), optimizer, scheduler, RNG and data position: the loss at every later step equals that
+of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import atomic_write_text, load_config, load_trainer_state, save_model
+from ..config import SeekConfig
+from ..errors import CheckpointError, RecipeError
+from ..models.causal_lm import SeekForCausalLM
+from ..nn.moe import load_stats
+from .logs import MetricsLogger, plot_training
+from .optim import build_optimizer, build_scheduler
+from .recipe import Recipe
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+# Config fields that may change between a checkpoint and a resumed run (training knobs, not architecture).
+RESUMABLE_CHANGES = {"mtp_loss_weight", "aux_free_bias_update_rate", "seq_aux_loss_alpha", "router_z_loss_coef"}
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    val_losses: list[tuple[int, float]] = field(default_factory=list)
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    ck = out_dir / CHECKPOINTS
+    pointer = ck / LATEST
+    if pointer.is_file():
+        p = ck / pointer.read_text().strip()
+        if p.is_dir():
+            return p
+    steps = sorted(p for p in ck.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return steps[-1] if steps else None
+
+
+def check_resume_config(expected: SeekConfig, found: SeekConfig, where: Path) -> None:
+    a, b = expected.to_dict(), found.to_dict()
+    diffs = [f"{k}: recipe {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a)
+             if k not in RESUMABLE_CHANGES and a[k] != b.get(k)]
+    if diffs:
+        raise CheckpointError(f"the recipe's model config does not match the checkpoint {where} "
+                              f"({'; '.join(diffs[:3])}); resume with the same model settings or use a new train.out")
+
+
+class Trainer:
+    """Pretrains a SeekForCausalLM as a Recipe describes. `Trainer(recipe).run()` -> TrainResult."""
+
+    def __init__(self, recipe: Recipe, console=None, on_eval: Callable[[int, float], None] | None = None) -> None:
+        from rich.console import Console
+
+        self.recipe = recipe
+        self.t = recipe.train
+        self.out = Path(self.t.out)
+        self.console = console or Console(stderr=True)
+        self.on_eval = on_eval
+        self._validate()
+
+    def _validate(self) -> None:
+        t = self.t
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_checkpoints"):
+            if getattr(t, name) < 1:
+                raise RecipeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if t.dtype not in ("fp32", "bf16"):
+            raise RecipeError(f"train.dtype must be 'fp32' or 'bf16', got {t.dtype!r}")
+        if not t.lr > 0:
+            raise RecipeError(f"train.lr must be > 0, got {t.lr}")
+        if t.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RecipeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        from ..data.corpus import check_sources, iter_documents
+        from ..data.shards import PackedBatches, build_shards
+        from ..tokenizer import SeekTokenizer
+
+        r, t = self.recipe, self.t
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        resume_from = latest_checkpoint(self.out) if t.resume else None
+        if t.resume and resume_from is None:
+            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
+        check_sources(r.data.sources)
+
+        # tokenizer: the checkpoint's on resume, else a given one, else train one on the data
+        if resume_from is not None:
+            self.tokenizer = SeekTokenizer.load(resume_from)
+        elif r.tokenizer.path:
+            self.tokenizer = SeekTokenizer.load(r.tokenizer.path)
+        else:
+            self.console.print(f"training a byte-level BPE tokenizer (vocab {r.tokenizer.vocab_size}) ...")
+            docs = iter_documents(r.data.sources, text_key=r.data.text_key)
+            if r.tokenizer.max_train_docs:
+                docs = (d for i, d in zip(range(r.tokenizer.max_train_docs), docs))
+            self.tokenizer = SeekTokenizer.train(texts=docs, vocab_size=r.tokenizer.vocab_size,
+                                                 min_frequency=r.tokenizer.min_frequency)
+        tok = self.tokenizer
+        self.config = r.model_config(tok.vocab_size, {"pad_token_id": tok.pad_token_id,
+                                                      "bos_token_id": tok.bos_token_id,
+                                                      "eos_token_id": tok.eos_token_id})
+        if self.config.vocab_size < tok.vocab_size:
+            raise RecipeError(f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
+                              f"{tok.vocab_size}")
+
+        cache = Path(r.data.cache_dir) if r.data.cache_dir else self.out / "data"
+        self.console.print(f"tokenizing {', '.join(map(str, r.data.sources))} -> {cache} ...")
+        self.shards = build_shards(r.data.sources, tok, cache, val_fraction=r.data.val_fraction, seed=t.seed,
+                                   text_key=r.data.text_key)
+        self.loader = PackedBatches(self.shards, "train", t.seq_len, t.batch_size, seed=t.seed)
+
+        torch.manual_seed(t.seed)
+        if resume_from is not None:
+            check_resume_config(self.config, load_config(resume_from), resume_from)
+            self.model = SeekForCausalLM.from_pretrained(resume_from, device=t.device)
+            self.model.config = self.config  # equal but for the training knobs the recipe may change
+        else:
+            self.model = SeekForCausalLM(self.config)
+            self.model.reset_parameters(seed=t.seed)
+            self.model.to(t.device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+        self.step = 0
+        self.tokens_seen = 0
+        if resume_from is not None:
+            state = load_trainer_state(resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["data"])
+            torch.set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            self.tokens_seen = int(state["tokens"])
+            self.console.print(f"resumed from {resume_from} at step {self.step}")
+        self.resumed_from = resume_from
+        atomic_write_text(self.out / "recipe.yaml", r.to_yaml())
+        self.logger = MetricsLogger(self.out, resume_step=self.step if resume_from is not None else None)
+
+    # ------------------------------------------------------------------ pieces
+    def _autocast(self):
+        if self.t.dtype == "bf16":
+            return torch.autocast(device_type=torch.device(self.t.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed validation windows."""
+        from ..data.shards import iter_eval_batches
+
+        self.model.eval()
+        total, n = 0.0, 0
+        for batch in iter_eval_batches(self.shards, "validation", self.t.seq_len, self.t.batch_size,
+                                       max_batches=self.t.eval_batches):
+            batch = batch.to(self.t.device)
+            with self._autocast():
+                out = self.model(batch, labels=batch)
+            total += float(out.lm_loss) * batch.shape[0]
+            n += batch.shape[0]
+        self.model.train()
+        return total / max(1, n)
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; then the aux-loss-free bias update."""
+        t = self.t
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        for _ in range(t.grad_accum):
+            batch = self.loader.next_batch().to(t.device)
+            with self._autocast():
+                out = self.model(batch, labels=batch)
+            (out.loss / t.grad_accum).backward()
+            sums["loss"] += float(out.lm_loss) / t.grad_accum
+            if out.mtp_loss is not None:
+                sums["mtp_loss"] += float(out.mtp_loss) / t.grad_accum
+            if out.aux_loss is not None:
+                sums["aux_loss"] += float(out.aux_loss) / t.grad_accum
+            self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else
+                                                   float("inf"))
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        for name, moe in self.model.moe_layers():
+            self._interval_counts.setdefault(name, torch.zeros_like(moe.load_counts)).add_(moe.load_counts)
+            moe.update_bias(self.model.config.aux_free_bias_update_rate)
+        self.step += 1
+        rec = {"loss": sums["loss"], "lr": lr, "grad_norm": float(grad_norm)}
+        if self.model.mtp:
+            rec["mtp_loss"] = sums["mtp_loss"]
+        if sums["aux_loss"]:
+            rec["aux_loss"] = sums["aux_loss"]
+        return rec
+
+    def _load_record(self) -> dict[str, Any]:
+        """Expert-load statistics over the steps since the last log, per MoE layer."""
+        rec: dict[str, Any] = {}
+        fractions = {}
+        for name, counts in self._interval_counts.items():
+            short = name.replace("model.layers.", "L").replace(".mlp", "").replace("mtp.", "MTP").replace(".block", "")
+            s = load_stats(counts)
+            rec[f"load_max_over_mean/{short}"] = s["max_over_mean"]
+            rec[f"dead_experts/{short}"] = s["dead"]
+            fractions[short] = [round(f, 5) for f in s["fractions"]]
+        if fractions:
+            rec["load_fractions"] = fractions
+        self._interval_counts = {}
+        return rec
+
+    def save_checkpoint(self) -> Path:
+        """Write OUT/checkpoints/step-N atomically, point `latest` at it, refresh OUT's model files."""
+        ck = self.out / CHECKPOINTS
+        ck.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:06d}"
+        buf = io.BytesIO()
+        torch.save({"step": self.step, "tokens": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                    "rng": torch.get_rng_state()}, buf)
+        files: dict[str, bytes | str] = dict(self.tokenizer.files())
+        files["recipe.yaml"] = self.recipe.to_yaml()
+        target = ck / name
+        if target.exists():
+            shutil.rmtree(target)
+        save_model(self.model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
+        atomic_write_text(ck / LATEST, name + "\n")
+        save_model(self.model, self.out, extra_files=files)
+        old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != name)
+        for p in old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        return target
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> TrainResult:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if not hasattr(self, "model"):
+            self.prepare()
+        t = self.t
+        result = TrainResult(self.out, self.step, self.tokens_seen)
+        self._interval_counts: dict[str, torch.Tensor] = {}
+        start = time.perf_counter()
+        if self.step == 0:
+            v = self.evaluate()
+            self.logger.log(0, {"val_loss": v, "val_ppl": math.exp(min(v, 50))})
+            result.val_losses.append((0, v))
+            self._report_eval(0, v)
+        window_t, window_tokens = time.perf_counter(), 0
+        columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, disable=not t.progress, transient=False) as progress:
+            task = progress.add_task("train", total=t.steps, completed=self.step, loss=float("nan"), tps=0.0)
+            while self.step < t.steps:
+                tokens_before = self.tokens_seen
+                rec = self.train_step()
+                window_tokens += self.tokens_seen - tokens_before
+                result.train_losses.append((self.step, rec["loss"]))
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    now = time.perf_counter()
+                    rec["tokens_per_s"] = window_tokens / max(1e-9, now - window_t)
+                    rec["tokens"] = self.tokens_seen
+                    window_t, window_tokens = now, 0
+                    rec.update(self._load_record())
+                    self.logger.log(self.step, rec)
+                    progress.update(task, loss=rec["loss"], tps=rec["tokens_per_s"])
+                progress.update(task, completed=self.step)
+                out_of_time = t.max_minutes is not None and time.perf_counter() - start > 60 * t.max_minutes
+                last = self.step == t.steps or out_of_time
+                if (t.eval_every and self.step % t.eval_every == 0) or last:
+                    v = self.evaluate()
+                    self.logger.log(self.step, {"val_loss": v, "val_ppl": math.exp(min(v, 50))})
+                    result.val_losses.append((self.step, v))
+                    self._report_eval(self.step, v, progress.console)
+                if (t.save_every and self.step % t.save_every == 0) or last:
+                    self.save_checkpoint()
+                if out_of_time:
+                    result.stopped_early = self.step < t.steps
+                    break
+        self.logger.close()
+        plot_training(self.out)
+        result.steps, result.tokens = self.step, self.tokens_seen
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _report_eval(self, step: int, v: float, console=None) -> None:
+        (console or self.console).print(f"step {step:>6}  validation loss {v:.4f}  (perplexity {math.exp(min(v, 50)):.1f})")
+        if self.on_eval:
+            self.on_eval(step, v)
+
+
+def pretrain(recipe: Recipe, console=None) -> TrainResult:
+    trainer = Trainer(recipe, console=console)
+    trainer.prepare()
+    return trainer.run()

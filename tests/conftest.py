@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny configs and small real text, so every test runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from seekformer.config import SeekConfig
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def tiny_config(**overrides) -> SeekConfig:
+    """A ~100k-parameter DeepSeek-V3 config with every feature on (MoE, groups, shared expert, MTP off)."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, q_lora_rank=None,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                num_experts_per_tok=2, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    base.update(overrides)
+    return SeekConfig(**base)
+
+
+@pytest.fixture
+def small_text() -> str:
+    """About 60 kB of real English from the embedded corpus."""
+    from seekformer.data.builtin import read_corpus_documents
+
+    out, size = [], 0
+    for doc in read_corpus_documents():
+        out.append(doc[:6000])
+        size += len(out[-1])
+        if size > 60_000:
+            break
+    return "\n\n\n".join(out)
