@@ -128,6 +128,8 @@ def to_disk_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None)
     for key, t in sd.items():
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue
+        if cfg.model_type == "deepseek_v2" and key.endswith("e_score_correction_bias"):
+            continue  # DeepSeek-V2 routers have no correction bias
         if key.startswith("mtp."):
             _, k, rest = key.split(".", 2)
             prefix = f"model.layers.{n_layers + int(k)}"
@@ -333,6 +335,9 @@ def load_model(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
+    for k, t in expected.items():  # V2 checkpoints have no correction bias: start from zeros
+        if k.endswith("e_score_correction_bias") and k not in sd and cfg.model_type == "deepseek_v2":
+            sd[k] = torch.zeros(t.shape, dtype=torch.float32)
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing:

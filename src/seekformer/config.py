@@ -114,6 +114,15 @@ class SeekConfig:
         need(self.topk_method in TOPK_METHODS, f"config.topk_method must be one of {TOPK_METHODS}")
         need(self.hidden_act == "silu", f"config.hidden_act must be 'silu', got {self.hidden_act!r}")
         need(self.num_nextn_predict_layers >= 0, "config.num_nextn_predict_layers must be >= 0")
+        # transformers' DeepseekV3 always routes with sigmoid + noaux_tc, DeepseekV2 with softmax + (group) greedy
+        if self.model_type == "deepseek_v3":
+            need(self.scoring_func == "sigmoid" and self.topk_method == "noaux_tc",
+                 "model_type deepseek_v3 routes with scoring_func 'sigmoid' and topk_method 'noaux_tc'; "
+                 "use model_type deepseek_v2 for softmax / greedy routing")
+        else:
+            need(self.scoring_func == "softmax" and self.topk_method in ("greedy", "group_limited_greedy"),
+                 "model_type deepseek_v2 routes with scoring_func 'softmax' and topk_method 'greedy' or "
+                 "'group_limited_greedy'")
         if self.n_routed_experts > 0 and self.first_k_dense_replace < self.num_hidden_layers:
             e, g = self.n_routed_experts, self.n_group or 1
             need(1 <= self.num_experts_per_tok <= e,

@@ -26,6 +26,9 @@ from .rope import apply_rope
 # With a latent cache, chunks longer than this expand the cached latent to per-head K/V (cheaper for
 # prefill); shorter ones (decoding, speculative verification) attend in absorbed form.
 ABSORB_MAX_CHUNK = 8
+# The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, not config.rms_norm_eps, in DeepSeek's
+# reference code and in `transformers`.
+LATENT_NORM_EPS = 1e-6
 
 
 class MLA(nn.Module):
@@ -49,10 +52,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(d, h * self.qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
 

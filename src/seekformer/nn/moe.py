@@ -73,7 +73,8 @@ class Router(nn.Module):
             choice = choice.masked_fill(~expert_mask, float("-inf"))
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
         weights = scores.gather(1, indices)
-        if self.norm_topk_prob and self.top_k > 1:
+        # V3 (sigmoid) normalises when norm_topk_prob is set; V2 (softmax) never does, as in `transformers`.
+        if self.norm_topk_prob and self.scoring_func == "sigmoid":
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.routed_scaling_factor
         return Routing(weights, indices, scores, logits)
