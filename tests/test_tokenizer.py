@@ -1,0 +1,172 @@
+"""SeekTokenizer: training, round trips, saving/loading, `transformers` compatibility, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from seekformer.errors import DataError, SeekformerError, TokenizerError
+from seekformer.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, SeekTokenizer, train_tokenizer_cli
+
+TEXTS = [
+    "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse.",
+    "Héllo wörld! Ça va? Ñandú, façade, naïve café, Straße, Øresund, ﬁne.",
+    "Emoji: 🤖🚀👩🏽‍💻 and CJK 東京都 한국어 and Greek λόγος, Cyrillic привет.",
+    "Numbers 12345 67.89 and code: def f(x): return x ** 2  # comment\n\tindented\r\nline",
+] * 20
+
+UNICODE_SAMPLES = [
+    "",
+    " leading and trailing spaces  ",
+    "Héllo wörld — naïve café, über, São Paulo, Ångström",
+    "emoji 🤖 👩🏽‍💻 🇯🇵 and zero-width joiner",
+    "中文字符 日本語のテキスト 한국어",
+    "tabs\tand\nnewlines\r\n\n\nand \x00 control \x7f chars",
+    "<|user|> special text inside <|end_of_turn|> a string",
+]
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Héllo 🤖, what is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And\nnow?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> SeekTokenizer:
+    return SeekTokenizer.train(texts=TEXTS, vocab_size=400, min_frequency=2)
+
+
+@pytest.fixture(scope="module")
+def saved(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    tok.model_max_length = 512
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_tok(saved):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(saved))
+
+
+def test_special_token_ids_and_vocab(tok):
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.special_token_ids == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert 256 + len(SPECIAL_TOKENS) < tok.vocab_size <= 400
+
+
+@pytest.mark.parametrize("text", UNICODE_SAMPLES)
+def test_round_trip_unicode(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    if "<|" not in text:
+        assert tok.decode(ids) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=60))
+def test_round_trip_any_text(tok, text):
+    assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+
+
+def test_encode_options_and_batch(tok):
+    ids = tok.encode("Call me Ishmael.")
+    assert tok.encode("Call me Ishmael.", add_bos=True, add_eos=True) == [1, *ids, 2]
+    batch = tok.encode_batch(UNICODE_SAMPLES, add_eos=True)
+    assert batch == [tok.encode(t, add_eos=True) for t in UNICODE_SAMPLES]
+    assert tok.decode([1, *ids, 2]) == "Call me Ishmael."  # special tokens skipped by default
+
+
+def test_token_bytes_split_utf8(tok):
+    ids = tok.encode("🤖")  # a 4-byte character the small vocabulary has no merge for
+    assert len(ids) > 1 and all(len(tok.token_bytes(i)) < 4 for i in ids)
+    assert tok.token_bytes(tok.bos_token_id) == b"<|begin_of_text|>"
+    with pytest.raises(TokenizerError):
+        tok.token_bytes(tok.vocab_size)
+
+
+def test_chat_template(tok):
+    text = tok.apply_chat_template(MESSAGES)
+    assert text == ("<|begin_of_text|><|system|>You are terse.<|end_of_turn|><|user|>Héllo 🤖, what is 2+2?"
+                    "<|end_of_turn|><|assistant|>4.<|end_of_turn|><|user|>And\nnow?<|end_of_turn|><|assistant|>")
+    assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == text[: -len("<|assistant|>")]
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.special_token_ids["<|assistant|>"]
+    with pytest.raises(TokenizerError):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError):
+        tok.apply_chat_template([{"role": "user"}])
+
+
+def test_save_load(tok, saved):
+    assert sorted(p.name for p in saved.iterdir()) == ["special_tokens_map.json", "tokenizer.json",
+                                                      "tokenizer_config.json"]
+    assert set(tok.files()) == {p.name for p in saved.iterdir()}
+    cfg = json.loads((saved / "tokenizer_config.json").read_text())
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["chat_template"] == CHAT_TEMPLATE
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == tuple(SPECIAL_TOKENS[1:3]) + (SPECIAL_TOKENS[0],)
+    loaded = SeekTokenizer.load(saved)
+    assert loaded.fingerprint == tok.fingerprint
+    assert loaded.model_max_length == 512
+    assert loaded.encode_batch(UNICODE_SAMPLES) == tok.encode_batch(UNICODE_SAMPLES)
+    assert SeekTokenizer.load(saved / "tokenizer.json").vocab_size == tok.vocab_size
+
+
+def test_transformers_loads_identically(tok, hf_tok):
+    assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1, 2)
+    assert len(hf_tok) == tok.vocab_size
+    assert hf_tok.model_max_length == 512
+    for text in UNICODE_SAMPLES + TEXTS[:4]:
+        ids = tok.encode(text)
+        assert hf_tok(text)["input_ids"] == ids
+        assert hf_tok.encode(text) == ids
+        for skip in (True, False):
+            assert hf_tok.decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_transformers_chat_template_identical(tok, hf_tok, gen):
+    expected = tok.apply_chat_template(MESSAGES, add_generation_prompt=gen)
+    assert hf_tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=gen) == expected
+    hf_ids = hf_tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=gen, return_dict=False)
+    assert list(hf_ids) == tok.encode(expected)
+
+
+def test_vocab_too_small():
+    minimum = 256 + len(SPECIAL_TOKENS)
+    with pytest.raises(TokenizerError, match=f"--vocab-size >= {minimum}"):
+        SeekTokenizer.train(texts=TEXTS, vocab_size=minimum - 1)
+    assert SeekTokenizer.train(texts=TEXTS[:4], vocab_size=minimum).vocab_size == minimum
+
+
+def test_no_text():
+    with pytest.raises(TokenizerError, match="no text"):
+        SeekTokenizer.train(texts=["", ""], vocab_size=300)
+    with pytest.raises(TokenizerError, match="no text"):
+        SeekTokenizer.train(vocab_size=300)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        SeekTokenizer.load(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match="corrupt"):
+        SeekTokenizer.load(tmp_path)
+    assert issubclass(TokenizerError, SeekformerError)
+
+
+def test_train_tokenizer_cli(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n\n".join(TEXTS[:4]))
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in TEXTS[4:8]) + "\n")
+    out = tmp_path / "out"
+    tok = train_tokenizer_cli([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")], vocab_size=300, out=str(out))
+    assert SeekTokenizer.load(out).fingerprint == tok.fingerprint
+    with pytest.raises(DataError, match="does not exist"):
+        train_tokenizer_cli([str(tmp_path / "missing.txt")], vocab_size=300, out=str(out))
