@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,16 +136,17 @@ def _progress(enabled: bool) -> Iterator[Callable[[int, int], None]]:
         return
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = (SpinnerColumn(), TextColumn("tokenizing: {task.fields[docs]:,} documents, "
-                                           "{task.completed:,.0f} tokens ({task.speed} tok/s)"),
-               TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("tokenizing: {task.fields[docs]:,} documents, {task.completed:,.0f} tokens"
+                                           " ({task.fields[rate]:,.0f} tokens/s)"), TimeElapsedColumn())
     with Progress(*columns, transient=True) as bar:
-        task = bar.add_task("tokenize", total=None, docs=0)
-        counted = {"docs": 0}
+        task = bar.add_task("tokenize", total=None, docs=0, rate=0.0)
+        docs_done, start = 0, time.perf_counter()
 
         def advance(docs: int, tokens: int) -> None:
-            counted["docs"] += docs
-            bar.update(task, advance=tokens, docs=counted["docs"])
+            nonlocal docs_done
+            docs_done += docs
+            bar.update(task, advance=tokens, docs=docs_done)
+            bar.update(task, rate=bar.tasks[task].completed / max(time.perf_counter() - start, 1e-9))
 
         yield advance
 
