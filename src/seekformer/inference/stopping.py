@@ -59,10 +59,10 @@ class Detokenizer:
 
 
 def _special_ids(tokenizer) -> Iterable[int]:
-    for name in ("all_special_ids", "special_ids"):
+    for name in ("special_token_ids", "all_special_ids"):  # SeekTokenizer: {token: id}; transformers: [id]
         ids = getattr(tokenizer, name, None)
         if ids is not None:
-            return ids() if callable(ids) else ids
+            return ids.values() if isinstance(ids, dict) else ids
     return [i for i in (getattr(tokenizer, n, None) for n in ("bos_token_id", "eos_token_id", "pad_token_id"))
             if i is not None]
 
