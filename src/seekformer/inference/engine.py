@@ -1,0 +1,267 @@
+"""A continuous-batching decoding engine: requests join a running batch and leave it when done.
+
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_new_tokens=64, do_sample=True, seed=0))
+    while engine.has_work():
+        for ev in engine.step():          # TokenEvent per request that advanced (or ended)
+            print(ev.request_id, ev.token_id, ev.text, ev.logprob, ev.finish_reason)
+
+One preallocated latent KV cache holds `max_batch_size` rows of `max_length` slots. The running requests
+always occupy rows 0..n-1 (a finished request's row is refilled by moving the last row into it), so a
+decode step is one forward of n tokens over the row view [0, n). A `step()`:
+  1. ends cancelled requests (event with finish_reason "cancelled"),
+  2. decodes one token for every running request (batched, each row with its own sampling params,
+     generator, penalties and stop conditions),
+  3. admits waiting requests into free rows: each prompt is prefilled alone into its row and its first
+     token is chosen (so a new request yields its first event in the step that admits it).
+Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_tokens), "cancelled".
+
+Thread safety: `add_request` and `cancel` may be called from any thread (they only touch a locked
+queue); `step()` must be driven by one thread (a second concurrent call blocks until the first returns).
+The model must not be used elsewhere while `step()` runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import GenerationError
+from .sampling import PenaltyState, SamplingParams, choose, make_generator, token_logprobs
+from .stopping import SequenceState, stop_ids
+
+
+@dataclass
+class Request:
+    """A generation request: id, prompt token ids and sampling parameters (incl. stop conditions)."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    state: SequenceState | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one request (token_id None for a request cancelled before its next token).
+
+    `text` is the new text piece (complete UTF-8, stop strings removed; "" without a tokenizer),
+    `logprob` the token's log-probability under the model (unprocessed logits) and `top_logprobs` the
+    `params.logprobs` most likely alternatives as (token id, logprob), when requested.
+    """
+
+    request_id: str
+    token_id: int | None
+    text: str = ""
+    index: int = 0  # position of the token among the request's generated tokens
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the request's last event
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Completion:
+    """A finished request, as `Engine.generate` returns it."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float]
+
+
+class Engine:
+    """Continuous batching over one preallocated KV cache (see the module docstring)."""
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_length: int | None = None,
+                 cache_mode: str = "latent") -> None:
+        from .generate import new_cache
+
+        ctx = model.config.max_position_embeddings
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = int(max_batch_size)
+        self.max_length = min(int(max_length or ctx), ctx)
+        self.cache = new_cache(model, self.max_batch_size, self.max_length, cache_mode)
+        v = model.config.vocab_size
+        self.penalties = PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True)
+        self.running: list[Request] = []  # running[i] lives in cache row i
+        self._waiting: deque[Request] = deque()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._step_lock = threading.Lock()
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ public API
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
+                    **options) -> str:
+        """Queue a request; returns its id. Raises GenerationError for bad input (thread-safe)."""
+        params = (params or SamplingParams()).replace(**options) if options else (params or SamplingParams())
+        params.validate(self.model.config.vocab_size)
+        ids = [int(i) for i in prompt_ids]
+        v = self.model.config.vocab_size
+        if not ids:
+            raise GenerationError("empty prompt: give at least one token")
+        if any(i < 0 or i >= v for i in ids):
+            raise GenerationError(f"prompt token ids must be in [0, {v})")
+        if len(ids) + params.max_new_tokens > self.max_length:
+            raise GenerationError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                                  f"the engine's max_length ({self.max_length})")
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need an engine with a tokenizer")
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if any(r.id == rid for r in list(self._waiting) + self.running):
+                raise GenerationError(f"request id {rid!r} is already in use")
+            self._waiting.append(Request(rid, ids, params))
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Ask to end a request at the next step (thread-safe); False if it is unknown or finished."""
+        with self._lock:
+            known = any(r.id == request_id for r in list(self._waiting) + self.running)
+            if known:
+                self._cancelled.add(request_id)
+            return known
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.running or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> list[TokenEvent]:
+        """Advance every request by one token (see the module docstring); returns the events."""
+        with self._step_lock, torch.no_grad():
+            events = self._cancel_pending()
+            if self.running:
+                events += self._decode()
+            events += self._admit()
+            return events
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None, **options) -> list[Completion]:
+        """Run `prompts` to completion (convenience for scripts and tests); results in prompt order."""
+        ids = [self.add_request(p, params, **options) for p in prompts]
+        out = {i: Completion(i, [], "", "", []) for i in ids}
+        while any(not c.finish_reason for c in out.values()):
+            for ev in self.step():
+                c = out.get(ev.request_id)
+                if c is None:
+                    continue
+                if ev.token_id is not None:
+                    c.token_ids.append(ev.token_id)
+                if ev.logprob is not None:
+                    c.logprobs.append(ev.logprob)
+                c.text += ev.text
+                c.finish_reason = ev.finish_reason or ""
+        return [out[i] for i in ids]
+
+    # ------------------------------------------------------------------ internals
+
+    def _cancel_pending(self) -> list[TokenEvent]:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+            waiting = [r for r in self._waiting if r.id in cancelled]
+            self._waiting = deque(r for r in self._waiting if r.id not in cancelled)
+        events = []
+        for req in waiting:
+            req.state = SequenceState(req.params, set(), self.tokenizer)
+            events.append(self._end(req, "cancelled"))
+        for i in reversed(range(len(self.running))):
+            req = self.running[i]
+            if req.id in cancelled:
+                events.append(self._end(req, "cancelled"))
+                self._remove_row(i)
+        return events
+
+    def _end(self, req: Request, reason: str) -> TokenEvent:
+        text = req.state.finish(reason)
+        return TokenEvent(req.id, None, text, len(req.state.tokens), finish_reason=req.state.finish_reason)
+
+    def _remove_row(self, i: int) -> None:
+        """Free row i: the last running row moves into it, so rows stay 0..n-1."""
+        last = len(self.running) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self.penalties.seen[i] = self.penalties.seen[last]
+            self.penalties.counts[i] = self.penalties.counts[last]
+            self.running[i] = self.running[last]
+        self.cache.reset_rows([last])
+        self.running.pop()
+
+    def _choose(self, logits: torch.Tensor, reqs: list[Request], lo: int, hi: int) -> list[TokenEvent]:
+        """Pick tokens for rows [lo, hi) from logits [n,V]; record them and emit events."""
+        pen = PenaltyState(self.penalties.seen[lo:hi], self.penalties.counts[lo:hi], True)
+        states = [r.state for r in reqs]
+        banned = None
+        if any(len(s.tokens) < s.params.min_new_tokens for s in states):
+            banned = torch.zeros_like(logits, dtype=torch.bool)
+            for j, s in enumerate(states):
+                if len(s.tokens) < s.params.min_new_tokens:
+                    banned[j, list(s.eos_ids)] = True
+        tok = choose(logits, [r.params for r in reqs], pen, [r.generator for r in reqs], banned)
+        pen.update(tok)
+        want = [r.params.logprobs for r in reqs]
+        lp = top_v = top_i = None
+        if any(w is not None for w in want):
+            lp, top_v, top_i = token_logprobs(logits, tok, max(w or 0 for w in want))
+            lp, top_v, top_i = lp.tolist(), top_v.tolist(), top_i.tolist()
+        events = []
+        for j, (req, t) in enumerate(zip(reqs, tok.tolist())):
+            index = len(req.state.tokens)
+            piece = req.state.append(t)
+            ev = TokenEvent(req.id, t, piece, index, finish_reason=req.state.finish_reason)
+            if want[j] is not None:
+                ev.logprob = lp[j]
+                ev.top_logprobs = list(zip(top_i[j][: want[j]], top_v[j][: want[j]]))
+            events.append(ev)
+        return events
+
+    def _decode(self) -> list[TokenEvent]:
+        n = len(self.running)
+        last = torch.tensor([[r.state.tokens[-1]] for r in self.running], device=self.model.device)
+        logits = self.model(last, cache=self.cache.rows(0, n)).logits[:, -1]
+        events = self._choose(logits, list(self.running), 0, n)
+        self._retire()
+        return events
+
+    def _retire(self) -> None:
+        for i in reversed(range(len(self.running))):
+            req = self.running[i]
+            if req.state.finished:
+                self._remove_row(i)
+
+    def _admit(self) -> list[TokenEvent]:
+        events = []
+        while len(self.running) < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    break
+                req = self._waiting.popleft()
+            row = len(self.running)
+            req.state = SequenceState(req.params, stop_ids(req.params, self.model.config.eos_token_id),
+                                      self.tokenizer)
+            req.generator = make_generator(req.params.seed, self.model.device)
+            self.cache.reset_rows([row])
+            self.penalties.reset_row(row, req.prompt_ids)
+            ids = torch.tensor([req.prompt_ids], device=self.model.device)
+            logits = self.model(ids, cache=self.cache.rows(row, row + 1), logits_to_keep=1).logits[:, -1]
+            self.running.append(req)
+            events += self._choose(logits, [req], row, row + 1)
+        self._retire()
+        return events
