@@ -58,6 +58,7 @@ def hf_tok(saved):
 def test_special_token_ids_and_vocab(tok):
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
     assert tok.special_token_ids == {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    assert (tok.system_token_id, tok.user_token_id, tok.assistant_token_id, tok.end_of_turn_token_id) == (3, 4, 5, 6)
     assert 256 + len(SPECIAL_TOKENS) < tok.vocab_size <= 400
 
 
@@ -147,7 +148,7 @@ def test_vocab_too_small():
 
 
 def test_no_text():
-    with pytest.raises(TokenizerError, match="no text"):
+    with pytest.raises(TokenizerError, match="corpus is empty"):
         SeekTokenizer.train(texts=["", ""], vocab_size=300)
     with pytest.raises(TokenizerError, match="no text"):
         SeekTokenizer.train(vocab_size=300)
@@ -170,3 +171,6 @@ def test_train_tokenizer_cli(tmp_path):
     assert SeekTokenizer.load(out).fingerprint == tok.fingerprint
     with pytest.raises(DataError, match="does not exist"):
         train_tokenizer_cli([str(tmp_path / "missing.txt")], vocab_size=300, out=str(out))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2"):  # raised inside the rust trainer's iterator
+        SeekTokenizer.train(files=[tmp_path / "bad.jsonl"], vocab_size=300)

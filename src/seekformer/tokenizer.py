@@ -64,7 +64,9 @@ class SeekTokenizer:
     """A byte-level BPE tokenizer. Build it with `train` or `load`; write it with `save` (or `files`).
 
     Attributes: `vocab_size` (int, special tokens included), `pad_token_id`, `bos_token_id`,
-    `eos_token_id` (int), `special_token_ids` ({token string: id}), `model_max_length` (int, written
+    `eos_token_id` (int), `system_token_id`, `user_token_id`, `assistant_token_id`,
+    `end_of_turn_token_id` (int, None for a foreign tokenizer without chat tokens),
+    `special_token_ids` ({token string: id}), `fingerprint` (str), `model_max_length` (int, written
     to `tokenizer_config.json`; set it to the model's context length before saving).
     """
 
@@ -80,6 +82,10 @@ class SeekTokenizer:
         self.pad_token_id: int = ids[PAD]
         self.bos_token_id: int = ids[BOS]
         self.eos_token_id: int = ids[EOS]
+        self.system_token_id: int | None = ids[SYSTEM]
+        self.user_token_id: int | None = ids[USER]
+        self.assistant_token_id: int | None = ids[ASSISTANT]
+        self.end_of_turn_token_id: int | None = ids[END_OF_TURN]  # a chat model's stop token
         self._token_bytes: list[bytes] | None = None
 
     # ------------------------------------------------------------------ construction
@@ -123,7 +129,8 @@ class SeekTokenizer:
         )
         tok.train_from_iterator(counted(), trainer=trainer)
         if chars == 0:
-            raise TokenizerError("no text to train the tokenizer on: the texts/files are empty")
+            raise TokenizerError("corpus is empty: no text to train the tokenizer on; check the data paths "
+                                 "(and --text-key for JSONL / Hugging Face data)")
         return cls(tok)
 
     @classmethod
