@@ -271,6 +271,17 @@ def test_validation_gets_a_document_when_the_hash_gives_none(tok, tmp_path):
     assert ss.manifest["documents"] == {"train": 2, "validation": 1}
 
 
+def test_long_documents_tokenized_in_pieces(tok, corpus_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "MAX_PIECE_CHARS", 40)  # every document is cut into several pieces
+    ss = build_shards([corpus_file], tok, tmp_path / "s", val_fraction=0.2, batch_docs=7)
+    train, val = split_docs(ss, "train", tok), split_docs(ss, "validation", tok)
+    assert val and sorted(train + val) == sorted(DOCS)  # one eos per document, text intact
+    f = tmp_path / "three.txt"
+    f.write_text("\n\n\n".join(DOCS[:3]))
+    ss = build_shards([f], tok, tmp_path / "t", val_fraction=1e-9, batch_docs=2)
+    assert split_docs(ss, "validation", tok) == [DOCS[2]]  # the whole multi-piece last document moved
+
+
 def test_hf_source_builds(tok, tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(tmp_path / "ds")

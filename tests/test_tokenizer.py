@@ -71,7 +71,7 @@ def test_round_trip_unicode(tok, text):
         assert tok.decode(ids) == text
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(st.text(max_size=60))
 def test_round_trip_any_text(tok, text):
     assert tok.decode(tok.encode(text), skip_special_tokens=False) == text

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import DataError
+from .builtin import corpus_paths, read_corpus_documents
 
 DOC_SEPARATOR = "\n\n\n"
 MAX_PIECE_CHARS = 1 << 20  # longest piece of a document handed to the tokenizer at once
@@ -89,8 +90,6 @@ def check_sources(sources: Source | Iterable[Source]) -> list[str]:
 def local_files(source: str) -> list[Path]:
     """The files a local source reads, in reading order (a directory: recursive, sorted, no hidden)."""
     if source == BUILTIN:
-        from .builtin import corpus_paths
-
         return corpus_paths()
     if source.startswith(HF_PREFIX):
         name = _parse_hf(source)[0]
@@ -232,8 +231,6 @@ def _hf_texts(source: str, text_key: str) -> Iterator[str]:
 
 def _source_pieces(source: str, text_key: str) -> Iterator[tuple[str, bool]]:
     if source == BUILTIN:
-        from .builtin import read_corpus_documents
-
         for doc in read_corpus_documents():
             yield from _split_stream([doc], None)
     elif source.startswith(HF_PREFIX):
