@@ -31,7 +31,7 @@ from ..errors import DataError
 from .builtin import corpus_paths, read_corpus_documents
 
 DOC_SEPARATOR = "\n\n\n"
-MAX_PIECE_CHARS = 1 << 20  # longest piece of a document handed to the tokenizer at once
+MAX_PIECE_CHARS = 1 << 16  # longest piece of a document handed to the tokenizer at once
 _READ_CHARS = 1 << 20  # characters read from a text file at a time
 BUILTIN = "builtin"
 HF_PREFIX = "hf:"

@@ -45,7 +45,7 @@ MANIFEST = "manifest.json"
 FORMAT = "seekformer-shards/1"
 SPLITS = ("train", "validation")
 _SHARD_FILE_RE = re.compile(r"^(train|validation)-\d{5}\.bin$")
-_MAX_BATCH_CHARS = 1 << 24  # also flush a tokenization batch after this many characters
+_MAX_BATCH_CHARS = 1 << 22  # also flush a tokenization batch after this many characters
 _COPY_TOKENS = 1 << 22  # tokens copied at a time when moving a tail to validation
 
 
