@@ -86,6 +86,7 @@ class Trainer:
         self.out = Path(self.t.out)
         self.console = console or Console(stderr=True)
         self.on_eval = on_eval
+        self._interval_counts: dict[str, torch.Tensor] = {}  # expert loads since the last log record
         self._validate()
 
     def _validate(self) -> None:
@@ -201,11 +202,11 @@ class Trainer:
             with self._autocast():
                 out = self.model(batch, labels=batch)
             (out.loss / t.grad_accum).backward()
-            sums["loss"] += float(out.lm_loss) / t.grad_accum
+            sums["loss"] += out.lm_loss.item() / t.grad_accum
             if out.mtp_loss is not None:
-                sums["mtp_loss"] += float(out.mtp_loss) / t.grad_accum
+                sums["mtp_loss"] += out.mtp_loss.item() / t.grad_accum
             if out.aux_loss is not None:
-                sums["aux_loss"] += float(out.aux_loss) / t.grad_accum
+                sums["aux_loss"] += out.aux_loss.item() / t.grad_accum
             self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else
                                                    float("inf"))
@@ -268,7 +269,6 @@ class Trainer:
             self.prepare()
         t = self.t
         result = TrainResult(self.out, self.step, self.tokens_seen)
-        self._interval_counts: dict[str, torch.Tensor] = {}
         start = time.perf_counter()
         if self.step == 0:
             v = self.evaluate()
