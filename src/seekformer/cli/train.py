@@ -20,7 +20,7 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokeniz
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console()  # progress on stdout; stderr carries only errors
 
 
 def measure_step_seconds(trainer, repeats: int = 4) -> float:

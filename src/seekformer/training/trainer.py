@@ -30,7 +30,7 @@ import torch
 
 from ..checkpoint import atomic_write_text, load_config, load_trainer_state, save_model
 from ..config import SeekConfig
-from ..errors import CheckpointError, RecipeError
+from ..errors import CheckpointError, DataError, RecipeError
 from ..models.causal_lm import SeekForCausalLM
 from ..nn.moe import load_stats
 from .logs import MetricsLogger, plot_training
@@ -84,7 +84,7 @@ class Trainer:
         self.recipe = recipe
         self.t = recipe.train
         self.out = Path(self.t.out)
-        self.console = console or Console(stderr=True)
+        self.console = console or Console()
         self.on_eval = on_eval
         self._interval_counts: dict[str, torch.Tensor] = {}  # expert loads since the last log record
         self._validate()
@@ -132,6 +132,7 @@ class Trainer:
         self.config = r.model_config(tok.vocab_size, {"pad_token_id": tok.pad_token_id,
                                                       "bos_token_id": tok.bos_token_id,
                                                       "eos_token_id": tok.eos_token_id})
+        tok.model_max_length = self.config.max_position_embeddings
         if self.config.vocab_size < tok.vocab_size:
             raise RecipeError(f"model.vocab_size {self.config.vocab_size} is smaller than the tokenizer's "
                               f"{tok.vocab_size}")
@@ -141,6 +142,9 @@ class Trainer:
         self.shards = build_shards(r.data.sources, tok, cache, val_fraction=r.data.val_fraction, seed=t.seed,
                                    text_key=r.data.text_key)
         self.loader = PackedBatches(self.shards, "train", t.seq_len, t.batch_size, seed=t.seed)
+        if self.shards.split_tokens("validation") < t.seq_len + 1:
+            raise DataError(f"the validation split has {self.shards.split_tokens('validation')} tokens, fewer than "
+                            f"one window of train.seq_len+1 = {t.seq_len + 1}; raise data.val_fraction or add text")
 
         torch.manual_seed(t.seed)
         if resume_from is not None:
