@@ -1,0 +1,481 @@
+"""Fine-tuning task data: declarations (`TaskRecipe`), readers, validation, encoding and batches.
+
+A task is declared in a fine-tuning recipe:
+
+    - name: topic
+      type: classification        # classification | tagging | qa | generation
+      train: train.jsonl          # .jsonl[.gz], .json, .csv/.tsv, builtin:NAME[:SPLIT], hf:NAME[:CONFIG]:SPLIT
+      validation: val.jsonl       # optional (a builtin task brings its own validation and test splits)
+      fields: {text: sentence}    # optional renames of the type's fields (defaults in FIELDS)
+      labels: [a, b, c]           # optional; inferred from the training split when absent
+
+Records are dicts. Default field names per type: classification {text, label}; tagging {tokens, tags};
+qa {context, question, answers}; generation {source, target}. QA answers may be a string, a list of
+strings or SQuAD's {"text": [...], "answer_start": [...]}.
+
+Encoding turns records into token ids with labels aligned to tokens (`encode_records`), and
+`TaskBatches` yields right-padded tensors. Everything raises DataError / TaskError with the source,
+record number and what to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..errors import DataError, TaskError
+
+TASK_TYPES = ("classification", "tagging", "qa", "generation")
+FIELDS: dict[str, tuple[str, ...]] = {
+    "classification": ("text", "label"),
+    "tagging": ("tokens", "tags"),
+    "qa": ("context", "question", "answers"),
+    "generation": ("source", "target"),
+}
+SPLITS = ("train", "validation", "test")
+BUILTIN_PREFIX = "builtin:"
+IGNORE = -100
+BIO_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
+
+
+@dataclass
+class TaskRecipe:
+    """One task of a fine-tuning recipe (see the module docstring)."""
+
+    name: str = ""
+    type: str = ""
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    labels: list[str] | None = None
+    max_length: int = 128  # tokens per example (prompt + target for generation)
+    pooling: str = "last"  # classification: last (last non-pad token) | mean
+    dropout: float = 0.1  # head dropout (classification, tagging, qa)
+    label_all_subwords: bool = False  # tagging: label continuation sub-words too (B-X -> I-X) instead of -100
+    max_answer_tokens: int = 30  # qa: longest predicted span
+    max_new_tokens: int = 64  # generation: decoding budget
+    prompt: str = "{source}"  # generation: how the source is shown (before the separator token)
+    weight: float = 1.0  # loss weight of the `fixed` strategy (initial weight for the others)
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def field_name(self, role: str) -> str:
+        return self.fields.get(role, role)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if not self.name or not re.fullmatch(r"[A-Za-z0-9_\-]+", self.name):
+            raise TaskError(f"task name {self.name!r} must be non-empty letters, digits, '_' or '-'")
+        if self.type not in TASK_TYPES:
+            raise TaskError(f"task {self.name!r}: unknown type {self.type!r}; choose one of {', '.join(TASK_TYPES)}")
+        bad = sorted(set(self.fields) - set(FIELDS[self.type]))
+        if bad:
+            raise TaskError(f"task {self.name!r}: fields {bad} are not fields of a {self.type} task "
+                            f"(valid: {', '.join(FIELDS[self.type])})")
+        if self.pooling not in ("last", "mean"):
+            raise TaskError(f"task {self.name!r}: pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.max_length < 8:
+            raise TaskError(f"task {self.name!r}: max_length must be >= 8, got {self.max_length}")
+        if self.labels is not None and self.type in ("qa", "generation"):
+            raise TaskError(f"task {self.name!r}: a {self.type} task has no label set; remove 'labels'")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise TaskError(f"task {self.name!r}: the declared labels contain duplicates")
+
+
+# ====================================================================== reading
+def _builtin_source(source: str) -> tuple[str, str | None]:
+    parts = source[len(BUILTIN_PREFIX):].split(":")
+    if len(parts) > 2 or not parts[0]:
+        raise DataError(f"cannot read {source!r}: write builtin:NAME or builtin:NAME:SPLIT")
+    return parts[0], parts[1] if len(parts) == 2 else None
+
+
+def builtin_names() -> list[str]:
+    from .builtin import TASKS
+
+    return sorted([*TASKS, *DERIVED])
+
+
+def resolve_splits(task: TaskRecipe) -> dict[str, str]:
+    """{split: source} of a task; `train: builtin:NAME` fills validation/test with that task's splits."""
+    out = {s: getattr(task, s) for s in SPLITS if getattr(task, s)}
+    if task.train and task.train.startswith(BUILTIN_PREFIX):
+        name, split = _builtin_source(task.train)
+        if split is None:
+            out["train"] = f"{BUILTIN_PREFIX}{name}:train"
+            for s in ("validation", "test"):
+                out.setdefault(s, f"{BUILTIN_PREFIX}{name}:{s}")
+    return out
+
+
+def builtin_defaults(source: str) -> dict[str, Any]:
+    """Type, fields and labels of a builtin task (for recipes that only name it)."""
+    from .builtin import TASKS
+
+    name, _ = _builtin_source(source)
+    if name in DERIVED:
+        return dict(DERIVED[name][0])
+    if name not in TASKS:
+        raise DataError(f"unknown builtin task {name!r}; known: {', '.join(builtin_names())}")
+    meta = TASKS[name]
+    return {"type": meta["type"], "labels": meta.get("labels")}
+
+
+def read_records(source: str, split: str = "train") -> list[dict]:
+    """Records of a local file, a builtin task split or a Hugging Face dataset split."""
+    if source.startswith(BUILTIN_PREFIX):
+        from .builtin import TASKS, read_task
+
+        name, s = _builtin_source(source)
+        s = s or split
+        if s not in SPLITS:
+            raise DataError(f"{source}: unknown split {s!r}; use one of {', '.join(SPLITS)}")
+        if name in DERIVED:
+            return DERIVED[name][1](s)
+        if name not in TASKS:
+            raise DataError(f"unknown builtin task {name!r}; known: {', '.join(builtin_names())}")
+        return read_task(name, s)
+    if source.startswith("hf:"):
+        return _read_hf(source)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"task data file {path} does not exist: check the path in the recipe")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    opener = gzip.open if suffixes.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as fh:
+            if ".csv" in suffixes or ".tsv" in suffixes:
+                return list(csv.DictReader(fh, delimiter="\t" if ".tsv" in suffixes else ","))
+            if suffixes.endswith(".json"):
+                data = json.load(fh)
+                data = data.get("data", data) if isinstance(data, dict) else data
+                if not isinstance(data, list):
+                    raise DataError(f"{path} must hold a JSON list of records (or {{'data': [...]}})")
+                return data
+            records = []
+            for i, line in enumerate(fh, start=1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); one object per line") from None
+            return records
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg})") from None
+
+
+def _read_hf(source: str) -> list[dict]:
+    """hf:NAME[:CONFIG]:SPLIT (a hub name, or a directory from `save_to_disk`); ClassLabel ids become names."""
+    from .corpus import _parse_hf
+
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"reading {source} needs the datasets library: pip install 'seekformer[hf]'") from None
+    name, config, split = _parse_hf(source)
+    try:
+        if Path(name).expanduser().is_dir():
+            ds = datasets.load_from_disk(str(Path(name).expanduser()))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{name} has no split {split!r} (it has {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad name / offline
+        raise DataError(f"cannot load the Hugging Face dataset {source} ({type(e).__name__}); check the name, "
+                        "split and network") from None
+    names = {}
+    for col, feat in ds.features.items():
+        inner = getattr(feat, "feature", None)
+        if getattr(feat, "names", None):
+            names[col] = (False, feat.names)
+        elif getattr(inner, "names", None):
+            names[col] = (True, inner.names)
+    rows = []
+    for row in ds:
+        row = dict(row)
+        for col, (is_seq, lab) in names.items():
+            row[col] = [lab[i] for i in row[col]] if is_seq else lab[row[col]]
+        rows.append(row)
+    return rows
+
+
+# ====================================================================== derived builtin tasks
+def _fortunes_qa(split: str) -> list[dict]:
+    """Extractive QA from fortunes with an attribution: "Who said this?" -> the name after ' -- '."""
+    from .builtin import read_task
+
+    out = []
+    for r in read_task("fortunes", split):
+        m = re.search(r" -- ([A-Z][^,\-\"(]{1,40}?)(?:,|\s*$|\s*\()", r["text"])
+        if m and m.group(1).strip():
+            out.append({"context": r["text"], "question": "Who said this?",
+                        "answers": {"text": [m.group(1).strip()], "answer_start": [m.start(1)]}})
+    return out
+
+
+def _brown_names(split: str) -> list[dict]:
+    """BIO tagging from Brown: runs of proper-noun tokens (Brown tags NP*) are NAME entities."""
+    from .builtin import read_task
+
+    out = []
+    for r in read_task("brown_pos", split):
+        tags, prev = [], False
+        for bt in r["brown_tags"]:
+            is_name = bt.startswith("NP")
+            tags.append(("I-NAME" if prev else "B-NAME") if is_name else "O")
+            prev = is_name
+        out.append({"tokens": r["tokens"], "tags": tags})
+    return out
+
+
+DERIVED: dict[str, tuple[dict[str, Any], Any]] = {
+    "fortunes_qa": ({"type": "qa", "labels": None}, _fortunes_qa),
+    "brown_names": ({"type": "tagging", "labels": ["O", "B-NAME", "I-NAME"]}, _brown_names),
+}
+
+
+# ====================================================================== validation
+def _get(task: TaskRecipe, rec: Any, role: str, where: str) -> Any:
+    key = task.field_name(role)
+    if not isinstance(rec, dict) or key not in rec or rec[key] is None:
+        have = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+        raise DataError(f"{where}: no field {key!r} (fields: {have}); map it with `fields: {{{role}: NAME}}` "
+                        f"in task {task.name!r}")
+    return rec[key]
+
+
+def _as_list(value: Any, where: str, what: str) -> list[str]:
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip().startswith("[") else value.split()
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{where}: {what} must be a list (or a space-separated string), got {value!r:.60}")
+    return [str(v) for v in value]
+
+
+def answers_of(value: Any, where: str) -> tuple[list[str], list[int | None]]:
+    """QA answers -> (texts, starts); starts are None when the data does not give them."""
+    if isinstance(value, dict):
+        texts = value.get("text", [])
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        starts = value.get("answer_start", [None] * len(texts))
+        starts = [starts] if isinstance(starts, int) else list(starts)
+    elif isinstance(value, str):
+        texts, starts = [value], [None]
+    elif isinstance(value, list):
+        texts, starts = [str(v) for v in value], [None] * len(value)
+    else:
+        raise DataError(f"{where}: answers must be a string, a list or {{'text': [...], 'answer_start': [...]}}")
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise DataError(f"{where}: no answer text; every QA record needs a non-empty answer")
+    return texts, (starts + [None] * len(texts))[: len(texts)]
+
+
+def find_answer(context: str, text: str, start: int | None, where: str) -> int:
+    """Character start of `text` in `context` (checks a given start; else the first occurrence)."""
+    if start is not None and context[start: start + len(text)] == text:
+        return int(start)
+    pos = context.find(text)
+    if pos < 0:
+        raise DataError(f"{where}: the answer {text!r:.60} does not occur in its context; extractive QA "
+                        "needs answers copied from the context")
+    return pos
+
+
+def is_bio(labels: list[str]) -> bool:
+    """True when every tag is O or carries a B-/I-/E-/S-/L-/U- prefix (an entity scheme seqeval reads)."""
+    return all(t == "O" or t.startswith(BIO_PREFIXES) for t in labels) and any(t != "O" for t in labels)
+
+
+def infer_labels(task: TaskRecipe, records: list[dict], source: str) -> list[str]:
+    """The declared labels, or the sorted distinct labels of the training records."""
+    if task.labels is not None:
+        return list(task.labels)
+    seen: set[str] = set()
+    for i, rec in enumerate(records, start=1):
+        where = f"{source} record {i}"
+        if task.type == "classification":
+            v = _get(task, rec, "label", where)
+            if isinstance(v, (list, dict)):
+                raise TaskError(f"{where}: label {v!r:.40} is not a single value; cannot infer the label set "
+                                f"of task {task.name!r} (declare `labels:`)")
+            seen.add(str(v))
+        else:
+            seen.update(_as_list(_get(task, rec, "tags", where), where, "tags"))
+    if len(seen) < 2:
+        raise TaskError(f"task {task.name!r}: the training data has {len(seen)} distinct label(s) "
+                        f"({', '.join(sorted(seen)) or 'none'}); cannot infer a label set — declare `labels:` "
+                        "with at least two labels")
+    labels = sorted(seen)
+    if task.type == "tagging" and "O" in labels:
+        labels.remove("O")
+        labels.insert(0, "O")
+    return labels
+
+
+# ====================================================================== encoding
+class Encoder:
+    """Turns records of one task into token ids and aligned labels. `labels` is the task's label list."""
+
+    def __init__(self, task: TaskRecipe, tokenizer, labels: list[str] | None) -> None:
+        self.task, self.tok, self.labels = task, tokenizer, labels
+        self.label_id = {l: i for i, l in enumerate(labels or [])}
+        self.sep = tokenizer.special_token_ids.get("<|assistant|>", tokenizer.eos_token_id)
+
+    def _label(self, value: Any, where: str) -> int:
+        if str(value) not in self.label_id:
+            raise TaskError(f"{where}: label {value!r} is not in the label set of task {self.task.name!r} "
+                            f"({', '.join(self.labels[:12])}); fix the data or add it to `labels:`")
+        return self.label_id[str(value)]
+
+    def encode(self, records: list[dict], source: str, training: bool = True) -> list[dict]:
+        if not records:
+            raise DataError(f"task {self.task.name!r}: {source} is empty; every split needs records")
+        fn = getattr(self, f"_{self.task.type}")
+        out = [fn(rec, f"{source} record {i}") for i, rec in enumerate(records, start=1)]
+        if training and self.task.type == "qa":
+            out = [e for e in out if e["start"] >= 0]  # answers cut off by max_length cannot be learned
+            if not out:
+                raise DataError(f"task {self.task.name!r}: no answer of {source} fits in max_length "
+                                f"{self.task.max_length}; raise it")
+        return out
+
+    def _classification(self, rec: dict, where: str) -> dict:
+        text = str(_get(self.task, rec, "text", where))
+        ids = self.tok.encode(text)[: self.task.max_length - 2]
+        return {"input_ids": [self.tok.bos_token_id, *ids, self.tok.eos_token_id],
+                "label": self._label(_get(self.task, rec, "label", where), where)}
+
+    def _tagging(self, rec: dict, where: str) -> dict:
+        words = _as_list(_get(self.task, rec, "tokens", where), where, "tokens")
+        tags = _as_list(_get(self.task, rec, "tags", where), where, "tags")
+        if len(words) != len(tags):
+            raise DataError(f"{where}: {len(words)} tokens but {len(tags)} tags; each token needs one tag")
+        if not words:
+            raise DataError(f"{where}: a tagging record needs at least one token")
+        tag_ids = [self._label(t, where) for t in tags]
+        pieces = self.tok.encode_batch([w if i == 0 else " " + w for i, w in enumerate(words)])
+        ids, labels, first = [self.tok.bos_token_id], [IGNORE], []
+        for w_ids, tag in zip(pieces, tags):
+            w_ids = w_ids or [self.tok.eos_token_id]
+            if len(ids) + len(w_ids) > self.task.max_length:
+                break  # words beyond max_length are predicted as the first label ("O") at evaluation
+            first.append(len(ids))
+            cont = IGNORE
+            if self.task.label_all_subwords:
+                cont = self.label_id.get("I-" + tag[2:], self.label_id[tag]) if tag.startswith("B-") \
+                    else self.label_id[tag]
+            labels += [self.label_id[tag]] + [cont] * (len(w_ids) - 1)
+            ids += w_ids
+        return {"input_ids": ids, "labels": labels, "first": first, "tags": tags, "tag_ids": tag_ids}
+
+    def _qa(self, rec: dict, where: str) -> dict:
+        context = str(_get(self.task, rec, "context", where))
+        question = str(_get(self.task, rec, "question", where))
+        texts, starts = answers_of(_get(self.task, rec, "answers", where), where)
+        char_starts = [find_answer(context, t, s, where) for t, s in zip(texts, starts)]
+        q_ids = [self.tok.bos_token_id, *self.tok.encode(question)[: self.task.max_length // 3], self.sep]
+        enc = self.tok._tok.encode(context, add_special_tokens=False)  # offsets: (char start, char end) per token
+        room = self.task.max_length - len(q_ids)
+        c_ids, offsets = enc.ids[:room], enc.offsets[:room]
+        a0, a1 = char_starts[0], char_starts[0] + len(texts[0])
+        covering = [i for i, (s, e) in enumerate(offsets) if s < a1 and e > a0]
+        start = end = -1
+        if covering and offsets[covering[-1]][1] >= a1:
+            start, end = len(q_ids) + covering[0], len(q_ids) + covering[-1]
+        return {"input_ids": q_ids + c_ids, "start": start, "end": end, "context_start": len(q_ids),
+                "offsets": [list(o) for o in offsets], "context": context, "answers": texts}
+
+    def _generation(self, rec: dict, where: str) -> dict:
+        source = str(_get(self.task, rec, "source", where))
+        target = str(_get(self.task, rec, "target", where))
+        src = self.tok.encode(self.task.prompt.format(source=source))
+        tgt = self.tok.encode(target)[: self.task.max_length // 2 - 1] + [self.tok.eos_token_id]
+        src = src[: self.task.max_length - len(tgt) - 2]
+        prompt = [self.tok.bos_token_id, *src, self.sep]
+        return {"input_ids": prompt + tgt, "labels": [IGNORE] * len(prompt) + tgt, "prompt_len": len(prompt),
+                "source": source, "target": target}
+
+
+def load_split(task: TaskRecipe, source: str, split: str, max_examples: int | None, seed: int = 0) -> list[dict]:
+    """Read a split and keep at most `max_examples` records (a seeded sample, original order)."""
+    records = read_records(source, split)
+    if not records:
+        raise DataError(f"task {task.name!r}: the {split} split {source} is empty; every split needs records")
+    if max_examples is not None and len(records) > max_examples:
+        keep = sorted(random.Random(seed).sample(range(len(records)), max_examples))
+        records = [records[i] for i in keep]
+    return records
+
+
+# ====================================================================== batches
+def collate(examples: list[dict], task_type: str, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples: input_ids/attention_mask [B,T] plus the type's targets."""
+    t = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), t), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if task_type == "classification":
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+    elif task_type in ("tagging", "generation"):
+        labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+        batch["labels"] = labels
+    elif task_type == "qa":
+        span = torch.zeros((len(examples), t), dtype=torch.bool)
+        for i, e in enumerate(examples):
+            span[i, e["context_start"]: len(e["input_ids"])] = True
+        batch["span_mask"] = span
+        batch["start_positions"] = torch.tensor([e["start"] for e in examples])
+        batch["end_positions"] = torch.tensor([e["end"] for e in examples])
+    return batch
+
+
+class TaskBatches:
+    """An endless, seeded stream of training batches of one task (reshuffled every epoch)."""
+
+    def __init__(self, examples: list[dict], task_type: str, batch_size: int, pad_id: int, seed: int = 0) -> None:
+        self.examples, self.task_type, self.batch_size, self.pad_id = examples, task_type, batch_size, pad_id
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        picked = []
+        while len(picked) < min(self.batch_size, len(self.examples)):
+            if not self.order:
+                self.order = list(range(len(self.examples)))
+                self.rng.shuffle(self.order)
+                self.epoch += 1
+            picked.append(self.examples[self.order.pop()])
+        return collate(picked, self.task_type, self.pad_id)
+
+
+def eval_batches(examples: list[dict], task_type: str, batch_size: int, pad_id: int) -> Iterator[tuple[list[dict], dict]]:
+    """(examples, collated batch) in order, for evaluation."""
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        yield chunk, collate(chunk, task_type, pad_id)

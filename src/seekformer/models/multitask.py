@@ -1,0 +1,298 @@
+"""SeekForMultiTask: one shared SeekForCausalLM trunk and one small head per task.
+
+Shapes: B batch, T tokens, D hidden, C labels, V vocabulary.
+
+    hidden_BTD = lm.model(input_ids_BT, attention_mask_BT)          shared, final-normed trunk states
+    classification  logits_BC   = Linear(pool(hidden))                 pool: last non-pad token | mean
+    tagging         logits_BTC  = Linear(hidden)                       one tag per token (first sub-word)
+    qa              logits_BT2  = Linear(hidden) -> start, end         span over the context tokens
+    generation      logits_BTV  = lm.lm_head(hidden)                   loss on the target tokens only
+
+Inputs are right-padded. On disk a multi-task model is a normal Hugging Face model directory (the trunk,
+loadable as DeepseekV3ForCausalLM) plus `heads.safetensors` (keys `<task>.<param>`) and `multitask.json`
+(the task declarations and label lists). LoRA adapters (peft) are merged into the trunk when saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .causal_lm import SeekForCausalLM, shifted_cross_entropy
+
+HEADS_FILE = "heads.safetensors"
+MULTITASK_FILE = "multitask.json"
+FORMAT_VERSION = 1
+DEFAULT_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
+                        "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TaskOutput:
+    """`loss` (task loss, scalar) when targets are given; `logits` as in the module docstring;
+    `aux_loss` the MoE balance terms of this forward pass (training only)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class ClassificationHead(nn.Module):
+    """hidden [B,T,D], mask [B,T] -> logits [B,C], pooled from the last non-pad token or the mean."""
+
+    def __init__(self, d: int, num_labels: int, pooling: str = "last", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(d, num_labels)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "mean":
+            m = mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            last = mask.long().sum(1).clamp_min(1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.proj(self.dropout(pooled))
+
+
+class TokenHead(nn.Module):
+    """hidden [B,T,D] -> [B,T,C]: per-token tag logits (C tags) or span logits (C = 2: start, end)."""
+
+    def __init__(self, d: int, num_outputs: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(d, num_outputs)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(self.dropout(hidden))
+
+
+def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
+    """The head module a task declaration asks for (None for generation, which uses the LM head)."""
+    kind, drop = task["type"], float(task.get("dropout", 0.0))
+    if kind == "classification":
+        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop)
+    if kind == "tagging":
+        return TokenHead(d, len(task["labels"]), drop)
+    if kind == "qa":
+        return TokenHead(d, 2, drop)
+    if kind == "generation":
+        return None
+    from ..errors import TaskError
+
+    raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa or generation")
+
+
+def best_spans(start_BT: torch.Tensor, end_BT: torch.Tensor, span_mask_BT: torch.Tensor,
+               max_len: int) -> torch.Tensor:
+    """argmax over start <= end < start + max_len (both inside the span mask) of start + end logits -> [B,2]."""
+    b, t = start_BT.shape
+    neg = torch.finfo(start_BT.dtype).min / 4
+    s = start_BT.masked_fill(~span_mask_BT, neg)
+    e = end_BT.masked_fill(~span_mask_BT, neg)
+    score = s[:, :, None] + e[:, None, :]  # [B,T,T]
+    idx = torch.arange(t, device=s.device)
+    valid = (idx[None, :] >= idx[:, None]) & (idx[None, :] < idx[:, None] + max_len)
+    flat = score.masked_fill(~valid[None], 2 * neg).view(b, -1).argmax(-1)
+    return torch.stack([flat // t, flat % t], dim=-1)
+
+
+class SeekForMultiTask(nn.Module):
+    """A SeekForCausalLM trunk (`self.lm`) plus `self.heads[name]` for each task in `tasks`.
+
+    `tasks` are task declarations (dicts with at least name, type, labels for classification/tagging,
+    pooling, dropout); they are written to multitask.json as given.
+    """
+
+    def __init__(self, lm: SeekForCausalLM, tasks: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tasks = {t["name"]: dict(t) for t in tasks}
+        self.heads = nn.ModuleDict()
+        for t in tasks:
+            head = build_head(t, lm.config.hidden_size)
+            if head is not None:
+                self.heads[t["name"]] = head
+        self.heads.to(lm.device)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.lm_head.weight.device
+
+    def trunk_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters shared by all tasks (the trunk and LM head, MTP modules excluded)."""
+        return [p for n, p in self.lm.named_parameters() if p.requires_grad and not n.startswith("mtp.")]
+
+    def _aux_loss(self) -> torch.Tensor | None:
+        """Collect (and clear) the MoE balance losses the last training forward left on the MoE layers."""
+        aux = [m.aux_loss for _, m in self.lm.moe_layers() if m.aux_loss is not None]
+        for _, m in self.lm.moe_layers():
+            m.aux_loss = None
+        return torch.stack(aux).sum() if aux else None
+
+    def forward(self, task: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, start_positions: torch.Tensor | None = None,
+                end_positions: torch.Tensor | None = None, span_mask: torch.Tensor | None = None) -> TaskOutput:
+        """Run `task` on input_ids [B,T]. Targets: labels [B] (classification), [B,T] (tagging and
+        generation; -100 ignored; generation labels are the input ids, shifted inside), start/end
+        positions [B] and span_mask [B,T] (qa)."""
+        spec = self.tasks[task]
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        hidden = self.lm.model(input_ids, mask)
+        aux = self._aux_loss() if self.training else None
+        kind, loss = spec["type"], None
+        if kind == "generation":
+            logits = self.lm.lm_head(hidden)
+            if labels is not None:
+                loss = shifted_cross_entropy(logits, labels)
+        elif kind == "classification":
+            logits = self.heads[task](hidden, mask)
+            if labels is not None:
+                loss = F.cross_entropy(logits.float(), labels)
+        elif kind == "tagging":
+            logits = self.heads[task](hidden)
+            if labels is not None:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        else:  # qa
+            logits = self.heads[task](hidden)
+            if start_positions is not None:
+                span = span_mask if span_mask is not None else mask.bool()
+                neg = torch.finfo(torch.float32).min / 4
+                s, e = (logits[..., i].float().masked_fill(~span, neg) for i in (0, 1))
+                loss = (F.cross_entropy(s, start_positions) + F.cross_entropy(e, end_positions)) / 2
+        return TaskOutput(logits=logits, loss=loss, aux_loss=aux)
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 targets: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS) -> int:
+        """Freeze the trunk and inject LoRA adapters (peft) into its Linear layers named in `targets`.
+
+        Routed experts are stacked tensors, not Linear layers, and stay frozen. Returns the number of
+        trainable LoRA parameters.
+        """
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            from ..errors import RecipeError
+
+            raise RecipeError("LoRA fine-tuning needs peft: pip install 'seekformer[lora]'") from None
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+        present = {n.rsplit(".", 1)[-1] for n, m in self.lm.model.named_modules() if isinstance(m, nn.Linear)}
+        chosen = [t for t in targets if t in present]
+        if not chosen:
+            from ..errors import RecipeError
+
+            raise RecipeError(f"lora.targets {list(targets)} match no Linear layer of the trunk "
+                              f"(it has: {', '.join(sorted(present))})")
+        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=chosen, bias="none")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(cfg, self.lm.model)
+        return sum(p.numel() for n, p in self.lm.named_parameters() if "lora_" in n and p.requires_grad)
+
+    def has_lora(self) -> bool:
+        return any("lora_" in n for n, _ in self.lm.named_parameters())
+
+    @contextlib.contextmanager
+    def merged_lora(self):
+        """Temporarily fold the LoRA deltas into the base weights (e.g. for cached decoding, whose absorbed
+        attention reads `kv_b_proj.weight` directly)."""
+        layers = _lora_layers(self.lm)
+        for _, m in layers:
+            m.merge()
+        try:
+            yield self
+        finally:
+            for _, m in layers:
+                m.unmerge()
+
+    def merged_trunk(self) -> SeekForCausalLM:
+        """A copy of the trunk with LoRA merged and the adapters removed: a plain SeekForCausalLM."""
+        lm = copy.deepcopy(self.lm)
+        for name, m in _lora_layers(lm):
+            m.merge()
+            parent, child = name.rsplit(".", 1)
+            setattr(lm.get_submodule(parent), child, m.get_base_layer())
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return lm
+
+    # ------------------------------------------------------------------ I/O
+    def heads_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+
+    def save_pretrained(self, path: str | os.PathLike, tokenizer=None, extra_files: dict[str, Any] | None = None,
+                        dtype: torch.dtype | None = None) -> None:
+        """Atomically write the trunk (HF files, LoRA merged), heads.safetensors, multitask.json (+ tokenizer)."""
+        from safetensors.torch import save as st_save
+
+        from ..checkpoint import save_model
+
+        lm = self.merged_trunk() if self.has_lora() else self.lm
+        meta = {"format": FORMAT_VERSION, "tasks": list(self.tasks.values())}
+        files: dict[str, Any] = dict(tokenizer.files()) if tokenizer is not None else {}
+        files.update(extra_files or {})
+        files[MULTITASK_FILE] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        files[HEADS_FILE] = st_save(self.heads_state(), metadata={"format": "pt"})
+        save_model(lm, path, dtype=dtype, extra_files=files)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForMultiTask:
+        """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ..checkpoint import check_model_dir
+        from ..errors import CheckpointError
+
+        p = check_model_dir(path)
+        meta_file, heads_file = p / MULTITASK_FILE, p / HEADS_FILE
+        if not meta_file.is_file() or not heads_file.is_file():
+            raise CheckpointError(f"{p} is not a fine-tuned multi-task model (no {MULTITASK_FILE} / {HEADS_FILE}); "
+                                  "train one with `seekformer finetune`")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+            tasks = meta["tasks"]
+            state = load_file(str(heads_file))
+        except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read the task heads in {p} ({type(e).__name__}); the files are corrupt") \
+                from None
+        lm = SeekForCausalLM.from_pretrained(p, device=device)
+        model = cls(lm, tasks)
+        missing, unexpected = model.heads.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"{heads_file} does not match {MULTITASK_FILE}: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+        return model.to(device).eval()
+
+
+def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return []
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
+
+
+def is_multitask_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MULTITASK_FILE).is_file()
+
+
+__all__ = ["SeekForMultiTask", "TaskOutput", "ClassificationHead", "TokenHead", "build_head", "best_spans",
+           "HEADS_FILE", "MULTITASK_FILE", "DEFAULT_LORA_TARGETS", "is_multitask_dir"]

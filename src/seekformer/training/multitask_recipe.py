@@ -1,0 +1,209 @@
+"""Fine-tuning recipes: YAML that maps 1:1 onto `FinetuneRecipe`, with `--section.key value` overrides.
+
+    base: seekformer-quickstart         # a pretrained model directory (its tokenizer is used too)
+    out: runs/finetune                  # where the fine-tuned model, logs and results go
+    tasks:                              # one entry per task: see seekformer.data.tasks.TaskRecipe
+      - {name: topic, type: classification, train: train.jsonl, validation: val.jsonl}
+    train:    {steps: 300, batch_size: 16, lr: 3e-4, method: full | lora | frozen, sampling: all, ...}
+    weighting: {strategy: fixed | uncertainty | gradnorm | dwa, pcgrad: false, ...}
+    lora:     {r: 8, alpha: 16, dropout: 0.0, targets: [q_proj, kv_b_proj, o_proj, ...]}
+
+A task whose `train` is `builtin:NAME` takes its type, labels and validation/test splits from the builtin
+set unless the recipe says otherwise. Overrides: `--train.steps 50`, `--weighting.strategy dwa`,
+`--base DIR`, `--out DIR`, `--tasks.NAME.max_train_examples 500`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..data.tasks import TaskRecipe, builtin_defaults
+from ..errors import RecipeError, SeekformerError, TaskError
+from ..models.multitask import DEFAULT_LORA_TARGETS
+from .recipe import _build_section, apply_overrides, read_recipe_dict
+from .weighting import STRATEGIES
+
+METHODS = ("full", "lora", "frozen")
+SAMPLING = ("all", "proportional", "temperature", "uniform")
+
+
+@dataclass
+class FinetuneTrainRecipe:
+    steps: int = 300
+    batch_size: int = 16  # examples per task per step
+    lr: float = 3e-4  # trunk (or LoRA adapters)
+    head_lr: float | None = None  # task heads; default 10 x lr
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    method: str = "full"  # full fine-tuning | lora (trunk frozen, adapters trained) | frozen (heads only)
+    init: str = "pretrained"  # pretrained | scratch (the base's architecture and tokenizer, random weights)
+    sampling: str = "all"  # all tasks every step | proportional | temperature | uniform (tasks_per_step drawn)
+    temperature: float = 2.0  # sampling temperature: p_i ~ n_i^(1/T)
+    tasks_per_step: int = 1  # with a sampling mode: how many distinct tasks one step trains
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    eval_every: int = 0  # evaluate on validation every N steps (0: only at the end)
+    eval_examples: int = 200  # validation examples per task at the periodic evaluations
+    eval_batch_size: int = 32
+    test: bool = True  # evaluate on the test splits at the end
+    log_every: int = 10
+    progress: bool = True
+
+
+@dataclass
+class WeightingRecipe:
+    strategy: str = "fixed"  # fixed | uncertainty | gradnorm | dwa
+    pcgrad: bool = False  # project conflicting task gradients (Yu et al. 2020)
+    alpha: float = 1.5  # GradNorm asymmetry
+    lr: float = 0.025  # learning rate of learned weights (uncertainty, gradnorm)
+    temperature: float = 2.0  # DWA softmax temperature
+    window: int = 20  # DWA: steps per loss-averaging window
+
+
+@dataclass
+class LoraRecipe:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+
+
+@dataclass
+class FinetuneRecipe:
+    base: str = ""
+    out: str = "runs/finetune"
+    tasks: list[TaskRecipe] = field(default_factory=list)
+    train: FinetuneTrainRecipe = field(default_factory=FinetuneTrainRecipe)
+    weighting: WeightingRecipe = field(default_factory=WeightingRecipe)
+    lora: LoraRecipe = field(default_factory=LoraRecipe)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def validate(self) -> None:
+        t, w = self.train, self.weighting
+        if not self.base:
+            raise RecipeError("the recipe needs `base:` (a pretrained model directory)")
+        if not self.tasks:
+            raise RecipeError("the recipe needs at least one task under `tasks:`")
+        names = [task.name for task in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise TaskError(f"task names must be unique; repeated: {', '.join(dup)}")
+        for task in self.tasks:
+            task.validate()
+            if not task.train:
+                raise TaskError(f"task {task.name!r} has no `train:` data")
+        for name in ("steps", "batch_size", "log_every", "tasks_per_step", "eval_examples", "eval_batch_size"):
+            if getattr(t, name) < 1:
+                raise RecipeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
+        if not t.lr > 0:
+            raise RecipeError(f"train.lr must be > 0, got {t.lr}")
+        if t.method not in METHODS:
+            raise RecipeError(f"unknown train.method {t.method!r}; choose one of {', '.join(METHODS)}")
+        if t.init not in ("pretrained", "scratch"):
+            raise RecipeError(f"train.init must be 'pretrained' or 'scratch', got {t.init!r}")
+        if t.sampling not in SAMPLING:
+            raise RecipeError(f"unknown train.sampling {t.sampling!r}; choose one of {', '.join(SAMPLING)}")
+        if w.strategy not in STRATEGIES:
+            raise RecipeError(f"unknown weighting.strategy {w.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if t.method == "frozen" and any(task.type == "generation" for task in self.tasks):
+            raise RecipeError("generation tasks train the trunk and its LM head; use train.method full or lora")
+        if w.strategy == "gradnorm" and t.method == "frozen":
+            raise RecipeError("weighting.strategy gradnorm needs shared trainable weights; use train.method "
+                              "full or lora")
+
+
+def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
+    where = f"tasks[{i}]"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where} must be a mapping with name, type and train")
+    raw = dict(raw)
+    train = raw.get("train")
+    if isinstance(train, str) and train.startswith("builtin:"):
+        try:
+            defaults = builtin_defaults(train)
+        except SeekformerError as e:
+            raise TaskError(f"{where}: {e}") from None
+        raw.setdefault("type", defaults["type"])
+        if raw["type"] == defaults["type"] and defaults.get("labels") is not None:
+            raw.setdefault("labels", defaults["labels"])
+        raw.setdefault("name", train.split(":")[1])
+    return _build_section(TaskRecipe, raw, where)
+
+
+def _task_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Apply --base/--out and --tasks.NAME.key overrides to `d`; return the rest."""
+    rest, i = [], 0
+    while i < len(overrides):
+        tok = overrides[i]
+        key, has_eq = (tok[2:].split("=", 1)[0], "=" in tok) if tok.startswith("--") else ("", False)
+        if key in ("base", "out") or key.startswith("tasks."):
+            if has_eq:
+                raw, i = tok.split("=", 1)[1], i + 1
+            elif i + 1 < len(overrides):
+                raw, i = overrides[i + 1], i + 2
+            else:
+                raise RecipeError(f"override {tok} needs a value")
+            value = yaml.safe_load(raw)
+            if key in ("base", "out"):
+                d[key] = str(value)
+                continue
+            parts = key.split(".")
+            if len(parts) != 3:
+                raise RecipeError(f"override --{key} must look like --tasks.NAME.key")
+            match = [t for t in d.get("tasks") or [] if isinstance(t, dict) and t.get("name", "") == parts[1]]
+            if not match:
+                raise RecipeError(f"override --{key}: no task named {parts[1]!r} in the recipe")
+            match[0][parts[2]] = value
+            continue
+        rest.append(tok)
+        i += 1
+    return rest
+
+
+def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
+    if not isinstance(d, dict):
+        raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
+    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora"}
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; valid: base, out, tasks, train, "
+                          "weighting, lora")
+    tasks = d.get("tasks") or []
+    if not isinstance(tasks, list):
+        raise RecipeError("`tasks:` must be a list of task mappings")
+    for key in ("base", "out"):
+        if key in d and not isinstance(d[key], str):
+            raise RecipeError(f"`{key}:` must be a path, got {d[key]!r}")
+    r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
+                       tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
+                       train=_build_section(FinetuneTrainRecipe, d.get("train"), "train"),
+                       weighting=_build_section(WeightingRecipe, d.get("weighting"), "weighting"),
+                       lora=_build_section(LoraRecipe, d.get("lora"), "lora"))
+    r.validate()
+    return r
+
+
+def load_finetune_recipe(path_or_name: str, overrides: list[str] | None = None) -> FinetuneRecipe:
+    """Read a recipe file (or a builtin recipe name, e.g. finetune_builtin) and apply overrides."""
+    d = read_recipe_dict(path_or_name)
+    if not isinstance(d, dict):
+        raise RecipeError(f"recipe {path_or_name} must be a YAML mapping")
+    d = {k: ([dict(t) if isinstance(t, dict) else t for t in v] if k == "tasks" and isinstance(v, list) else v)
+         for k, v in d.items()}
+    rest = _task_overrides(d, list(overrides or []))
+    return finetune_recipe_from_dict(apply_overrides(d, rest))
+
+
+__all__ = ["FinetuneRecipe", "FinetuneTrainRecipe", "WeightingRecipe", "LoraRecipe", "load_finetune_recipe",
+           "finetune_recipe_from_dict", "METHODS", "SAMPLING"]
