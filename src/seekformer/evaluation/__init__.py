@@ -17,6 +17,19 @@ _EXPORTS = {
     "evaluate_task": "metrics",
     "predict_task": "metrics",
 }
+_EXPORTS.update({  # perplexity.py, multiple_choice.py (lm_eval_adapter.py is imported on demand: it needs lm-eval)
+    "evaluate_perplexity": "perplexity",
+    "PerplexityResult": "perplexity",
+    "score_tokens": "perplexity",
+    "loglikelihood": "perplexity",
+    "next_token_logprobs": "perplexity",
+    "perplexity_documents": "perplexity",
+    "evaluate_multiple_choice": "multiple_choice",
+    "read_questions": "multiple_choice",
+    "build_prompt": "multiple_choice",
+    "Question": "multiple_choice",
+    "MCResult": "multiple_choice",
+})
 
 __all__ = sorted(_EXPORTS)
 

@@ -5,7 +5,7 @@ Shapes: B sequences, T tokens, V vocabulary.
 
     score_tokens(model, [ids, ...])          -> per sequence, log p(ids[j+1] | ids[:j+1]) for every j
     loglikelihood(model, [(ctx, cont), ...]) -> per pair, (sum log p(cont | ctx), cont is the greedy output)
-    perplexity(model, tok, documents, window=W, stride=S) -> PerplexityResult
+    evaluate_perplexity(model, tok, documents, window=W, stride=S) -> PerplexityResult
 
 Perplexity scores each document on its own: the token ids of the text follow one prefix token (the
 end-of-text id by default, as every document follows one in seekformer's training shards). A document
@@ -100,6 +100,33 @@ def score_tokens(model, sequences: Sequence[Sequence[int]], batch_size: int | No
     return out  # type: ignore[return-value]
 
 
+@torch.inference_mode()
+def next_token_logprobs(model, contexts: Sequence[Sequence[int]], batch_size: int | None = None) -> torch.Tensor:
+    """log p(next token | context) for each context: [N, V] float32 (contexts longer than the model
+    context keep their last tokens). One forward per batch: cheaper than `loglikelihood` when every
+    continuation is a single token (multiple-choice letters)."""
+    ctx = model.config.max_position_embeddings
+    seqs = [list(c)[-ctx:] for c in contexts]
+    if any(not s for s in seqs):
+        raise SeekformerError("next_token_logprobs needs non-empty contexts")
+    out = torch.empty(len(seqs), model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches([len(s) for s in seqs], model.config.vocab_size, batch_size):
+            t = max(len(seqs[i]) for i in idx)
+            ids = torch.zeros(len(idx), t, dtype=torch.long)
+            mask = torch.zeros(len(idx), t, dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding: the last position is every row's next token
+                ids[r, t - len(seqs[i]):] = torch.as_tensor(seqs[i], dtype=torch.long)
+                mask[r, t - len(seqs[i]):] = 1
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1).logits
+            out[idx] = logits[:, -1].float().log_softmax(-1).cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                   batch_size: int | None = None) -> list[tuple[float, bool]]:
     """(log p(continuation | context), continuation is what greedy decoding would produce) per request.
@@ -174,7 +201,7 @@ class PerplexityResult:
                 "nll_per_token": self.nll_per_token}
 
 
-def perplexity(model, tokenizer, documents: Iterable[str], window: int | None = None, stride: int | None = None,
+def evaluate_perplexity(model, tokenizer, documents: Iterable[str], window: int | None = None, stride: int | None = None,
                prefix_token_id: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
                progress=None) -> PerplexityResult:
     """Perplexity and bits per byte of `documents` (strings) under `model`, with a sliding window.

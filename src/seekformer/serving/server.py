@@ -71,6 +71,7 @@ class ServerThread:
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, log_level: str = "warning") -> None:
         import uvicorn
 
+        self.app = app
         self.host, self.port = host, port or free_port(host)
         self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, log_level))
         self.server.install_signal_handlers = lambda: None  # not the main thread (older uvicorn)
