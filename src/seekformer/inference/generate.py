@@ -200,11 +200,12 @@ def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams
     return GenerateOutput(seq, [s.tokens for s in states], [s.finish_reason for s in states], texts, stats)
 
 
-def stream(model, tokenizer, prompt: str | Sequence[int], **options) -> Iterator[str]:
+def stream(model, tokenizer, prompt: str | Sequence[int], info: dict | None = None, **options) -> Iterator[str]:
     """Generate from one prompt (text or ids) and yield text pieces as they become complete.
 
     Pieces never split a UTF-8 character and never contain (part of) a stop string; "".join(pieces)
-    equals `generate_text(...)` with the same options and seed.
+    equals `generate_text(...)` with the same options and seed. `info`, if given, receives
+    `new_tokens`, `token_ids` and `finish_reason` when the stream ends.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
@@ -217,9 +218,12 @@ def stream(model, tokenizer, prompt: str | Sequence[int], **options) -> Iterator
     model.eval()
     try:
         with torch.no_grad():
-            for _, _, piece, _ in decode_steps(model, x, am, params, tokenizer, cache_mode):
+            for _, _, piece, states in decode_steps(model, x, am, params, tokenizer, cache_mode):
                 if piece:
                     yield piece
+            if info is not None:
+                info.update(new_tokens=len(states[0].tokens), token_ids=list(states[0].tokens),
+                            finish_reason=states[0].finish_reason)
     finally:
         model.train(was_training)
 
