@@ -1,0 +1,140 @@
+"""lm-evaluation-harness on tasks defined on local files: the `seekformer` model adapter
+(loglikelihood, loglikelihood_rolling, generate_until) and `local-completions` against `seekformer serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from lm_eval.evaluator import simple_evaluate  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import seekformer.evaluation.lm_eval_adapter  # noqa: E402,F401  (registers --model seekformer)
+from seekformer.evaluation.perplexity import evaluate_perplexity, loglikelihood  # noqa: E402
+from seekformer.inference import generate_text  # noqa: E402
+from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
+from seekformer.serving.server import load_model_dir  # noqa: E402
+
+QUESTIONS = [
+    {"question": "What is two plus two?", "choices": ["three", "four", "five", "six"], "answer": 1},
+    {"question": "Which animal barks?", "choices": ["cat", "dog", "fish", "bird"], "answer": 1},
+    {"question": "The capital of France is", "choices": ["Paris", "Rome", "Oslo", "Lima"], "answer": 0},
+]
+DOCS = ["Call me Ishmael. Some years ago, never mind how long precisely.",
+        "To be, or not to be, that is the question."]
+
+TASKS = {
+    "seek_mc": """
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+""",
+    "seek_ppl": """
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""",
+    "seek_gen": """
+output_type: generate_until
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""",
+}
+
+
+@pytest.fixture(scope="session")
+def seek_model_dir(tmp_path_factory):
+    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
+    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Three custom tasks on local JSONL files (`dataset_path: json`, `dataset_kwargs.data_files`)."""
+    d = tmp_path_factory.mktemp("lm-eval-tasks")
+    data = {"seek_mc": QUESTIONS, "seek_ppl": [{"text": t} for t in DOCS],
+            "seek_gen": [{"question": q["question"], "target": q["choices"][q["answer"]]} for q in QUESTIONS]}
+    for name, body in TASKS.items():
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data[name]))
+        head = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / (name + '.jsonl')}\n"
+                "test_split: test\n")
+        (d / f"{name}.yaml").write_text(head + body.format())
+    return d
+
+
+def _evaluate(model: str, model_args: dict, task_dir, tasks=("seek_mc", "seek_ppl", "seek_gen")) -> dict:
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    return simple_evaluate(model=model, model_args=model_args, tasks=list(tasks), task_manager=tm,
+                           log_samples=True, device="cpu", batch_size=4)
+
+
+def test_seekformer_adapter_on_local_tasks(seek_model_dir, task_dir):
+    model, tok = load_model_dir(seek_model_dir)
+    out = _evaluate("seekformer", {"pretrained": str(seek_model_dir)}, task_dir)
+    res, samples = out["results"], out["samples"]
+    assert 0.0 <= res["seek_mc"]["acc,none"] <= 1.0
+    # loglikelihood: the adapter's answers are seekformer's scores of (question, " choice")
+    s = samples["seek_mc"][0]
+    ctx = tok.encode(QUESTIONS[s["doc_id"]]["question"] + "\nAnswer:")
+    for choice, resp in zip(QUESTIONS[s["doc_id"]]["choices"], s["resps"]):
+        (lp, greedy), = loglikelihood(model, [(ctx, tok.encode(" " + choice))])
+        assert resp[0][0] == pytest.approx(lp, abs=1e-4) and resp[0][1] == greedy
+    # loglikelihood_rolling: whole-document log-likelihood after the BOS token
+    for s in samples["seek_ppl"]:
+        text = DOCS[s["doc_id"]]
+        ref = evaluate_perplexity(model, tok, [text], prefix_token_id=tok.bos_token_id)
+        assert s["resps"][0][0] == pytest.approx(-ref.nll, rel=1e-4)
+    assert res["seek_ppl"]["bits_per_byte,none"] > 0
+    # generate_until: greedy decoding cut at the first newline
+    for s in samples["seek_gen"]:
+        prompt = QUESTIONS[s["doc_id"]]["question"] + "\nAnswer:"
+        expected = generate_text(model, tok, prompt, max_new_tokens=8, stop=["\n"])
+        assert s["resps"][0][0] == expected
+
+
+def test_local_completions_against_seekformer_serve(seek_model_dir, task_dir):
+    """`lm_eval --model local-completions` needs nothing from seekformer but the server (and its /tokenize)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("tenacity")  # lm-eval[api]
+    from seekformer.serving import ServerConfig, ServerThread, create_app
+
+    model, tok = load_model_dir(seek_model_dir)
+    ours = _evaluate("seekformer", {"pretrained": str(seek_model_dir)}, task_dir, ("seek_mc",))
+    with ServerThread(create_app(model, tok, ServerConfig(model_name="tiny"))) as srv:
+        theirs = _evaluate("local-completions", {"model": "tiny", "base_url": srv.url + "/v1/completions",
+                                                 "max_length": 512}, task_dir, ("seek_mc",))
+    a = [r[0][0] for s in ours["samples"]["seek_mc"] for r in s["resps"]]
+    b = [r[0][0] for s in theirs["samples"]["seek_mc"] for r in s["resps"]]
+    assert b == pytest.approx(a, abs=1e-3)
+    assert theirs["results"]["seek_mc"]["acc,none"] == ours["results"]["seek_mc"]["acc,none"]
+
+
+@pytest.mark.slow
+def test_lm_eval_command_line_finds_seekformer(seek_model_dir, task_dir, tmp_path):
+    """`python -m seekformer.evaluation.lm_eval_adapter` is lm-eval's CLI with `--model seekformer` known
+    (it indexes lm-eval's own task folder too, which takes tens of seconds)."""
+    cmd = [sys.executable, "-m", "seekformer.evaluation.lm_eval_adapter", "--model", "seekformer",
+           "--model_args", f"pretrained={seek_model_dir}", "--tasks", "seek_mc", "--include_path", str(task_dir),
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "seek_mc" in proc.stdout and "acc" in proc.stdout
