@@ -109,3 +109,16 @@ def test_shutdown_lets_in_flight_requests_finish(seek_model_dir):
     assert got["stream"][1] == "length"
     assert got["plain"][1:] == ("length", 150)
     assert not srv.thread.is_alive() and not backend.alive
+
+
+def test_bench_measure_reports_every_level(seek_model_dir):
+    """`seekformer bench serve`'s client side, against an in-process server (a smoke test, not a timing)."""
+    from seekformer.bench.serve import markdown, measure
+
+    with _server(seek_model_dir, max_batch_size=4) as srv:
+        rows = measure(srv.url, NAME, levels=(1, 2), requests=1, max_tokens=4)
+    assert [r["clients"] for r in rows] == [1, 2] and [r["tokens"] for r in rows] == [4, 8]
+    assert rows[0]["speedup"] == 1.0 and all(r["p95_latency_s"] >= r["p50_latency_s"] > 0 for r in rows)
+    table = markdown(rows, {"model": "tiny", "max_tokens": 4, "requests_per_client": 1, "cpu": "x", "cores": 2,
+                            "threads": 1, "torch": "t", "date": "d"})
+    assert table.count("\n| ") == 3  # header + 2 rows

@@ -1,0 +1,48 @@
+"""`seekformer serve MODEL_DIR`: an OpenAI-compatible HTTP server (see seekformer.serving)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import SeekformerError
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        model_dir: Path = typer.Argument(..., help="A model directory with its tokenizer (e.g. seekformer-quickstart)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+        port: int = typer.Option(8000, "--port", min=0, max=65535),
+        api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SEEKFORMER_API_KEY",
+                                              help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+        model_name: Optional[str] = typer.Option(None, "--model-name",
+                                                 help="Name clients pass as 'model' (default: the folder name)."),
+        max_batch_size: int = typer.Option(16, "--max-batch-size", min=1, help="Sequences decoded together."),
+        max_queue: int = typer.Option(256, "--max-queue", min=0,
+                                      help="Sequences that may wait for a slot; beyond that requests get 429."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+        log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+    ) -> None:
+        """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
+
+        Talk to it with any OpenAI client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "-").
+        GET /health and GET /metrics (Prometheus) are open. Ctrl-C finishes in-flight requests, then exits.
+        """
+        try:
+            from ..serving.server import serve
+        except ImportError as e:
+            raise SeekformerError(f"serving needs the 'serve' extra ({e.name} is missing): "
+                                  "pip install 'seekformer[serve]'") from None
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        if api_key is not None and not api_key.strip():
+            raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
+        serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
+              max_queue=max_queue, device=device, dtype=dtype, log_level=log_level)
