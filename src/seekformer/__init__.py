@@ -4,11 +4,34 @@
     model = SeekForCausalLM(SeekConfig.from_preset("tiny"))
     model.save_pretrained("out")            # a Hugging Face model directory (model_type deepseek_v3)
     model = SeekForCausalLM.from_pretrained("out")
+
+Names are imported lazily, so `seekformer --help` does not pay for importing torch.
 """
 
-from .config import PRESETS, SeekConfig
-from .errors import SeekformerError
-from .models.causal_lm import CausalLMOutput, SeekForCausalLM
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "SeekConfig", "SeekForCausalLM", "CausalLMOutput", "SeekformerError", "__version__"]
+
+_EXPORTS = {
+    "PRESETS": "seekformer.config",
+    "SeekConfig": "seekformer.config",
+    "SeekformerError": "seekformer.errors",
+    "SeekForCausalLM": "seekformer.models.causal_lm",
+    "CausalLMOutput": "seekformer.models.causal_lm",
+    "SeekForMultiTask": "seekformer.models.multitask",
+    "SeekTokenizer": "seekformer.tokenizer",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'seekformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
