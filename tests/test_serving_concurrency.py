@@ -122,3 +122,44 @@ def test_bench_measure_reports_every_level(seek_model_dir):
     table = markdown(rows, {"model": "tiny", "max_tokens": 4, "requests_per_client": 1, "cpu": "x", "cores": 2,
                             "threads": 1, "torch": "t", "date": "d"})
     assert table.count("\n| ") == 3  # header + 2 rows
+
+
+def test_seekformer_serve_command_and_sigterm(seek_model_dir, capsys):
+    """A user's session: `seekformer serve DIR --api-key K`, the openai client, then SIGTERM mid-stream."""
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    from seekformer.cli import main
+    from seekformer.serving.server import free_port
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(seek_model_dir / "missing")])
+    assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "seekformer", "serve", str(seek_model_dir), "--port", str(port),
+                             "--api-key", "k", "--model-name", NAME, "--log-level", "warning"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens >= 1
+        stream = iter(client.completions.create(model=NAME, prompt="Hello", max_tokens=120, stream=True,
+                                                extra_body={"ignore_eos": True}))
+        next(stream)
+        proc.send_signal(signal.SIGTERM)
+        reasons = [c.choices[0].finish_reason for c in stream]
+        assert reasons[-1] == "length"  # the stream in flight ran to its end
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
