@@ -173,16 +173,19 @@ def test_multiple_choice_accuracy_matches_loglikelihood(lm, tmp_path):
     assert res0.total == 2 and set(res0.subjects) == {"astronomy"}
 
 
-def test_single_token_fast_path_equals_loglikelihood(lm):
+def test_single_token_continuations_share_one_forward(lm):
+    """loglikelihood() scores one-token continuations from one forward per distinct context."""
     model, tok = lm
-    qs = [Question("Red planet?", ["Venus", "Mars", "Earth"], 1, "astronomy"),
-          Question("Capital of France? Think about it carefully.", ["Rome", "Paris", "Oslo"], 1, "geography")]
-    assert all(len(tok.encode(" " + c)) == 1 for c in "ABC")
-    prompts = [tok.encode(build_prompt(q)) for q in qs]
-    fast = _choice_scores(model, tok, prompts, qs, None, None)
-    for p, row in zip(prompts, fast):
-        slow = [lp for lp, _ in loglikelihood(model, [(p, tok.encode(" " + c)) for c in "ABC"])]
-        assert row == pytest.approx(slow, abs=1e-4)
+    prompts = [tok.encode(build_prompt(Question("Red planet?", ["Venus", "Mars", "Earth"], 1, "astronomy"))),
+               tok.encode("Capital of France? Think about it carefully.\nAnswer:")]
+    letters = [tok.encode(" " + c) for c in "ABC"]
+    assert all(len(ids) == 1 for ids in letters)
+    got = loglikelihood(model, [(p, t) for p in prompts for t in letters])
+    for k, (p, t) in enumerate((p, t) for p in prompts for t in letters):
+        s = score_tokens(model, [p + t])[0]
+        assert got[k][0] == pytest.approx(float(s.logprobs[-1]), abs=1e-4) and got[k][1] == bool(s.greedy[-1])
+    qs = [Question("Red planet?", ["Venus", "Mars", "Earth"], 1, "astronomy")]
+    assert _choice_scores(model, tok, prompts[:1], qs, None, None)[0] == pytest.approx([g[0] for g in got[:3]])
 
 
 # ====================================================================== CLI

@@ -41,12 +41,20 @@ def run_perplexity(model, tok, source: str, window: int | None, stride: int | No
 
 
 def run_mmlu(model, tok, source: str, subjects: list[str] | None, shots: int, split: str,
-             batch_size: int | None) -> dict:
+             batch_size: int | None, quiet: bool = False) -> dict:
     from ..evaluation.multiple_choice import evaluate_multiple_choice, read_questions
 
     questions = read_questions(source, split, subjects)
     dev = read_questions(source, "dev", subjects) if shots > 0 else []
-    res = evaluate_multiple_choice(model, tok, questions, shots=shots, dev=dev, batch_size=batch_size)
+    if quiet:
+        res = evaluate_multiple_choice(model, tok, questions, shots=shots, dev=dev, batch_size=batch_size)
+    else:
+        from rich.progress import Progress
+
+        with Progress(console=_console(), transient=True) as bar:
+            job = bar.add_task(f"{len(questions)} questions", total=len(questions))
+            res = evaluate_multiple_choice(model, tok, questions, shots=shots, dev=dev, batch_size=batch_size,
+                                           progress=lambda n: bar.update(job, completed=n))
     return {"source": source, "split": split, **res.to_dict()}
 
 
@@ -135,7 +143,7 @@ def register(app: typer.Typer) -> None:
             results["perplexity"] = run_perplexity(model, tok, perplexity, window, stride, max_tokens, batch_size,
                                                    json_out)
         if mmlu:
-            results["mmlu"] = run_mmlu(model, tok, mmlu, _subjects(subjects), shots, split, batch_size)
+            results["mmlu"] = run_mmlu(model, tok, mmlu, _subjects(subjects), shots, split, batch_size, json_out)
         if output:
             output.write_text(json.dumps(results, indent=2) + "\n")
         if json_out:

@@ -113,7 +113,15 @@ class SeekformerLM(TemplateLM):
     # ------------------------------------------------------------------ requests
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: [((context, continuation) | None, context_ids, continuation_ids)]."""
-        results = _loglikelihood(self.model, [(ctx, cont) for _, ctx, cont in requests], self.batch_size)
+        from tqdm import tqdm
+
+        results: list[tuple[float, bool]] = []
+        chunk = 256
+        with tqdm(total=len(requests), desc="seekformer loglikelihood", disable=disable_tqdm) as bar:
+            for start in range(0, len(requests), chunk):
+                part = requests[start:start + chunk]
+                results += _loglikelihood(self.model, [(ctx, cont) for _, ctx, cont in part], self.batch_size)
+                bar.update(len(part))
         for (key, _, _), res in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, res)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .perplexity import loglikelihood, next_token_logprobs
+from .perplexity import loglikelihood
 
 LETTERS = "ABCDEFGHIJ"
 _SPLIT_SUFFIX = re.compile(r"_(test|dev|val|validation|train)$")
@@ -263,19 +263,17 @@ def evaluate_multiple_choice(model, tokenizer, questions: Sequence[Question], sh
     return result
 
 
-def _choice_scores(model, tokenizer, prompts: list[list[int]], questions: list[Question], batch_size, progress):
-    """log p(" <letter>" | prompt) for every choice of every question."""
+def _choice_scores(model, tokenizer, prompts: list[list[int]], questions: list[Question], batch_size, progress,
+                   chunk: int = 64) -> list[list[float]]:
+    """log p(" <letter>" | prompt) for every choice of every question (one forward per prompt when the
+    letters are single tokens, see `loglikelihood`), `chunk` questions at a time for progress reports."""
     letter_ids = [tokenizer.encode(" " + LETTERS[i]) for i in range(max(len(q.choices) for q in questions))]
-    if all(len(ids) == 1 for ids in letter_ids):  # one forward per prompt
-        out = []
-        step = 64
-        for start in range(0, len(prompts), step):
-            logp = next_token_logprobs(model, prompts[start:start + step], batch_size)
-            for row, q in zip(logp, questions[start:start + step]):
-                out.append([float(row[letter_ids[i][0]]) for i in range(len(q.choices))])
-            if progress is not None:
-                progress(min(len(prompts), start + step))
-        return out
-    reqs = [(p, letter_ids[i]) for p, q in zip(prompts, questions) for i in range(len(q.choices))]
-    flat = iter(lp for lp, _ in loglikelihood(model, reqs, batch_size))
-    return [[next(flat) for _ in q.choices] for q in questions]
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), chunk):
+        part = list(zip(prompts[start:start + chunk], questions[start:start + chunk]))
+        reqs = [(p, letter_ids[i]) for p, q in part for i in range(len(q.choices))]
+        flat = iter(lp for lp, _ in loglikelihood(model, reqs, batch_size))
+        out.extend([next(flat) for _ in q.choices] for _, q in part)
+        if progress is not None:
+            progress(len(out))
+    return out

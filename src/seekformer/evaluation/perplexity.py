@@ -132,22 +132,38 @@ def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
     """(log p(continuation | context), continuation is what greedy decoding would produce) per request.
 
     Both parts are token-id lists; the context needs >= 1 token. When context + continuation exceed the
-    model context, the context is cut from the left (as lm-evaluation-harness does).
+    model context, the context is cut from the left (as lm-evaluation-harness does). Requests whose
+    continuation is one token share one forward per distinct context (the choices of a multiple-choice
+    question cost one forward, not four).
     """
     ctx = model.config.max_position_embeddings
-    seqs, conts = [], []
-    for context, cont in requests:
-        context, cont = list(context), list(cont)
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    seqs, conts, long_idx = [], [], []
+    single: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # context -> [(request index, token)]
+    for i, (context, cont) in enumerate(requests):
+        context, cont = [int(t) for t in context], [int(t) for t in cont]
         if not context:
             raise SeekformerError("loglikelihood needs a context of at least one token (e.g. the BOS id)")
         if not cont:
             raise SeekformerError("loglikelihood needs a continuation of at least one token")
         if len(cont) >= ctx:
             raise SeekformerError(f"continuation of {len(cont)} tokens does not fit the model context ({ctx})")
+        if len(cont) == 1:
+            single.setdefault(tuple(context[-(ctx - 1):]), []).append((i, cont[0]))
+            continue
         seqs.append((context + cont)[-ctx:])
         conts.append(len(cont))
-    scores = score_tokens(model, seqs, batch_size)
-    return [(float(s.logprobs[-n:].sum()), bool(s.greedy[-n:].all())) for s, n in zip(scores, conts)]
+        long_idx.append(i)
+    if single:
+        contexts = list(single)
+        logp = next_token_logprobs(model, contexts, batch_size)
+        for row, c in zip(logp, contexts):
+            best = int(row.argmax())
+            for i, token in single[c]:
+                out[i] = (float(row[token]), token == best)
+    for i, s, n in zip(long_idx, score_tokens(model, seqs, batch_size), conts):
+        out[i] = (float(s.logprobs[-n:].sum()), bool(s.greedy[-n:].all()))
+    return out  # type: ignore[return-value]
 
 
 def rolling_windows(n_targets: int, window: int, stride: int) -> list[tuple[int, int, int]]:
