@@ -13,11 +13,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import SeekConfig
 from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
+from ..nn.loss import cross_entropy
 from ..nn.moe import Experts, Router
 
 
@@ -252,8 +252,10 @@ class SeekForCausalLM(nn.Module):
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy: logits[:, i] predicts labels[:, i+1]; -100 labels are ignored."""
-    v = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    b, t, v = logits.shape
+    # shift the labels, not the logits: no copy of the [B,T,V] tensor; the last position has no target
+    target = torch.cat([labels[:, 1:], labels.new_full((b, 1), -100)], dim=1)
+    return cross_entropy(logits.reshape(b * t, v), target.reshape(-1), ignore_index=-100)
 
 
 __all__ = ["SeekForCausalLM", "SeekModel", "MTPModule", "CausalLMOutput", "Experts", "shifted_cross_entropy",

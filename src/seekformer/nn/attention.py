@@ -83,9 +83,19 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, s, self.num_heads, self.rope_dim)], dim=-1)
         return k, v
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """q [B,T,H,E], k [B,S,H,E], v [B,S,H,V] -> [B,T,H*V]; causal when mask is None."""
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              pad: bool = False) -> torch.Tensor:
+        """q [B,T,H,E], k [B,S,H,E], v [B,S,H,V] -> [B,T,H*V]; causal when mask is None.
+
+        `pad` zero-pads the narrower of E and V to the wider one (scores and outputs are unchanged), so
+        that torch can use its fused flash kernel, which needs equal head dims, instead of the math path.
+        """
         b, t = q.shape[:2]
+        e, vd = q.shape[-1], v.shape[-1]
+        if pad and e > vd:
+            v = F.pad(v, (0, e - vd))
+        elif pad and vd > e:
+            q, k = F.pad(q, (0, vd - e)), F.pad(k, (0, vd - e))
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0, is_causal=mask is None and t > 1, scale=self.scale)
@@ -118,7 +128,7 @@ class MLA(nn.Module):
         latent = self._latent(x, cos, sin)
         if cache is None:
             k, v = self._expand(latent)
-            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, pad=True)
         elif cache.mode == "naive":
             k_new, v_new = self._expand(latent)
             cache.write(layer, slots, k_new, v_new)

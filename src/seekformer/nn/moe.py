@@ -52,8 +52,19 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
 
+    def _apply(self, fn, recurse=True):
+        """Module dtype casts (`.to(bfloat16)`, `.half()`) leave the correction bias in fp32."""
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias.is_floating_point() and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
     def forward(self, x: torch.Tensor) -> Routing:
-        """x [N,D] -> Routing."""
+        """x [N,D] -> Routing. Routing runs in fp32, also under autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> Routing:
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         if self.topk_method == "noaux_tc":
@@ -80,6 +91,17 @@ class Router(nn.Module):
         return Routing(weights, indices, scores, logits)
 
 
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` has a kernel for these operands (else the per-expert loop is used)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cpu":  # CPU kernel since torch 2.9 (fp32/bf16); older builds need 16-byte alignment
+        return x.dtype in (torch.float32, torch.bfloat16) and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked tensors: gate_up_proj [E,2F,D] (gate rows first), down_proj [E,D,F].
 
@@ -92,27 +114,40 @@ class Experts(nn.Module):
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        self.use_grouped_mm = True  # set False to force the per-expert loop (e.g. to compare)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D]."""
+        """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D].
+
+        The N*K token copies are sorted by expert (S = N*K rows, expert e owning a contiguous block of
+        counts[e] rows), each expert runs once on its block, and the rows are summed back per token.
+        """
         n, k = indices.shape
         flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # token copies grouped by expert
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]  # [N*K, D]
-        parts = []
-        start = 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            h = F.linear(xs[start:start + c], self.gate_up_proj[e])
-            gate, up = h.chunk(2, dim=-1)
-            parts.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-            start += c
-        ys = torch.cat(parts) if parts else xs.new_zeros(0, x.shape[1])
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        order = flat.argsort(stable=True)  # [S] token copies grouped by expert
+        token = order // k  # [S] source token of each row
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        w_gu, w_down = self.gate_up_proj, self.down_proj
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear
+            dtype = torch.get_autocast_dtype(x.device.type)
+            w_gu, w_down = w_gu.to(dtype), w_down.to(dtype)
+        xs = x.to(dtype).index_select(0, token)  # [S,D]
+        gate_w = weights.reshape(-1)[order].unsqueeze(-1)  # [S,1]
+        if self.use_grouped_mm and grouped_mm_supported(xs, w_gu):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S,F] each
+            act = F.silu(gate) * up * gate_w.to(dtype)  # routing weight applied on the narrower side
+            ys = torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
+        else:
+            sizes = counts.tolist()
+            parts = []
+            for xe, we, wd in zip(xs.split(sizes), w_gu.unbind(0), w_down.unbind(0)):
+                if xe.shape[0]:
+                    gate, up = F.linear(xe, we).chunk(2, dim=-1)
+                    parts.append(F.linear(F.silu(gate) * up, wd))
+            ys = torch.cat(parts) * gate_w.to(dtype) if parts else xs.new_zeros(0, x.shape[1])
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # accumulate in x's dtype
 
 
 class MoE(nn.Module):
