@@ -138,3 +138,19 @@ def test_lm_eval_command_line_finds_seekformer(seek_model_dir, task_dir, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "seek_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_seekformer_adapter_agrees_with_lm_eval_hf_model(seek_model_dir, task_dir):
+    """A seekformer checkpoint is a transformers DeepseekV3 directory: lm-eval's own `hf` model scores the
+    same log-likelihoods (same prefix token, same rolling windows) as the `seekformer` adapter."""
+    pytest.importorskip("transformers")
+    tasks = ("seek_mc", "seek_ppl")
+    ours = _evaluate("seekformer", {"pretrained": str(seek_model_dir)}, task_dir, tasks)
+    hf = _evaluate("hf", {"pretrained": str(seek_model_dir)}, task_dir, tasks)
+
+    def scores(out, task):
+        return [float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0])
+                for s in out["samples"][task] for r in s["resps"]]
+
+    for task in tasks:
+        assert scores(ours, task) == pytest.approx(scores(hf, task), abs=1e-3)
