@@ -1,0 +1,40 @@
+"""`seekformer bench ...`: time seekformer against `transformers` on the same machine, in one run.
+
+Each benchmark is one command of `bench_app`; add more with `@bench_app.command("name")`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: seekformer vs transformers, same config and machine.")
+
+
+@bench_app.command("train")
+def train(
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="Model preset (repeatable; default: tiny and small)."),
+    dtype: Optional[list[str]] = typer.Option(None, "--dtype", help="fp32 or bf16 autocast (repeatable; default both)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
+    steps: int = typer.Option(10, "--steps", help="Timed steps per model (after 2 warm-up steps)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
+    out: Path = typer.Option(Path("benchmarks/results/train.md"), "--out", help="Markdown table to write."),
+) -> None:
+    """Training-step tokens/s and MFU of seekformer and transformers' DeepseekV3 (forward, backward, AdamW)."""
+    from ..bench.train import run_train_bench
+    from ..config import PRESETS
+    from ..errors import ConfigError
+
+    presets = preset or ["tiny", "small"]
+    for p in presets:
+        if p not in PRESETS:
+            raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
+    run_train_bench(presets=presets, dtypes=dtype or ["fp32", "bf16"], batch_size=batch_size, seq_len=seq_len,
+                    steps=steps, threads=threads, out_md=out, log=typer.echo)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
