@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from ..errors import SeekformerError
 
 QUICKSTART_DIR = Path("seekformer-quickstart")
@@ -42,7 +40,7 @@ def _percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+async def _one_request(client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -62,6 +60,8 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
 
 
 async def _level(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    import httpx
+
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def worker(c: int) -> list[dict]:
@@ -103,6 +103,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
+        import httpx
+
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
