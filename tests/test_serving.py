@@ -149,6 +149,7 @@ LONG = "word " * 600
 BAD_REQUESTS = [
     # (endpoint, raw body or JSON, status, param)
     ("completions", "{not json", 400, None),
+    ("completions", "", 400, None),
     ("completions", "[1, 2]", 400, None),
     ("completions", {"model": NAME, "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("completions", {"model": NAME, "prompt": 5}, 400, "prompt"),

@@ -78,8 +78,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if err.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})", None
     path = _param_path(err.get("loc", ()))
+    if not path and err.get("type") == "missing":
+        return "the request body is empty: send a JSON object (Content-Type: application/json)", None
     if not path and err.get("type") in ("model_attributes_type", "dict_type"):
-        return "the request body must be a JSON object", None
+        return "the request body must be a JSON object (sent with Content-Type: application/json)", None
     param = ".".join(path) or None
     same = [e for e in errors if _param_path(e.get("loc", ())) == path]
     if len(same) > 1:  # a union: none of the accepted types matched
