@@ -158,7 +158,8 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
             params = (cfg.num_parameters(), cfg.num_parameters(active=True))
             with ServerProcess(path, max_batch_size=max(levels), threads=threads) as srv:
                 rows = measure(srv.url, "bench", levels, requests, max_tokens)
-    info = {"model": desc, "parameters": params, "max_tokens": max_tokens, "requests_per_client": requests,
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info = {"load": load, "model": desc, "parameters": params, "max_tokens": max_tokens, "requests_per_client": requests,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
@@ -173,7 +174,9 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
              f"{info['date']}. Each client sends {info['requests_per_client']} streaming completions in a row, "
              f"{info['max_tokens']} tokens each (greedy, ignore_eos); the server decodes up to "
-             f"{max(r['clients'] for r in rows)} sequences per step.", "",
+             f"{max(r['clients'] for r in rows)} sequences per step."
+             + (f" Load average when done: {info['load']:.1f} (other jobs share the cores: absolute numbers are "
+                "noisy, the ratio to one client is the figure to compare)." if info.get("load") else ""), "",
              "| clients | requests | tokens | wall (s) | aggregate tokens/s | vs 1 client | p50 latency (s) "
              "| p95 latency (s) | p50 TTFT (s) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
