@@ -28,6 +28,12 @@ from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
 
 
+def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    """Runs on the event loop: hand each item to its request's queue."""
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class QueueFull(Exception):
     """No room for more sequences (answered with HTTP 429)."""
 
@@ -76,15 +82,25 @@ class Submission:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[tuple]:
+        async for items in self.batches():
+            for item in items:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list[tuple]]:
+        """Like iterating, but yields every item already queued at once (a stream that lags behind the
+        decoder sends the tokens that piled up in one chunk instead of one chunk per token)."""
         while self._open > 0:
-            kind, choice, payload = await self.queue.get()
-            if kind == "token" and self.first_token_seconds is None:
-                self.first_token_seconds = time.perf_counter() - self.start
-                if self.backend.on_first_token is not None:
-                    self.backend.on_first_token(self.first_token_seconds)
-            if kind == "error" or (kind == "token" and payload.finish_reason is not None):
-                self._open -= 1
-            yield kind, choice, payload
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            for kind, _, payload in items:
+                if kind == "token" and self.first_token_seconds is None:
+                    self.first_token_seconds = time.perf_counter() - self.start
+                    if self.backend.on_first_token is not None:
+                        self.backend.on_first_token(self.first_token_seconds)
+                if kind == "error" or (kind == "token" and payload.finish_reason is not None):
+                    self._open -= 1
+            yield items
 
     def cancel(self) -> None:
         """Stop generating for this request (client gone); safe to call more than once."""
@@ -225,7 +241,9 @@ class Backend:
                 self.engine.cancel(rid)
 
     def _dispatch(self, events) -> None:
+        """Route a step's events to their requests: one event-loop wake-up per step, not per token."""
         generated = 0
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
         for ev in events:
             route = self._routes.get(ev.request_id)
             if route is None:
@@ -233,10 +251,15 @@ class Backend:
             sub, i = route
             if ev.token_id is not None:
                 generated += 1
-            sub.push(("token", i, ev))
+            batches.setdefault(sub.loop, []).append((sub.queue, ("token", i, ev)))
             if ev.finish_reason is not None:
                 del self._routes[ev.request_id]
                 self._finish()
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening any more
+                pass
         if generated and self.on_tokens is not None:
             self.on_tokens(generated)
 

@@ -209,29 +209,33 @@ class OpenAIHandlers:
                     yield json.dumps({**base, "choices": [{"index": i, "text": e, "logprobs": None,
                                                            "finish_reason": None}], **usage})
                     chars[i] = len(e)
-            async for kind, i, payload in sub:
-                c = choices[i]
-                if kind == "error":
-                    yield json.dumps(self._error_body(payload))
-                    return
-                if kind == "prompt":
-                    c.prompt_scores = payload
-                    lp = self._completion_logprobs(c, sub.sequences[i], echo[i], top_n)
-                    yield json.dumps({**base, "choices": [{"index": i, "text": echo[i], "logprobs": lp,
-                                                           "finish_reason": None}], **usage})
-                    chars[i] = len(echo[i])
-                    c.prompt_scores = None
-                    continue
-                before = len(c.tokens)
-                c.add(payload)
-                lp = None
-                if top_n is not None:
-                    part = _Choice(c.tokens[before:], "", c.logprobs[before:], c.top[before:])
-                    lp = self._completion_logprobs(part, sub.sequences[i], "", top_n, chars[i])
-                chars[i] += len(payload.text)
-                if payload.text or lp is not None or c.finish_reason:
-                    yield json.dumps({**base, "choices": [{"index": i, "text": payload.text, "logprobs": lp,
-                                                           "finish_reason": c.finish_reason}], **usage})
+            async for items in sub.batches():
+                touched: dict[int, tuple[int, int]] = {}  # choice -> (tokens, text length) before this batch
+                for kind, i, payload in items:
+                    c = choices[i]
+                    if kind == "error":
+                        yield json.dumps(self._error_body(payload))
+                        return
+                    if kind == "prompt":
+                        c.prompt_scores = payload
+                        lp = self._completion_logprobs(c, sub.sequences[i], echo[i], top_n)
+                        yield json.dumps({**base, "choices": [{"index": i, "text": echo[i], "logprobs": lp,
+                                                               "finish_reason": None}], **usage})
+                        chars[i] = len(echo[i])
+                        c.prompt_scores = None
+                        continue
+                    touched.setdefault(i, (len(c.tokens), len(c.text)))
+                    c.add(payload)
+                for i, (before, text_before) in touched.items():  # tokens that queued up go out as one chunk
+                    c = choices[i]
+                    text, lp = c.text[text_before:], None
+                    if top_n is not None:
+                        part = _Choice(c.tokens[before:], "", c.logprobs[before:], c.top[before:])
+                        lp = self._completion_logprobs(part, sub.sequences[i], "", top_n, chars[i])
+                    chars[i] += len(text)
+                    if text or lp is not None or c.finish_reason:
+                        yield json.dumps({**base, "choices": [{"index": i, "text": text, "logprobs": lp,
+                                                               "finish_reason": c.finish_reason}], **usage})
             if include_usage:
                 yield json.dumps({**base, "choices": [], "usage": self._usage(prompt_tokens, choices)})
             yield "[DONE]"
@@ -284,20 +288,24 @@ class OpenAIHandlers:
             for i in range(len(choices)):
                 yield json.dumps({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                        "logprobs": None, "finish_reason": None}], **usage})
-            async for kind, i, payload in sub:
-                if kind == "error":
-                    yield json.dumps(self._error_body(payload))
-                    return
-                c = choices[i]
-                before = len(c.tokens)
-                c.add(payload)
-                lp = None
-                if top_n is not None and len(c.tokens) > before:
-                    lp = self._chat_logprobs(c.tokens[before:], c.logprobs[before:], c.top[before:], top_n)
-                if payload.text or lp is not None or c.finish_reason:
-                    delta = {"content": payload.text} if payload.text or not c.finish_reason else {}
-                    yield json.dumps({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                                           "finish_reason": c.finish_reason}], **usage})
+            async for items in sub.batches():
+                touched: dict[int, tuple[int, int]] = {}
+                for kind, i, payload in items:
+                    if kind == "error":
+                        yield json.dumps(self._error_body(payload))
+                        return
+                    c = choices[i]
+                    touched.setdefault(i, (len(c.tokens), len(c.text)))
+                    c.add(payload)
+                for i, (before, text_before) in touched.items():  # tokens that queued up go out as one chunk
+                    c = choices[i]
+                    text, lp = c.text[text_before:], None
+                    if top_n is not None and len(c.tokens) > before:
+                        lp = self._chat_logprobs(c.tokens[before:], c.logprobs[before:], c.top[before:], top_n)
+                    if text or lp is not None or c.finish_reason:
+                        delta = {"content": text} if text or not c.finish_reason else {}
+                        yield json.dumps({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                                               "finish_reason": c.finish_reason}], **usage})
             if include_usage:
                 yield json.dumps({**base, "choices": [], "usage": self._usage(prompt_tokens, choices)})
             yield "[DONE]"
