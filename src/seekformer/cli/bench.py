@@ -36,5 +36,12 @@ def train(
                     steps=steps, threads=threads, out_md=out, log=typer.echo)
 
 
+# ---- `seekformer bench decode` (inference engineer; the command lives in cli/generate.py, the benchmark in bench/decode.py)
+from .generate import bench_decode_cmd  # noqa: E402
+
+bench_app.command("decode")(bench_decode_cmd)
+# ---- end of `bench decode`
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

@@ -146,3 +146,36 @@ def register(app: typer.Typer) -> None:
                 continue
             sys.stdout.write("\n")
             sys.stdout.flush()
+
+
+def bench_decode_cmd(
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="Model preset (repeatable; default: tiny and small)."),
+    model_dir: Optional[list[Path]] = typer.Option(None, "--model-dir", help="Also a trained model directory "
+                                                   "(repeatable); with MTP modules, speculative decoding is timed."),
+    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="Batch size (repeatable; default 1 and 8)."),
+    prompt_len: Optional[list[int]] = typer.Option(None, "--prompt-len", help="Prompt tokens (repeatable; default "
+                                                   "32 and 512)."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per row."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per setting (median)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (weights and cache)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
+    prompt: str = typer.Option("The United States", "--prompt", help="Prompt for the speculative run on a trained model."),
+    out: Path = typer.Option(Path("benchmarks/results/decode.md"), "--out", help="Markdown table to write."),
+) -> None:
+    """Decode tokens/s (batch 1 and 8) and KV-cache bytes/token of seekformer and transformers generate()."""
+    from ..bench.decode import run_decode_bench
+    from ..config import PRESETS
+    from ..errors import ConfigError
+
+    presets = preset if preset is not None else ([] if model_dir else ["tiny", "small"])
+    for p in presets:
+        if p not in PRESETS:
+            raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
+    if model_dir:
+        from ..checkpoint import check_model_dir
+
+        for d in model_dir:
+            check_model_dir(d)
+    run_decode_bench(presets=presets, model_dirs=model_dir or [], batch_sizes=batch_size or [1, 8],
+                     prompt_lens=prompt_len or [32, 512], new_tokens=new_tokens, repeats=repeats, dtype=dtype,
+                     threads=threads, prompt_text=prompt, out_md=out, log=typer.echo)

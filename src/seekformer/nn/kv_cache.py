@@ -69,29 +69,41 @@ class KVCache:
 
         `attention_mask` [B, T] marks real (1) and padding (0) new tokens. The returned boolean mask lets
         a query see every valid slot up to its own; a padding query sees only itself (no NaN rows).
+        The common decoding case (no padding, every row at the same length) takes a shortcut of a few ops.
         """
         b, t = attention_mask.shape
-        mask = attention_mask.to(torch.bool)
-        ar = torch.arange(t, device=mask.device)
-        slots = self.lengths[:, None] + ar  # [B, T]
-        s = int(self.lengths.max()) + t
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        s = hi + t
         if s > self.max_length:
             raise ValueError(f"KV cache is full: {s} > max_length {self.max_length}")
-        positions = (self.next_position[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
+        ar = torch.arange(t, device=self.lengths.device)
+        all_real = bool(attention_mask.all())
+        self._start = lo if lo == hi else None  # every row writes slots [lo, lo+T): a plain slice
+        self._pending = (t, None if all_real else attention_mask.to(torch.bool))
+        if all_real:
+            positions = self.next_position[:, None] + ar
+            if lo == hi:
+                self.valid[:, lo:s] = True
+                slots = (lo + ar).expand(b, t)
+                if t == 1:
+                    return slots, positions, self.valid[:, None, None, :s]
+                causal = ar[:, None] + lo >= torch.arange(s, device=ar.device)  # [T,S]
+                return slots, positions, (self.valid[:, None, :s] & causal)[:, None]
+        mask = attention_mask.to(torch.bool)
+        slots = self.lengths[:, None] + ar  # [B, T]
+        if not all_real:
+            positions = (self.next_position[:, None] + mask.long().cumsum(1) - 1).clamp_min(0)
         self.valid.scatter_(1, slots, mask)
         key_idx = torch.arange(s, device=mask.device)
         visible = (key_idx[None, None, :] <= slots[:, :, None]) & self.valid[:, None, :s]
         visible |= key_idx[None, None, :] == slots[:, :, None]
-        lo = int(self.lengths.min())
-        self._start = lo if lo == s - t else None  # every row writes slots [lo, lo+T): a plain slice
-        self._pending = (t, mask)
         return slots, positions, visible[:, None]
 
     def commit(self) -> None:
         """Advance the write pointers after every layer has written its T new tokens."""
         t, mask = self._pending
         self.lengths += t
-        self.next_position += mask.long().sum(1)
+        self.next_position += t if mask is None else mask.long().sum(1)
         self._pending = self._start = None
 
     def rollback(self, n: torch.Tensor | int) -> None:

@@ -1,0 +1,210 @@
+"""Decoding throughput and KV-cache size: seekformer vs `transformers` generate(), same weights, in one run.
+
+For each preset (random weights, saved by seekformer and loaded with `AutoModelForCausalLM`) or a given
+model directory, prompt length and batch size, both libraries decode `new_tokens` greedy tokens per row
+from the same random prompts (eos disabled on both sides), with the same dtype and thread count. Runs are
+interleaved (seekformer, transformers, seekformer, ...) so a noisy machine slows both alike; the reported
+time is the median. tokens/s = batch x new_tokens / time, prefill included.
+
+KV-cache bytes per token (all layers) are read from the caches themselves: seekformer's latent cache
+(`kv_lora_rank + qk_rope_head_dim` numbers per layer), transformers' DynamicCache after a generate() call,
+and a per-head K/V cache of the same model (seekformer's "naive" mode) for reference.
+
+With a model that has MTP modules, greedy self-speculative decoding is timed against plain greedy
+decoding at batch 1 (acceptance rate, tokens per main-model forward, speed-up).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import SeekConfig
+from ..errors import SeekformerError
+from ..nn.kv_cache import KVCache
+from .train import _cpu_name, _require_transformers, build_pair
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_pair(model_dir: str | Path, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """seekformer and transformers models from one model directory."""
+    transformers = _require_transformers()
+    from ..models.causal_lm import SeekForCausalLM
+
+    model = SeekForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model, hf
+
+
+def kv_bytes_per_token(model, hf, ids: torch.Tensor) -> dict[str, float]:
+    """Bytes per cached token over all decoder layers: seekformer latent, transformers, per-head K/V."""
+    cfg = model.config
+    dt = model.dtype
+    ours = KVCache(cfg, 1, 1, "latent", dtype=dt, num_layers=cfg.num_hidden_layers).bytes_per_token()
+    naive = KVCache(cfg, 1, 1, "naive", dtype=dt, num_layers=cfg.num_hidden_layers).bytes_per_token()
+    out = hf.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=2, do_sample=False,
+                      return_dict_in_generate=True, pad_token_id=0)
+    cache, total = out.past_key_values, 0
+    for layer in getattr(cache, "layers", []):
+        for t in (layer.keys, layer.values):
+            total += t.numel() * t.element_size()
+    tokens = cache.get_seq_length() if hasattr(cache, "get_seq_length") else out.sequences.shape[1]
+    return {"seekformer": ours, "transformers": total / max(1, tokens), "per_head": naive}
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: Sequence[int], new_tokens: int,
+                repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Time greedy decoding of both models for every (prompt length, batch size)."""
+    model.eval()
+    hf.eval()
+    hf.generation_config.eos_token_id = None  # decode exactly new_tokens on both sides
+    cfg = model.config
+    rows = []
+    for plen in prompt_lens:
+        if plen + new_tokens > cfg.max_position_embeddings:
+            log(f"skip prompt {plen}: {plen} + {new_tokens} exceeds the context {cfg.max_position_embeddings}")
+            continue
+        for b in batch_sizes:
+            g = torch.Generator().manual_seed(plen * 1000 + b)
+            ids = torch.randint(3, cfg.vocab_size, (b, plen), generator=g)
+            am = torch.ones_like(ids)
+
+            def ours():
+                return model.generate(ids, max_new_tokens=new_tokens, ignore_eos=True)
+
+            def theirs():
+                return hf.generate(ids, attention_mask=am, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+            with torch.no_grad():
+                a, h = ours(), theirs()  # warm-up, and the outputs to compare
+                same = float((a[:, plen:] == h[:, plen:]).all(dim=1).float().mean())
+                t_sf, t_hf = [], []
+                for _ in range(repeats):
+                    t_sf.append(_timed(ours))
+                    t_hf.append(_timed(theirs))
+            sf, hf_t = statistics.median(t_sf), statistics.median(t_hf)
+            row = {"model": name, "prompt_len": plen, "batch": b, "new_tokens": new_tokens,
+                   "sf_tokens_per_s": b * new_tokens / sf, "hf_tokens_per_s": b * new_tokens / hf_t,
+                   "speedup": hf_t / sf, "same_tokens": same}
+            log(f"{name} prompt {plen} batch {b}: seekformer {row['sf_tokens_per_s']:.1f} tok/s, transformers "
+                f"{row['hf_tokens_per_s']:.1f} tok/s, x{row['speedup']:.2f} (identical rows {same:.0%})")
+            rows.append(row)
+    return rows
+
+
+def bench_speculative(name: str, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
+                      log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Greedy vs MTP self-speculative decoding at batch 1 (None when the model has no MTP module)."""
+    if not len(model.mtp):
+        return None
+    kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
+    with torch.no_grad():
+        plain = model.generate(prompt_ids, **kw)
+        spec = model.generate(prompt_ids, speculative=True, return_dict=True, **kw)
+        t_plain, t_spec = [], []
+        for _ in range(repeats):
+            t_plain.append(_timed(lambda: model.generate(prompt_ids, **kw)))
+            t_spec.append(_timed(lambda: model.generate(prompt_ids, speculative=True, **kw)))
+    row = {"model": name, "new_tokens": new_tokens, "identical": bool(torch.equal(plain, spec.sequences)),
+           "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
+           "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
+           "speculative_tokens_per_s": new_tokens / statistics.median(t_spec)}
+    row["speedup"] = row["speculative_tokens_per_s"] / row["greedy_tokens_per_s"]
+    log(f"{name} speculative: acceptance {row['acceptance_rate']:.1%}, {row['tokens_per_forward']:.2f} tokens/forward,"
+        f" x{row['speedup']:.2f} over greedy (identical: {row['identical']})")
+    return row
+
+
+def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Sequence[str | Path] = (),
+                     batch_sizes: Sequence[int] = (1, 8), prompt_lens: Sequence[int] = (32, 512),
+                     new_tokens: int = 64, repeats: int = 3, dtype: str = "fp32", threads: int | None = None,
+                     prompt_text: str | None = None, out_md: str | Path | None = None,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the decode benchmark; returns {"rows", "kv", "speculative", "settings"} and writes markdown."""
+    _require_transformers()
+    if dtype not in DTYPES:
+        raise SeekformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if new_tokens < 1 or repeats < 1 or not batch_sizes or min(batch_sizes) < 1 or not prompt_lens \
+            or min(prompt_lens) < 1:
+        raise SeekformerError("--new-tokens, --repeats, batch sizes and prompt lengths must be >= 1")
+    if threads:
+        torch.set_num_threads(threads)
+    torch_dtype = DTYPES[dtype]
+    rows, kv, spec = [], {}, []
+    models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
+    for name, directory in models:
+        if directory is None:
+            model, hf = build_pair(SeekConfig.from_preset(name), seed=0)
+            model, hf = model.to(torch_dtype), hf.to(torch_dtype)
+        else:
+            model, hf = load_pair(directory, torch_dtype)
+        rows += bench_model(name, model, hf, batch_sizes, prompt_lens, new_tokens, repeats, log)
+        probe = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        kv[name] = kv_bytes_per_token(model, hf, probe)
+        if directory is not None and len(model.mtp):
+            ids = probe
+            if prompt_text:
+                from ..tokenizer import SeekTokenizer
+
+                ids = torch.tensor([SeekTokenizer.load(directory).encode(prompt_text, add_bos=True)])
+            r = bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log)
+            if r:
+                spec.append(r)
+        del model, hf
+    settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens}
+    result = {"rows": rows, "kv": kv, "speculative": spec, "settings": settings}
+    if out_md:
+        out = Path(out_md)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(to_markdown(result))
+        log(f"wrote {out}")
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    import transformers
+
+    s = result["settings"]
+    lines = [
+        "# Decoding: seekformer vs transformers",
+        "",
+        f"`seekformer bench decode` on {_dt.date.today().isoformat()}: {_cpu_name()}, {s['threads']} threads, "
+        f"{s['dtype']}, torch {torch.__version__}, transformers {transformers.__version__}. Greedy decoding of "
+        f"{s['new_tokens']} tokens per row from random prompts (eos off), prefill included; median of "
+        f"{s['repeats']} interleaved runs. Random weights for the presets (same weights on both sides).",
+        "",
+        "| model | prompt | batch | seekformer tok/s | transformers tok/s | speedup | identical rows |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['prompt_len']} | {r['batch']} | {r['sf_tokens_per_s']:.1f} | "
+                     f"{r['hf_tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | {r['same_tokens']:.0%} |")
+    lines += ["", "KV cache, bytes per token (all decoder layers):", "",
+              "| model | seekformer (latent) | transformers | per-head K/V | per-head / seekformer |",
+              "|---|---:|---:|---:|---:|"]
+    for name, k in result["kv"].items():
+        lines.append(f"| {name} | {k['seekformer']:.0f} | {k['transformers']:.0f} | {k['per_head']:.0f} | "
+                     f"{k['per_head'] / k['seekformer']:.1f}x |")
+    if result["speculative"]:
+        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model):", "",
+                  "| model | tokens | acceptance | tokens / forward | greedy tok/s | speculative tok/s | speedup |"
+                  " identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in result["speculative"]:
+            lines.append(f"| {r['model']} | {r['new_tokens']} | {r['acceptance_rate']:.1%} | "
+                         f"{r['tokens_per_forward']:.2f} | {r['greedy_tokens_per_s']:.1f} | "
+                         f"{r['speculative_tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | {r['identical']} |")
+    lines.append("")
+    return "\n".join(lines)
