@@ -121,6 +121,18 @@ def test_streamed_completion_equals_plain(client):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_streamed_logprobs_equal_plain(client, reference):
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(**kw).choices[0]
+    assert plain.logprobs.text_offset[len(reference[1].encode(PROMPT))] == len(PROMPT)  # offsets index the text
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == plain.text
+    assert [t for c in chunks for t in c.logprobs.tokens] == plain.logprobs.tokens
+    streamed = [x for c in chunks for x in c.logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(plain.logprobs.token_logprobs[1:], abs=1e-5)
+    assert [o for c in chunks for o in c.logprobs.text_offset] == plain.logprobs.text_offset
+
+
 def test_chat_plain_and_streamed(server, client, reference):
     model, tok = reference
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]

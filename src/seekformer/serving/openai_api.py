@@ -8,6 +8,7 @@ everything a user can get wrong before any work starts: the model name, empty or
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
 import uuid
@@ -41,6 +42,31 @@ class _Choice:
         self.text += ev.text
         if ev.finish_reason is not None:
             self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
+
+
+class _Offsets:
+    """Character positions of tokens in the text they decode to, across calls (a stream's chunks).
+
+    Bytes go through an incremental UTF-8 decoder, so a character split over tokens counts once; special
+    tokens count their text in an echoed prompt and nothing in generated text (which skips them).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.special = set(getattr(tokenizer, "special_token_ids", {}).values())
+        self.chars = 0
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, ids, specials_in_text: bool) -> list[int]:
+        out = []
+        for t in ids:
+            out.append(self.chars)
+            if t in self.special and not specials_in_text:
+                continue
+            raw = self.tok.token_bytes(t) if hasattr(self.tok, "token_bytes") else \
+                self.tok.decode([t], skip_special_tokens=False).encode("utf-8")
+            self.chars += len(self.utf8.decode(raw))
+        return out
 
 
 class OpenAIHandlers:
@@ -170,26 +196,28 @@ class OpenAIHandlers:
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(prompt_tokens, choices)}
 
-    def _completion_logprobs(self, c: _Choice, seq: Sequence, echo: str, top_n: int, offset: int = 0) -> dict:
-        """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    def _completion_logprobs(self, c: _Choice, seq: Sequence, echo: str, top_n: int,
+                             offsets: _Offsets | None = None) -> dict:
+        """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset
+        (`offsets` carries the character position on from earlier chunks of a stream)."""
+        offsets = offsets or _Offsets(self.tok)
         ids: list[int] = []
         lps: list[float | None] = []
         tops: list[dict | None] = []
+        text_offset: list[int] = []
         if echo and c.prompt_scores is not None:
             s = c.prompt_scores
             ids += list(seq.prompt_ids)
             lps += [None] + s.logprobs.tolist()
             tops += [None] + [self._top_dict(zip(ti, tv), top_n) for ti, tv in
                               zip(s.top_ids.tolist(), s.top_logprobs.tolist())]
+            text_offset += offsets.feed(seq.prompt_ids, specials_in_text=True)
         ids += c.tokens
         lps += c.logprobs
         tops += [self._top_dict(t or [], top_n) for t in c.top]
-        tokens = [self.token_text(i) for i in ids]
-        offsets, pos = [], offset
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+        text_offset += offsets.feed(c.tokens, specials_in_text=False)
+        return {"tokens": [self.token_text(i) for i in ids], "token_logprobs": lps, "top_logprobs": tops,
+                "text_offset": text_offset}
 
     def _top_dict(self, pairs, top_n: int) -> dict:
         out: dict[str, float] = {}
@@ -200,7 +228,7 @@ class OpenAIHandlers:
 
     async def _stream_completion(self, sub, rid, created, echo, top_n, prompt_tokens, include_usage):
         choices = [_Choice() for _ in sub.sequences]
-        chars = [0] * len(choices)
+        offsets = [_Offsets(self.tok) for _ in choices]
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         usage = {"usage": None} if include_usage else {}
         try:
@@ -208,7 +236,6 @@ class OpenAIHandlers:
                 for i, e in enumerate(echo):
                     yield json.dumps({**base, "choices": [{"index": i, "text": e, "logprobs": None,
                                                            "finish_reason": None}], **usage})
-                    chars[i] = len(e)
             async for items in sub.batches():
                 touched: dict[int, tuple[int, int]] = {}  # choice -> (tokens, text length) before this batch
                 for kind, i, payload in items:
@@ -218,10 +245,9 @@ class OpenAIHandlers:
                         return
                     if kind == "prompt":
                         c.prompt_scores = payload
-                        lp = self._completion_logprobs(c, sub.sequences[i], echo[i], top_n)
+                        lp = self._completion_logprobs(c, sub.sequences[i], echo[i], top_n, offsets[i])
                         yield json.dumps({**base, "choices": [{"index": i, "text": echo[i], "logprobs": lp,
                                                                "finish_reason": None}], **usage})
-                        chars[i] = len(echo[i])
                         c.prompt_scores = None
                         continue
                     touched.setdefault(i, (len(c.tokens), len(c.text)))
@@ -231,8 +257,7 @@ class OpenAIHandlers:
                     text, lp = c.text[text_before:], None
                     if top_n is not None:
                         part = _Choice(c.tokens[before:], "", c.logprobs[before:], c.top[before:])
-                        lp = self._completion_logprobs(part, sub.sequences[i], "", top_n, chars[i])
-                    chars[i] += len(text)
+                        lp = self._completion_logprobs(part, sub.sequences[i], "", top_n, offsets[i])
                     if text or lp is not None or c.finish_reason:
                         yield json.dumps({**base, "choices": [{"index": i, "text": text, "logprobs": lp,
                                                                "finish_reason": c.finish_reason}], **usage})
