@@ -18,7 +18,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,7 +158,8 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
             with ServerProcess(path, max_batch_size=max(levels), threads=threads) as srv:
                 rows = measure(srv.url, "bench", levels, requests, max_tokens)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    info = {"load": load, "model": desc, "parameters": params, "max_tokens": max_tokens, "requests_per_client": requests,
+    info = {"load": load, "model": desc, "parameters": params, "max_tokens": max_tokens,
+            "requests_per_client": requests,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
             "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
@@ -167,10 +167,10 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
 
 
 def markdown(rows: list[dict], info: dict) -> str:
-    lines = ["# `seekformer serve` throughput", "",
-             f"Model: {info['model']}" + (f", {info['parameters'][0] / 1e6:.1f}M parameters "
-                                          f"({info['parameters'][1] / 1e6:.1f}M active)" if info.get("parameters") else "")
-             + ".",
+    size = ""
+    if info.get("parameters"):
+        size = f", {info['parameters'][0] / 1e6:.1f}M parameters ({info['parameters'][1] / 1e6:.1f}M active)"
+    lines = ["# `seekformer serve` throughput", "", f"Model: {info['model']}{size}.",
              f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
              f"{info['date']}. Each client sends {info['requests_per_client']} streaming completions in a row, "
              f"{info['max_tokens']} tokens each (greedy, ignore_eos); the server decodes up to "

@@ -106,11 +106,14 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
         model_dir: Path = typer.Argument(..., help="A model directory (config.json, weights, tokenizer)."),
-        perplexity: Optional[str] = typer.Option(None, "--perplexity", help="Text to score: 'builtin' (the "
-                                                 "quickstart validation documents), a .txt/.gz/.jsonl file, a folder or hf:NAME."),
+        perplexity: Optional[str] = typer.Option(
+            None, "--perplexity", help="Text to score: 'builtin' (the quickstart validation documents), a "
+            ".txt/.gz/.jsonl file, a folder or hf:NAME."),
         window: Optional[int] = typer.Option(None, "--window", min=2, help="Tokens per window (default: context)."),
-        stride: Optional[int] = typer.Option(None, "--stride", min=1, help="Tokens between windows (default: window/2)."),
-        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="Stop after about this many tokens."),
+        stride: Optional[int] = typer.Option(None, "--stride", min=1,
+                                             help="Tokens between windows (default: window/2)."),
+        max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1,
+                                                 help="Stop after about this many tokens."),
         mmlu: Optional[str] = typer.Option(None, "--mmlu", help="MMLU-format questions: a folder, CSV/JSONL file "
                                            "or hf:cais/mmlu."),
         subjects: Optional[list[str]] = typer.Option(None, "--subjects", help="Subjects to test (comma-separated "

@@ -13,7 +13,8 @@ from ..errors import SeekformerError
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
-        model_dir: Path = typer.Argument(..., help="A model directory with its tokenizer (e.g. seekformer-quickstart)."),
+        model_dir: Path = typer.Argument(..., help="A model directory with its tokenizer "
+                                         "(e.g. seekformer-quickstart)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
         port: int = typer.Option(8000, "--port", min=0, max=65535),
         api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SEEKFORMER_API_KEY",

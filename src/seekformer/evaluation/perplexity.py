@@ -217,9 +217,9 @@ class PerplexityResult:
                 "nll_per_token": self.nll_per_token}
 
 
-def evaluate_perplexity(model, tokenizer, documents: Iterable[str], window: int | None = None, stride: int | None = None,
-               prefix_token_id: int | None = None, max_tokens: int | None = None, batch_size: int | None = None,
-               progress=None) -> PerplexityResult:
+def evaluate_perplexity(model, tokenizer, documents: Iterable[str], window: int | None = None,
+                        stride: int | None = None, prefix_token_id: int | None = None, max_tokens: int | None = None,
+                        batch_size: int | None = None, progress=None) -> PerplexityResult:
     """Perplexity and bits per byte of `documents` (strings) under `model`, with a sliding window.
 
     window: tokens fed at once (default: the model context); stride: tokens between window starts

@@ -149,7 +149,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         msg = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            msg = f"no route {request.method} {request.url.path} (see /v1/models, /v1/completions, /v1/chat/completions)"
+            msg = (f"no route {request.method} {request.url.path} "
+                   "(see /v1/models, /v1/completions, /v1/chat/completions)")
         return _error(APIError(exc.status_code, msg, None, None))
 
     @app.exception_handler(Exception)
