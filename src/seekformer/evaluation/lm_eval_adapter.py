@@ -53,11 +53,17 @@ class SeekformerLM(TemplateLM):
         super().__init__()
         import torch
 
-        from ..serving.server import load_model_dir
+        from ..models.causal_lm import SeekForCausalLM
+        from ..tokenizer import SeekTokenizer
 
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             device = "cpu"  # lm-eval's default is cuda:0; like its `hf` model, run where we can
-        self.model, self.tok = load_model_dir(pretrained, device=device, dtype=dtype)
+        dtypes = {None: None, "auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+        self.model = SeekForCausalLM.from_pretrained(pretrained, device=device, dtype=dtypes[dtype]).eval()
+        self.tok = SeekTokenizer.load(pretrained)
         self.path = str(pretrained)
         self._device = device
         ctx = self.model.config.max_position_embeddings

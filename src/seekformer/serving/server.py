@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .app import ServerConfig, create_app
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -58,6 +57,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str | None = None, log_level: str = "info") -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
     import uvicorn
+
+    from .app import ServerConfig, create_app
 
     model, tok = load_model_dir(model_dir, device, dtype)
     name = model_name or Path(model_dir).resolve().name
