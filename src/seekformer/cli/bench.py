@@ -36,6 +36,13 @@ def train(
                     steps=steps, threads=threads, out_md=out, log=typer.echo)
 
 
+# ---- `seekformer bench serve` (serving engineer; the command lives in cli/serve.py, the benchmark in bench/serve.py)
+from .serve import bench_serve_cmd  # noqa: E402
+
+bench_app.command("serve")(bench_serve_cmd)
+# ---- end of `bench serve`
+
+
 # ---- `seekformer bench decode` (inference engineer; the command lives in cli/generate.py, the benchmark in bench/decode.py)
 from .generate import bench_decode_cmd  # noqa: E402
 
