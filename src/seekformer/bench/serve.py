@@ -175,8 +175,9 @@ def markdown(rows: list[dict], info: dict) -> str:
              f"{info['date']}. Each client sends {info['requests_per_client']} streaming completions in a row, "
              f"{info['max_tokens']} tokens each (greedy, ignore_eos); the server decodes up to "
              f"{max(r['clients'] for r in rows)} sequences per step."
-             + (f" Load average when done: {info['load']:.1f} (other jobs share the cores: absolute numbers are "
-                "noisy, the ratio to one client is the figure to compare)." if info.get("load") else ""), "",
+             + (f" 1-minute load average at the end, this benchmark included: {info['load']:.1f} (when other jobs "
+                "share the cores, absolute numbers are noisy; the ratio to one client is the figure to compare)."
+                if info.get("load") else ""), "",
              "| clients | requests | tokens | wall (s) | aggregate tokens/s | vs 1 client | p50 latency (s) "
              "| p95 latency (s) | p50 TTFT (s) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
