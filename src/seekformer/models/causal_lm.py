@@ -187,7 +187,8 @@ class SeekForCausalLM(nn.Module):
             out.lm_loss = shifted_cross_entropy(logits, labels)
             loss = out.lm_loss
             if self.mtp and self.training:
-                out.mtp_loss, out.mtp_logits = self._mtp_loss(hidden, input_ids, labels, attention_mask)
+                out.mtp_loss, out.mtp_logits = self._mtp_loss(hidden, input_ids, labels, attention_mask,
+                                                              position_ids)
                 loss = loss + self.config.mtp_loss_weight * out.mtp_loss
             if self.training:
                 aux = [m.aux_loss for _, m in self.moe_layers() if m.aux_loss is not None]
@@ -200,20 +201,29 @@ class SeekForCausalLM(nn.Module):
         return out
 
     def _mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Depth k predicts token i+k+1 from h^{k-1}_i and Emb(t_{i+k}); returns the mean of the depth losses."""
+                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Depth k predicts token i+k+1 from h^{k-1}_i and Emb(t_{i+k}); returns the mean of the depth losses.
+
+        Slot i keeps the position of token i (as the main model saw it) and is valid when tokens i and i+k
+        are both real (not padding).
+        """
         losses, all_logits = [], []
         h = hidden
         b, t = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                position_ids = positions_from_mask(attention_mask)
+            else:
+                position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         for k, module in enumerate(self.mtp, start=1):
             n = t - k
             if n < 2:
                 break
             emb = self.model.embed_tokens(input_ids[:, k:])
-            am = attention_mask[:, k:] if attention_mask is not None else None
+            am = attention_mask[:, :n] * attention_mask[:, k:] if attention_mask is not None else None
             mask = causal_mask(am) if am is not None and not bool(am.all()) else None
-            pos = torch.arange(n, device=input_ids.device).expand(b, n)
-            cos, sin = self.model.rotary_emb(pos, h.dtype)
+            cos, sin = self.model.rotary_emb(position_ids[:, :n], h.dtype)
             h = module(h[:, :n], emb, cos, sin, mask, token_mask=am)
             logits = self.lm_head(module.head_norm(h))
             losses.append(shifted_cross_entropy(logits, labels[:, k:]))
