@@ -15,9 +15,11 @@ import typer
 from ..errors import SeekformerError
 
 try:  # typer >= 0.20 vendors click
-    from typer._click import exceptions as _click_exc
+    from typer._click.exceptions import ClickException as _ClickException
+    from typer.exceptions import Abort as _Abort
 except ImportError:  # pragma: no cover
-    from click import exceptions as _click_exc
+    from click.exceptions import Abort as _Abort
+    from click.exceptions import ClickException as _ClickException
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers.")
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive as exceptions in non-standalone mode
-        if isinstance(e, _click_exc.ClickException):
+        if isinstance(e, _ClickException):
             e.show()
             raise SystemExit(2) from None
-        if isinstance(e, _click_exc.Abort):
+        if isinstance(e, _Abort):
             raise SystemExit(1) from None
         raise
 
