@@ -102,6 +102,32 @@ def test_cached_logits_equal_uncached(mode, q_lora_rank):
     assert (inc - full)[am.bool()].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("q_lora_rank", [None, 24])
+def test_decode_forward_equals_uncached(fold, q_lora_rank):
+    """The lean decoding path (fused norms, rope matrix, folded or per-head absorption, few-token MoE)."""
+    from seekformer.inference.runner import decode_forward
+
+    model = tiny_model(q_lora_rank=q_lora_rank, attention_bias=True)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases
+            if p.dim() == 1:
+                p.add_(0.01 * torch.randn_like(p))
+    for m in model.modules():
+        if hasattr(m, "decode_fold"):
+            m.decode_fold = fold
+    for b in (1, 5):  # 1 row: only the chosen experts run; 5 rows: the batched MoE
+        ids = torch.randint(3, 256, (b, 16))
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = KVCache(model.config, b, 32)
+            model(ids[:, :10], cache=cache)
+            steps = [decode_forward(model, ids[:, i:i + 1], cache) for i in range(10, 13)]
+            chunk = decode_forward(model, ids[:, 13:16], cache, last_only=False)
+        inc = torch.cat([torch.stack(steps, 1), chunk], dim=1)
+        assert (inc - full[:, 10:]).abs().max() <= 1e-4
+
+
 def test_latent_cache_is_small():
     from seekformer.config import SeekConfig
 

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import GenerationError
 from ..nn.kv_cache import KVCache
+from .runner import decode_forward
 from .sampling import SamplingParams
 from .stopping import SequenceState, stop_ids
 
@@ -98,9 +99,9 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         run = [states[r] for r in rows]
         drafts = _draft(model, mtp_caches, toks, hid, k_max)
         chunk = torch.tensor([[tk[-1]] + d for tk, d in zip(toks, drafts)], device=dev)
-        out = model(chunk, cache=main, return_hidden=True)
+        logits, hidden = decode_forward(model, chunk, main, last_only=False, return_hidden=True)
         forwards += 1
-        g = _argmax(out.logits, run).tolist()  # [B', K+1]
+        g = _argmax(logits, run).tolist()  # [B', K+1]
         rollback = []
         for i, r in enumerate(rows):
             a = 0
@@ -111,7 +112,7 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
             rollback.append(k_max - a)
             n = len(toks[i]) - 1
             for j in range(a + 1):
-                hid[0][i][n + j] = out.hidden_states[i, j]
+                hid[0][i][n + j] = hidden[i, j]
             for tok in drafts[i][:a] + [g[i][a]]:
                 if not states[r].finished:
                     states[r].append(tok)

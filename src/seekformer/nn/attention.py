@@ -20,15 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kv_cache import KVCache
+from .mla_decode import latent_decode, rope_matrix
 from .norm import RMSNorm
 from .rope import apply_rope
 
 # With a latent cache, chunks longer than this expand the cached latent to per-head K/V (cheaper for
 # prefill); shorter ones (decoding, speculative verification) attend in absorbed form.
 ABSORB_MAX_CHUNK = 8
-# Decoding folds W_UK / W_UV into the projections while that grows the attention weights by at most this
-# factor (fewer ops, a few more bytes: a win for small models); larger models keep the original weights.
-FOLD_MAX_GROWTH = 1.5
 # The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, not config.rms_norm_eps, in DeepSeek's
 # reference code and in `transformers`.
 LATENT_NORM_EPS = 1e-6
@@ -61,7 +59,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=bias)
-        self.decode_fold: bool | None = None  # None: `fold_pays()` decides; True/False forces it
+        self.decode_fold: bool | None = None  # decoding: fold kv_b_proj into q/o (None: mla_decode.fold_pays decides)
 
     # ------------------------------------------------------------------ pieces
     def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,114 +120,6 @@ class MLA(nn.Module):
         out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)
         return out.reshape(b, t, self.num_heads * self.v_dim)
 
-    # ------------------------------------------------------------------ decoding on the latent cache
-    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-        """Inference weights with kv_b_proj folded in (DeepSeek-V2 sec. 2.1.2), rebuilt when a weight changes.
-
-        Returns (w_in [(H+1)*(R+P), D'], b_in, w_qb [H*(R+P), Q] or None, w_out [D, H*R]):
-          * no q_lora: w_in maps x to H query heads scale*[W_UK^T W_q_nope ; W_q_pe] and one latent head
-            [c_kv ; k_pe] (D' = D); with q_lora: w_in maps x to [q_a ; c_kv ; k_pe] and w_qb maps the
-            normed q_a to the H absorbed query heads;
-          * w_out = o_proj with W_UV folded in: the attention output on the latent [H*R] goes to D directly.
-        """
-        params = (self.q_proj.weight if self.q_lora_rank is None else self.q_b_proj.weight,
-                  self.kv_a_proj_with_mqa.weight, self.kv_b_proj.weight, self.o_proj.weight)
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        cached = self.__dict__.get("_absorbed_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            out = self._fold_weights()
-        self.__dict__["_absorbed_cache"] = (key, out)  # not a registered buffer: never saved or moved
-        return out
-
-    def _fold_weights(self):
-        h, n, r, pd, v = self.num_heads, self.nope_dim, self.kv_lora_rank, self.rope_dim, self.v_dim
-        dtype = self.kv_b_proj.weight.dtype
-        f32 = torch.float64 if dtype == torch.float64 else torch.float32
-        w_kv = self.kv_b_proj.weight.to(f32).view(h, n + v, r)
-        w_uk, w_uv = w_kv[:, :n], w_kv[:, n:]  # [H,N,R], [H,V,R]
-
-        def absorb_q(w_q: torch.Tensor) -> torch.Tensor:  # [H*(N+P), I] -> [H*(R+P), I], times the softmax scale
-            w_q = w_q.to(f32).view(h, n + pd, -1)
-            q_lat = torch.einsum("hnr,hni->hri", w_uk, w_q[:, :n])
-            return torch.cat([q_lat, w_q[:, n:]], dim=1).reshape(h * (r + pd), -1) * self.scale
-
-        kv_a = self.kv_a_proj_with_mqa
-        if self.q_lora_rank is None:
-            w_in, w_qb = torch.cat([absorb_q(self.q_proj.weight), kv_a.weight.to(f32)]), None
-            b_in = None if kv_a.bias is None else torch.cat([kv_a.bias.new_zeros(h * (r + pd)), kv_a.bias])
-        else:
-            w_in, w_qb = torch.cat([self.q_a_proj.weight.to(f32), kv_a.weight.to(f32)]), absorb_q(self.q_b_proj.weight)
-            b_in = None if kv_a.bias is None else torch.cat([self.q_a_proj.bias, kv_a.bias])
-        w_o = self.o_proj.weight.to(f32).view(-1, h, v)
-        w_out = torch.einsum("dhv,hvr->dhr", w_o, w_uv).reshape(w_o.shape[0], h * r)
-        return w_in.to(dtype), b_in, None if w_qb is None else w_qb.to(dtype), w_out.to(dtype)
-
-    def fold_pays(self) -> bool:
-        """Whether folded weights are worth it: they save ops but hold H*R-wide matrices instead of H*N/H*V ones,
-        so they are used only while they stay small (decoding a batch-1 step reads every weight once)."""
-        h, n, r, pd, v = self.num_heads, self.nope_dim, self.kv_lora_rank, self.rope_dim, self.v_dim
-        d_q = self.o_proj.weight.shape[0] if self.q_lora_rank is None else self.q_lora_rank
-        plain = h * (n + pd) * d_q + h * (n + v) * r + h * v * self.o_proj.weight.shape[0]
-        folded = h * (r + pd) * d_q + h * r * self.o_proj.weight.shape[0]
-        return folded <= plain * FOLD_MAX_GROWTH
-
-    def _latent_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                     cache: KVCache, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        """Absorbed-mode decoding of a short chunk on the latent cache (no gradients): x [B,T,D] -> [B,T,D].
-
-        Same result as `_absorbed` in far fewer operations. The queries become H*T rows of width R+P (softmax
-        scale included) that attend to the cached latent with two batched matmuls (no per-head copy of the
-        cache); the latent output [B,T,H*R] goes back to D through W_UV and o_proj. With folded weights
-        (`fold_pays`) W_UK and W_UV are pre-multiplied into the projections; otherwise they are applied as
-        per-head matmuls on the original weights, as DeepSeek's reference inference code does.
-        """
-        b, t, _ = x.shape
-        h, n, r, e = self.num_heads, self.nope_dim, self.kv_lora_rank, self.kv_lora_rank + self.rope_dim
-        fold = self.decode_fold if self.decode_fold is not None else self.fold_pays()
-        if fold:
-            w_in, b_in, w_qb, w_out = self.absorbed_weights()
-            y = F.linear(x, w_in, b_in)
-            if w_qb is None:
-                q_all, kv = y.split([h * e, e], dim=-1)
-            else:
-                qa, kv = y.split([self.q_lora_rank, e], dim=-1)
-                q_all = F.linear(self._norm(qa, self.q_a_layernorm), w_qb)
-            q_all = q_all.view(b, t, h, e)
-            q_lat, q_pe = q_all[..., :r], q_all[..., r:]
-        else:
-            q = self.q_proj(x) if self.q_lora_rank is None else \
-                self.q_b_proj(self._norm(self.q_a_proj(x), self.q_a_layernorm))
-            q = (q * self.scale).view(b, t, h, n + self.rope_dim)
-            w_uk = self.kv_b_proj.weight.view(h, n + self.v_dim, r)[:, :n]  # [H,N,R]
-            q_nope = q[..., :n].reshape(b * t, h, n).transpose(0, 1)  # [H,B*T,N]
-            q_lat = torch.bmm(q_nope, w_uk).transpose(0, 1).view(b, t, h, r)
-            q_pe = q[..., n:]
-            kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([r, self.rope_dim], dim=-1)
-        rot = apply_rope(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), cos, sin, self.interleave)  # [B,T,H+1,P]
-        latent = torch.cat([self._norm(c_kv, self.kv_a_layernorm), rot[:, :, h]], dim=-1)  # [B,T,R+P]
-        q = torch.cat([q_lat, rot[:, :, :h]], dim=-1)  # [B,T,H,R+P]
-        cache.write(layer, slots, latent)
-        cached, _ = cache.read(layer, mask.shape[-1])  # [B,S,R+P]
-        s = mask.shape[-1]
-        scores = torch.bmm(q.reshape(b, t * h, e), cached.transpose(1, 2)).view(b, t, h, s)
-        probs = scores.masked_fill_(~mask.view(b, t, 1, s), float("-inf")).softmax(dim=-1)
-        o_lat = torch.bmm(probs.view(b, t * h, s), cached[..., :r])  # [B,T*H,R]
-        if fold:
-            return F.linear(o_lat.view(b, t, h * r), w_out, self.o_proj.bias)
-        w_uv = self.kv_b_proj.weight.view(h, n + self.v_dim, r)[:, n:]  # [H,V,R]
-        o = torch.bmm(o_lat.view(b * t, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [H,B*T,V]
-        return self.o_proj(o.transpose(0, 1).reshape(b, t, h * self.v_dim))
-
-    @staticmethod
-    def _norm(x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """RMSNorm as `norm` computes it (fp32 statistics), with the fused kernel."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), eps=norm.eps) * norm.weight
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype) * norm.weight
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,8 +129,9 @@ class MLA(nn.Module):
         first slots of each row.
         """
         if (cache is not None and cache.mode == "latent" and x.shape[1] <= ABSORB_MAX_CHUNK
-                and not torch.is_grad_enabled()):
-            return self._latent_step(x, cos, sin, mask, cache, layer, slots)
+                and not torch.is_grad_enabled()):  # decoding: the lean absorbed step of mla_decode.py
+            rope = rope_matrix(cos, sin, self.interleave, self.rope_dim)
+            return latent_decode(self, x, rope, ~mask, cache, layer, slots)
         q_nope, q_pe = self._query(x, cos, sin)
         latent = self._latent(x, cos, sin)
         if cache is None:

@@ -1,0 +1,65 @@
+"""The decoding hot path: `decode_forward(model, ids, cache)` == `model(ids, cache=cache)`, in fewer ops.
+
+Shapes: B rows, T new tokens (T <= ABSORB_MAX_CHUNK: decoding steps, speculative verification), D hidden,
+V vocabulary, E routed experts, K experts per token.
+
+Same math as `SeekForCausalLM.forward` with a latent cache (tests compare the two), without the
+per-module call overhead that dominates a CPU decoding step of a small model:
+  * RMSNorms use the fused kernel; rope is one rotation matrix per position, built once per step and
+    shared by every layer (`nn.mla_decode`);
+  * attention is `nn.mla_decode.latent_decode`;
+  * a MoE layer with few tokens (B*T*K <= E) runs only the chosen experts, one pair of matmuls each,
+    on views of the stacked expert weights (the batched dispatch pays for all E experts).
+Anything else (naive cache, long chunks, gradients) falls back to the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.attention import ABSORB_MAX_CHUNK
+from ..nn.mla_decode import latent_decode, rms_norm, rope_matrix
+
+
+def _moe_few_tokens(moe, x: torch.Tensor) -> torch.Tensor:
+    """DeepSeekMoE on a handful of tokens: x [B,T,D] -> [B,T,D] (shared experts + the K chosen ones)."""
+    b, t, d = x.shape
+    flat = x.reshape(-1, d)
+    routing = moe.gate(flat)
+    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
+    experts = moe.experts
+    for i, (ids, ws) in enumerate(zip(routing.indices.tolist(), routing.weights.tolist())):
+        xi = flat[i:i + 1]
+        for e, w in zip(ids, ws):
+            gate, up = F.linear(xi, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            out[i:i + 1] += F.linear(F.silu(gate) * up, experts.down_proj[e]) * w
+    return out.view(b, t, d)
+
+
+def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
+                   last_only: bool = True, return_hidden: bool = False):
+    """Logits [B,V] (last_only) or [B,T,V] for input_ids [B,T] appended to `cache`; (logits, hidden [B,T,D])
+    with return_hidden (the final-normed states MTP drafting reads)."""
+    b, t = input_ids.shape
+    if cache.mode != "latent" or t > ABSORB_MAX_CHUNK or torch.is_grad_enabled():
+        out = model(input_ids, attention_mask, cache=cache, return_hidden=return_hidden)
+        logits = out.logits[:, -1] if last_only else out.logits
+        return (logits, out.hidden_states) if return_hidden else logits
+    core = model.model
+    x = F.embedding(input_ids, core.embed_tokens.weight)
+    am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    slots, positions, mask = cache.prepare(am)
+    cos, sin = core.rotary_emb(positions, x.dtype)
+    rope = rope_matrix(cos, sin, model.config.rope_interleave, model.config.qk_rope_head_dim)
+    hidden_mask = ~mask
+    few = b * t * model.config.num_experts_per_tok <= model.config.n_routed_experts
+    for layer in core.layers:
+        x = x + latent_decode(layer.self_attn, rms_norm(x, layer.input_layernorm), rope, hidden_mask, cache,
+                              layer.layer_idx, slots)
+        h = rms_norm(x, layer.post_attention_layernorm)
+        x = x + (_moe_few_tokens(layer.mlp, h) if layer.is_moe and few else layer.mlp(h))
+    cache.commit()
+    hidden = rms_norm(x, core.norm)
+    logits = F.linear(hidden[:, -1] if last_only else hidden, model.lm_head.weight)
+    return (logits, hidden) if return_hidden else logits
