@@ -20,18 +20,16 @@ record number and what to fix.
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from ..errors import DataError, TaskError
+from .task_sources import BUILTIN_PREFIX, SPLITS, builtin_defaults, builtin_source, read_records  # noqa: F401
 
 TASK_TYPES = ("classification", "tagging", "qa", "generation")
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -40,8 +38,6 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "qa": ("context", "question", "answers"),
     "generation": ("source", "target"),
 }
-SPLITS = ("train", "validation", "test")
-BUILTIN_PREFIX = "builtin:"
 IGNORE = -100
 BIO_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
@@ -93,162 +89,17 @@ class TaskRecipe:
             raise TaskError(f"task {self.name!r}: the declared labels contain duplicates")
 
 
-# ====================================================================== reading
-def _builtin_source(source: str) -> tuple[str, str | None]:
-    parts = source[len(BUILTIN_PREFIX):].split(":")
-    if len(parts) > 2 or not parts[0]:
-        raise DataError(f"cannot read {source!r}: write builtin:NAME or builtin:NAME:SPLIT")
-    return parts[0], parts[1] if len(parts) == 2 else None
-
-
-def builtin_names() -> list[str]:
-    from .builtin import TASKS
-
-    return sorted([*TASKS, *DERIVED])
-
-
+# ====================================================================== splits
 def resolve_splits(task: TaskRecipe) -> dict[str, str]:
     """{split: source} of a task; `train: builtin:NAME` fills validation/test with that task's splits."""
     out = {s: getattr(task, s) for s in SPLITS if getattr(task, s)}
     if task.train and task.train.startswith(BUILTIN_PREFIX):
-        name, split = _builtin_source(task.train)
+        name, split = builtin_source(task.train)
         if split is None:
             out["train"] = f"{BUILTIN_PREFIX}{name}:train"
             for s in ("validation", "test"):
                 out.setdefault(s, f"{BUILTIN_PREFIX}{name}:{s}")
     return out
-
-
-def builtin_defaults(source: str) -> dict[str, Any]:
-    """Type, fields and labels of a builtin task (for recipes that only name it)."""
-    from .builtin import TASKS
-
-    name, _ = _builtin_source(source)
-    if name in DERIVED:
-        return dict(DERIVED[name][0])
-    if name not in TASKS:
-        raise DataError(f"unknown builtin task {name!r}; known: {', '.join(builtin_names())}")
-    meta = TASKS[name]
-    return {"type": meta["type"], "labels": meta.get("labels")}
-
-
-def read_records(source: str, split: str = "train") -> list[dict]:
-    """Records of a local file, a builtin task split or a Hugging Face dataset split."""
-    if source.startswith(BUILTIN_PREFIX):
-        from .builtin import TASKS, read_task
-
-        name, s = _builtin_source(source)
-        s = s or split
-        if s not in SPLITS:
-            raise DataError(f"{source}: unknown split {s!r}; use one of {', '.join(SPLITS)}")
-        if name in DERIVED:
-            return DERIVED[name][1](s)
-        if name not in TASKS:
-            raise DataError(f"unknown builtin task {name!r}; known: {', '.join(builtin_names())}")
-        return read_task(name, s)
-    if source.startswith("hf:"):
-        return _read_hf(source)
-    path = Path(source).expanduser()
-    if not path.is_file():
-        raise DataError(f"task data file {path} does not exist: check the path in the recipe")
-    suffixes = "".join(path.suffixes[-2:]).lower()
-    opener = gzip.open if suffixes.endswith(".gz") else open
-    try:
-        with opener(path, "rt", encoding="utf-8", newline="") as fh:
-            if ".csv" in suffixes or ".tsv" in suffixes:
-                return list(csv.DictReader(fh, delimiter="\t" if ".tsv" in suffixes else ","))
-            if suffixes.endswith(".json"):
-                data = json.load(fh)
-                data = data.get("data", data) if isinstance(data, dict) else data
-                if not isinstance(data, list):
-                    raise DataError(f"{path} must hold a JSON list of records (or {{'data': [...]}})")
-                return data
-            records = []
-            for i, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}, line {i}: not valid JSON ({e.msg}); one object per line") from None
-            return records
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg})") from None
-
-
-def _read_hf(source: str) -> list[dict]:
-    """hf:NAME[:CONFIG]:SPLIT (a hub name, or a directory from `save_to_disk`); ClassLabel ids become names."""
-    from .corpus import _parse_hf
-
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"reading {source} needs the datasets library: pip install 'seekformer[hf]'") from None
-    name, config, split = _parse_hf(source)
-    try:
-        if Path(name).expanduser().is_dir():
-            ds = datasets.load_from_disk(str(Path(name).expanduser()))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{name} has no split {split!r} (it has {', '.join(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, config, split=split)
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for a bad name / offline
-        raise DataError(f"cannot load the Hugging Face dataset {source} ({type(e).__name__}); check the name, "
-                        "split and network") from None
-    names = {}
-    for col, feat in ds.features.items():
-        inner = getattr(feat, "feature", None)
-        if getattr(feat, "names", None):
-            names[col] = (False, feat.names)
-        elif getattr(inner, "names", None):
-            names[col] = (True, inner.names)
-    rows = []
-    for row in ds:
-        row = dict(row)
-        for col, (is_seq, lab) in names.items():
-            row[col] = [lab[i] for i in row[col]] if is_seq else lab[row[col]]
-        rows.append(row)
-    return rows
-
-
-# ====================================================================== derived builtin tasks
-def _fortunes_qa(split: str) -> list[dict]:
-    """Extractive QA from fortunes with an attribution: "Who said this?" -> the name after ' -- '."""
-    from .builtin import read_task
-
-    out = []
-    for r in read_task("fortunes", split):
-        m = re.search(r" -- ([A-Z][^,\-\"(]{1,40}?)(?:,|\s*$|\s*\()", r["text"])
-        if m and m.group(1).strip():
-            out.append({"context": r["text"], "question": "Who said this?",
-                        "answers": {"text": [m.group(1).strip()], "answer_start": [m.start(1)]}})
-    return out
-
-
-def _brown_names(split: str) -> list[dict]:
-    """BIO tagging from Brown: runs of proper-noun tokens (Brown tags NP*) are NAME entities."""
-    from .builtin import read_task
-
-    out = []
-    for r in read_task("brown_pos", split):
-        tags, prev = [], False
-        for bt in r["brown_tags"]:
-            is_name = bt.startswith("NP")
-            tags.append(("I-NAME" if prev else "B-NAME") if is_name else "O")
-            prev = is_name
-        out.append({"tokens": r["tokens"], "tags": tags})
-    return out
-
-
-DERIVED: dict[str, tuple[dict[str, Any], Any]] = {
-    "fortunes_qa": ({"type": "qa", "labels": None}, _fortunes_qa),
-    "brown_names": ({"type": "tagging", "labels": ["O", "B-NAME", "I-NAME"]}, _brown_names),
-}
 
 
 # ====================================================================== validation
@@ -374,7 +225,7 @@ class Encoder:
         ids, labels, first = [self.tok.bos_token_id], [IGNORE], []
         for w_ids, tag in zip(pieces, tags):
             w_ids = w_ids or [self.tok.eos_token_id]
-            if len(ids) + len(w_ids) > self.task.max_length:
+            if len(ids) + len(w_ids) > self.task.max_length - 1:
                 break  # words beyond max_length are predicted as the first label ("O") at evaluation
             first.append(len(ids))
             cont = IGNORE
@@ -383,6 +234,7 @@ class Encoder:
                     else self.label_id[tag]
             labels += [self.label_id[tag]] + [cont] * (len(w_ids) - 1)
             ids += w_ids
+        ids, labels = ids + [self.tok.eos_token_id], labels + [IGNORE]  # the last word's lookahead token
         return {"input_ids": ids, "labels": labels, "first": first, "tags": tags, "tag_ids": tag_ids}
 
     def _qa(self, rec: dict, where: str) -> dict:
@@ -392,8 +244,8 @@ class Encoder:
         char_starts = [find_answer(context, t, s, where) for t, s in zip(texts, starts)]
         q_ids = [self.tok.bos_token_id, *self.tok.encode(question)[: self.task.max_length // 3], self.sep]
         enc = self.tok._tok.encode(context, add_special_tokens=False)  # offsets: (char start, char end) per token
-        room = self.task.max_length - len(q_ids)
-        c_ids, offsets = enc.ids[:room], enc.offsets[:room]
+        room = self.task.max_length - len(q_ids) - 1
+        c_ids, offsets = enc.ids[:room] + [self.tok.eos_token_id], enc.offsets[:room]
         a0, a1 = char_starts[0], char_starts[0] + len(texts[0])
         covering = [i for i, (s, e) in enumerate(offsets) if s < a1 and e > a0]
         start = end = -1
@@ -444,7 +296,7 @@ def collate(examples: list[dict], task_type: str, pad_id: int) -> dict[str, torc
     elif task_type == "qa":
         span = torch.zeros((len(examples), t), dtype=torch.bool)
         for i, e in enumerate(examples):
-            span[i, e["context_start"]: len(e["input_ids"])] = True
+            span[i, e["context_start"]: e["context_start"] + len(e["offsets"])] = True
         batch["span_mask"] = span
         batch["start_positions"] = torch.tensor([e["start"] for e in examples])
         batch["end_positions"] = torch.tensor([e["end"] for e in examples])

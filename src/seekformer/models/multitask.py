@@ -4,8 +4,8 @@ Shapes: B batch, T tokens, D hidden, C labels, V vocabulary.
 
     hidden_BTD = lm.model(input_ids_BT, attention_mask_BT)          shared, final-normed trunk states
     classification  logits_BC   = Linear(pool(hidden))                 pool: last non-pad token | mean
-    tagging         logits_BTC  = Linear(hidden)                       one tag per token (first sub-word)
-    qa              logits_BT2  = Linear(hidden) -> start, end         span over the context tokens
+    tagging         logits_BTC  = Linear([h_t; h_t+1])                 one tag per word (its first sub-word)
+    qa              logits_BT2  = Linear([h_t; h_t+1]) -> start, end   span over the context tokens
     generation      logits_BTV  = lm.lm_head(hidden)                   loss on the target tokens only
 
 Inputs are right-padded. On disk a multi-task model is a normal Hugging Face model directory (the trunk,
@@ -16,9 +16,9 @@ loadable as DeepseekV3ForCausalLM) plus `heads.safetensors` (keys `<task>.<param
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,15 +67,21 @@ class ClassificationHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """hidden [B,T,D] -> [B,T,C]: per-token tag logits (C tags) or span logits (C = 2: start, end)."""
+    """hidden [B,T,D] -> [B,T,C]: per-token tag logits (C tags) or span logits (C = 2: start, end).
+
+    The trunk is causal, so token t has not seen what follows it. The head reads [h_t ; h_{t+1}] (one
+    token of lookahead, zeros after the last position): a tag can depend on the next word, and a span end
+    on the token after it (a comma, the end of the text). Encoders append EOS so the last word has a successor.
+    """
 
     def __init__(self, d: int, num_outputs: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(d, num_outputs)
+        self.proj = nn.Linear(2 * d, num_outputs)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.proj(self.dropout(hidden))
+        nxt = torch.cat([hidden[:, 1:], torch.zeros_like(hidden[:, :1])], dim=1)
+        return self.proj(self.dropout(torch.cat([hidden, nxt], dim=-1)))
 
 
 def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
@@ -182,8 +188,9 @@ class SeekForMultiTask(nn.Module):
                  targets: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS) -> int:
         """Freeze the trunk and inject LoRA adapters (peft) into its Linear layers named in `targets`.
 
-        Routed experts are stacked tensors, not Linear layers, and stay frozen. Returns the number of
-        trainable LoRA parameters.
+        peft also adapts the routed experts' stacked `gate_up_proj` / `down_proj` tensors when `targets`
+        name gate_proj / up_proj / down_proj (its MoE support). Returns the number of trainable LoRA
+        parameters.
         """
         try:
             from peft import LoraConfig, inject_adapter_in_model
@@ -223,15 +230,13 @@ class SeekForMultiTask(nn.Module):
                 m.unmerge()
 
     def merged_trunk(self) -> SeekForCausalLM:
-        """A copy of the trunk with LoRA merged and the adapters removed: a plain SeekForCausalLM."""
-        lm = copy.deepcopy(self.lm)
-        for name, m in _lora_layers(lm):
-            m.merge()
-            parent, child = name.rsplit(".", 1)
-            setattr(lm.get_submodule(parent), child, m.get_base_layer())
-        for p in lm.parameters():
-            p.requires_grad_(True)
-        return lm
+        """A new plain SeekForCausalLM whose weights are the trunk's with the LoRA deltas folded in."""
+        with self.merged_lora():
+            sd = {re.sub(r"(\.base_layer)+\.", ".", k): v.detach().clone() for k, v in self.lm.state_dict().items()
+                  if "lora_" not in k}
+        lm = SeekForCausalLM(self.lm.config)
+        lm.load_state_dict(sd)
+        return lm.to(self.device)
 
     # ------------------------------------------------------------------ I/O
     def heads_state(self) -> dict[str, torch.Tensor]:

@@ -252,9 +252,15 @@ class MultiTaskTrainer:
                    TimeRemainingColumn()]
         with Progress(*columns, console=self.console, disable=not t.progress) as progress:
             bar = progress.add_task("finetune", total=t.steps, loss=float("nan"))
+            window: dict[str, list[float]] = {}
             while self.step < t.steps:
                 rec = self.train_step()
+                for k, v in rec.items():
+                    if k.startswith(("loss", "grad_norm")):
+                        window.setdefault(k, []).append(v)
                 if self.step % t.log_every == 0 or self.step == t.steps:
+                    rec.update({k: sum(v) / len(v) for k, v in window.items()})  # means over the log window
+                    window = {}
                     logger.log(self.step, rec)
                 progress.update(bar, completed=self.step, loss=rec["loss"])
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
@@ -262,8 +268,9 @@ class MultiTaskTrainer:
                     logger.log(self.step, _flatten("val", val))
                     progress.console.print(f"step {self.step}: " + _summary(val, PRIMARY_METRIC, self.data))
         results: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start}
-        results["validation"] = self.evaluate("validation")
-        logger.log(self.step, _flatten("val", results["validation"]))
+        if t.validate:
+            results["validation"] = self.evaluate("validation")
+            logger.log(self.step, _flatten("val", results["validation"]))
         if t.test:
             results["test"] = self.evaluate("test")
             logger.log(self.step, _flatten("test", results["test"]))
@@ -300,18 +307,24 @@ def plot_multitask(out_dir: str | Path) -> Path:
     records = read_metrics(out)
     panels = [("loss/", "training loss (per task)"), ("weight/", "loss weight"),
               ("grad_norm/", "gradient norm on the shared trunk")]
+    from ..evaluation.metrics import PRIMARY_METRIC
+
+    primary = tuple(f"/{m}" for m in PRIMARY_METRIC.values())
+    if any(k.startswith("val/") and k.endswith(primary) for r in records for k in r):
+        panels.append(("val/", "validation metric (accuracy, token acc., chrF or F1)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
     for ax, (prefix, title) in zip(axes[0], panels):
-        keys = sorted({k for r in records for k in r if k.startswith(prefix)})
+        keys = sorted({k for r in records for k in r if k.startswith(prefix)
+                       and (prefix != "val/" or k.endswith(primary))})
         for k in keys:
             pts = [(r["step"], r[k]) for r in records if k in r and isinstance(r[k], (int, float))]
             if pts:
-                ax.plot(*zip(*pts), label=k[len(prefix):], lw=1)
+                ax.plot(*zip(*pts), "o-" if prefix == "val/" else "-", label=k[len(prefix):], lw=1)
         ax.set_title(title)
         ax.set_xlabel("step")
         if keys:
             ax.legend(fontsize=8)
-        if prefix != "weight/" and keys and all(r[k] > 0 for r in records for k in keys if k in r):
+        if prefix in ("loss/", "grad_norm/") and keys and all(r[k] > 0 for r in records for k in keys if k in r):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -52,6 +52,7 @@ class FinetuneTrainRecipe:
     eval_every: int = 0  # evaluate on validation every N steps (0: only at the end)
     eval_examples: int = 200  # validation examples per task at the periodic evaluations
     eval_batch_size: int = 32
+    validate: bool = True  # evaluate on the validation splits at the end
     test: bool = True  # evaluate on the test splits at the end
     log_every: int = 10
     progress: bool = True
