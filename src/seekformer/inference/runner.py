@@ -37,12 +37,31 @@ def _moe_few_tokens(moe, x: torch.Tensor) -> torch.Tensor:
     return out.view(b, t, d)
 
 
+def layer_step(layer, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.Tensor, cache, slots: torch.Tensor,
+               few_tokens: bool) -> torch.Tensor:
+    """One decoder block (`nn.block.DecoderLayer`) on the latent cache: x [B,T,D] -> [B,T,D]."""
+    x = x + latent_decode(layer.self_attn, rms_norm(x, layer.input_layernorm), rope, hidden_mask, cache,
+                          layer.layer_idx, slots)
+    h = rms_norm(x, layer.post_attention_layernorm)
+    return x + (_moe_few_tokens(layer.mlp, h) if layer.is_moe and few_tokens else layer.mlp(h))
+
+
+def lean_ok(cache, t: int) -> bool:
+    """Whether the lean path applies: latent cache, a short chunk, no gradients."""
+    return cache.mode == "latent" and t <= ABSORB_MAX_CHUNK and not torch.is_grad_enabled()
+
+
+def few_tokens(config, n: int) -> bool:
+    """Whether n tokens are few enough for MoE layers to run only their chosen experts."""
+    return n * config.num_experts_per_tok <= config.n_routed_experts
+
+
 def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
                    last_only: bool = True, return_hidden: bool = False):
     """Logits [B,V] (last_only) or [B,T,V] for input_ids [B,T] appended to `cache`; (logits, hidden [B,T,D])
     with return_hidden (the final-normed states MTP drafting reads)."""
     b, t = input_ids.shape
-    if cache.mode != "latent" or t > ABSORB_MAX_CHUNK or torch.is_grad_enabled():
+    if not lean_ok(cache, t):
         out = model(input_ids, attention_mask, cache=cache, return_hidden=return_hidden)
         logits = out.logits[:, -1] if last_only else out.logits
         return (logits, out.hidden_states) if return_hidden else logits
@@ -53,12 +72,9 @@ def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.
     cos, sin = core.rotary_emb(positions, x.dtype)
     rope = rope_matrix(cos, sin, model.config.rope_interleave, model.config.qk_rope_head_dim)
     hidden_mask = ~mask
-    few = b * t * model.config.num_experts_per_tok <= model.config.n_routed_experts
+    few = few_tokens(model.config, b * t)
     for layer in core.layers:
-        x = x + latent_decode(layer.self_attn, rms_norm(x, layer.input_layernorm), rope, hidden_mask, cache,
-                              layer.layer_idx, slots)
-        h = rms_norm(x, layer.post_attention_layernorm)
-        x = x + (_moe_few_tokens(layer.mlp, h) if layer.is_moe and few else layer.mlp(h))
+        x = layer_step(layer, x, rope, hidden_mask, cache, slots, few)
     cache.commit()
     hidden = rms_norm(x, core.norm)
     logits = F.linear(hidden[:, -1] if last_only else hidden, model.lm_head.weight)

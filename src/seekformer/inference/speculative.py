@@ -23,10 +23,12 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import GenerationError
 from ..nn.kv_cache import KVCache
-from .runner import decode_forward
+from ..nn.mla_decode import rms_norm, rope_matrix
+from .runner import decode_forward, few_tokens, layer_step, lean_ok
 from .sampling import SamplingParams
 from .stopping import SequenceState, stop_ids
 
@@ -146,11 +148,8 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
                 h_in[r, off:] = torch.stack([prev[r][j] if j in prev[r] else hid[k - 1][r][j] for j in spans[r]])
                 e_ids[r, off:] = torch.tensor([ext[j + k] for j in spans[r]], device=dev)
                 am[r, off:] = 1
-        slots, pos, mask = cache.prepare(am)
-        cos, sin = model.model.rotary_emb(pos, h_in.dtype)
-        h = module(h_in, model.model.embed_tokens(e_ids), cos, sin, mask, cache, slots, am)
-        cache.commit()
-        d = model.lm_head(module.head_norm(h[:, -1])).argmax(dim=-1).tolist()
+        h = _mtp_step(model, module, h_in, e_ids, am, cache)
+        d = model.lm_head(rms_norm(h[:, -1], module.shared_head.norm)).argmax(dim=-1).tolist()
         cache.rollback(torch.tensor([min(k - 1, len(s)) for s in spans], device=dev))  # provisional entries
         new_prev = []
         for r in range(b):
@@ -168,3 +167,19 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
 
 def cfg_hidden(model) -> int:
     return model.config.hidden_size
+
+
+def _mtp_step(model, module, h_prev: torch.Tensor, token_ids: torch.Tensor, am: torch.Tensor, cache: KVCache):
+    """MTPModule.forward on its own cache: h_prev [B,L,D], token_ids [B,L] (t_{j+k}), am [B,L] -> h^k [B,L,D]."""
+    slots, pos, mask = cache.prepare(am)
+    cos, sin = model.model.rotary_emb(pos, h_prev.dtype)
+    emb = F.embedding(token_ids, model.model.embed_tokens.weight)
+    if not lean_ok(cache, h_prev.shape[1]):  # e.g. the prompt: the module's own forward
+        h = module(h_prev, emb, cos, sin, mask, cache, slots, am)
+    else:
+        x = F.linear(torch.cat([rms_norm(emb, module.enorm), rms_norm(h_prev, module.hnorm)], dim=-1),
+                     module.eh_proj.weight)
+        rope = rope_matrix(cos, sin, model.config.rope_interleave, model.config.qk_rope_head_dim)
+        h = layer_step(module.block, x, rope, ~mask, cache, slots, few_tokens(model.config, am.numel()))
+    cache.commit()
+    return h
