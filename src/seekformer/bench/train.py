@@ -1,10 +1,10 @@
 """Training-step throughput: seekformer vs `transformers` DeepseekV3ForCausalLM, same config, weights and batch.
 
-One step = forward with labels, backward, AdamW update (plus, for seekformer, the auxiliary-loss-free bias
-update its trainer runs after every step). Both models start from the same weights (the seekformer model
-is saved and loaded with `AutoModelForCausalLM`), use the same thread count, batch and dtype, and their
-steps are interleaved (seekformer, transformers, seekformer, ...) so a noisy machine slows both alike;
-the reported time per step is the median.
+One step = forward with labels, backward, AdamW update (torch's fused AdamW on both sides; seekformer
+also runs the auxiliary-loss-free bias update its trainer does after every step). Both models start from
+the same weights (the seekformer model is saved and loaded with `AutoModelForCausalLM`), use the same
+thread count, batch and dtype, and their steps are interleaved (seekformer, transformers, seekformer, ...)
+so a noisy machine slows both alike; the reported time per step is the median.
 
 transformers runs with its defaults: `sdpa` attention and the `grouped_mm` experts implementation.
 `bf16` means fp32 weights and AdamW with the forward pass under `torch.autocast(bfloat16)` on both sides.
@@ -98,7 +98,11 @@ def build_pair(cfg: SeekConfig, seed: int = 0) -> tuple[SeekForCausalLM, torch.n
 
 def _step_fn(model: torch.nn.Module, is_hf: bool, ids: torch.Tensor, dtype: str,
              gamma: float) -> Callable[[], float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:  # the same optimizer on both sides: torch's fused AdamW where the build has it
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
 
     def step() -> float:

@@ -18,13 +18,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
         tgt = torch.where(valid, target, 0)
         n = valid.sum().clamp_min(1).to(torch.float32)
         x = logits.float()
-        m = x.amax(dim=-1, keepdim=True)  # [N,1]
-        p = torch.sub(x, m).exp_()  # [N,V] (a new buffer: never writes into logits)
-        s = p.sum(dim=-1, keepdim=True)
-        lse = s.log().add_(m).squeeze(-1)  # [N] log-sum-exp
+        m, arg = x.max(dim=-1, keepdim=True)  # [N,1]
+        p = torch.softmax(x, dim=-1)  # [N,V], one fused pass; kept for backward
+        # log-sum-exp from the largest probability, which is >= 1/V: no underflow, no extra [N,V] pass
+        lse = (m - p.gather(1, arg).log()).squeeze(1)  # [N]
         picked = x.gather(1, tgt.unsqueeze(1)).squeeze(1)
         loss = ((lse - picked) * valid).sum() / n
-        p.div_(s)  # softmax, kept for backward
         ctx.save_for_backward(p, tgt, valid, n)
         ctx.logits_dtype = logits.dtype
         ctx.used = False
