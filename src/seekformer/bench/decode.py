@@ -42,8 +42,18 @@ def load_pair(model_dir: str | Path, dtype: torch.dtype) -> tuple[torch.nn.Modul
     transformers = _require_transformers()
     from ..models.causal_lm import SeekForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     model = SeekForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report lists the MTP layer it ignores
+    hf_logging.disable_progress_bar()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, hf
 
 
@@ -212,14 +222,18 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['model']} | {r['prompt_len']} | {r['batch']} | {r['sf_decode']:.1f} | "
                      f"{r['hf_decode']:.1f} | **{r['speedup']:.2f}x** | {1e3 * r['sf_ttft']:.0f} / "
                      f"{1e3 * r['hf_ttft']:.0f} | {r['sf_e2e']:.1f} / {r['hf_e2e']:.1f} | {r['identical']:.0%} |")
-    lines += ["", "KV cache, bytes per token (all decoder layers):", "",
+    lines += ["", "KV cache, bytes per token (all decoder layers). transformers 5 caches the same compressed latent "
+              "(and re-expands all of it through kv_b_proj at every step); the per-head column is the K/V a "
+              "standard cache would hold for the same model (seekformer's `naive` mode).", "",
               "| model | seekformer (latent) | transformers | per-head K/V | per-head / seekformer |",
               "|---|---:|---:|---:|---:|"]
     for name, k in result["kv"].items():
         lines.append(f"| {name} | {k['seekformer']:.0f} | {k['transformers']:.0f} | {k['per_head']:.0f} | "
                      f"{k['per_head'] / k['seekformer']:.1f}x |")
     if result["speculative"]:
-        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model):", "",
+        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): one "
+                  "draft per main forward from the model's MTP module, verified by the main model (output "
+                  "identical to greedy).", "",
                   "| model | tokens | acceptance | tokens / forward | greedy tok/s | speculative tok/s | speedup |"
                   " identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in result["speculative"]:

@@ -1,6 +1,17 @@
-"""Inference: latent KV cache decoding, sampling, beam search, MTP speculative decoding, batched engine."""
+"""Inference: latent KV cache decoding, sampling, beam search, MTP speculative decoding, batched engine.
 
+    model.generate(ids, max_new_tokens=64, do_sample=True, top_p=0.9, seed=0)   # transformers-style ids
+    generate_text(model, tok, "Once upon", stop=["\\n\\n"])                    # text, stop strings cut
+    for piece in stream(model, tok, "Once upon"): ...                           # UTF-8-safe text pieces
+    Engine(model, tok).add_request(ids, SamplingParams(...)); engine.step()     # continuous batching
+    loglikelihood(model, context_ids, continuation_ids)                         # (sum logprob, is greedy)
+"""
+
+from .chat import ChatSession
+from .engine import Completion, Engine, Request, TokenEvent
 from .generate import GenerateOutput, generate, generate_text, stream
 from .sampling import SamplingParams
+from .scoring import loglikelihood, loglikelihood_batch, prompt_logprobs
 
-__all__ = ["GenerateOutput", "SamplingParams", "generate", "generate_text", "stream"]
+__all__ = ["ChatSession", "Completion", "Engine", "GenerateOutput", "Request", "SamplingParams", "TokenEvent",
+           "generate", "generate_text", "loglikelihood", "loglikelihood_batch", "prompt_logprobs", "stream"]
