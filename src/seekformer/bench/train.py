@@ -183,16 +183,20 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
     (transformers step time / seekformer step time).
     """
     _require_transformers()
-    if threads:
-        torch.set_num_threads(threads)
     if batch_size < 1 or seq_len < 2 or steps < 1:
         raise SeekformerError("--batch-size and --steps must be >= 1 and --seq-len >= 2")
-    peaks = {d: measure_matmul_peak(DTYPES[d]) for d in dtypes if d in DTYPES}
-    log("matmul peak: " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
-        + f" ({torch.get_num_threads()} threads)")
-    results: list[dict[str, Any]] = []
-    for preset in presets:
-        results += bench_preset(preset, dtypes, batch_size, seq_len, steps, peaks=peaks, log=log)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        peaks = {d: measure_matmul_peak(DTYPES[d]) for d in dtypes if d in DTYPES}
+        log("matmul peak: " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
+            + f" ({torch.get_num_threads()} threads)")
+        results: list[dict[str, Any]] = []
+        for preset in presets:
+            results += bench_preset(preset, dtypes, batch_size, seq_len, steps, peaks=peaks, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
     if out_md:
         out = Path(out_md)
         out.parent.mkdir(parents=True, exist_ok=True)
