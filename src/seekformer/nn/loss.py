@@ -17,11 +17,11 @@ class _FusedCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index  # [N]
         tgt = torch.where(valid, target, 0)
         n = valid.sum().clamp_min(1).to(torch.float32)
-        p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [N,V] fp32, one fused pass; kept for backward
+        x = logits.float()  # (softmax(dtype=float32) on bf16 input is a slow scalar path on CPU)
+        p = torch.softmax(x, dim=-1)  # [N,V] fp32, one fused pass; kept for backward
         # log-sum-exp from the largest probability (>= 1/V, so no underflow): lse = max(x) - log(max(p))
-        m = logits.amax(dim=-1).float()
-        lse = m - p.amax(dim=-1).log()  # [N]
-        picked = logits.gather(1, tgt.unsqueeze(1)).squeeze(1).float()
+        lse = x.amax(dim=-1) - p.amax(dim=-1).log()  # [N]
+        picked = x.gather(1, tgt.unsqueeze(1)).squeeze(1)
         loss = ((lse - picked) * valid).sum() / n
         ctx.save_for_backward(p, tgt, valid, n)
         ctx.logits_dtype = logits.dtype
