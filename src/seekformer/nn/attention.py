@@ -27,6 +27,8 @@ from .rope import apply_rope
 # With a latent cache, chunks longer than this expand the cached latent to per-head K/V (cheaper for
 # prefill); shorter ones (decoding, speculative verification) attend in absorbed form.
 ABSORB_MAX_CHUNK = 8
+# Training in bf16 on CPU: causal attention by blocked matmuls while B*H*T*S is at most this (else flash).
+BLOCKED_MAX_SCORES = 1 << 25
 # The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, not config.rms_norm_eps, in DeepSeek's
 # reference code and in `transformers`.
 LATENT_NORM_EPS = 1e-6
@@ -105,6 +107,32 @@ class MLA(nn.Module):
             out = out[..., : self.v_dim]
         return out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_dim)
 
+    def _use_blocked(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """bf16 on CPU with a small score matrix: torch's flash kernel is slower there than two matmuls."""
+        dev = q.device.type
+        bf16 = q.dtype == torch.bfloat16 or (torch.is_autocast_enabled(dev)
+                                             and torch.get_autocast_dtype(dev) == torch.bfloat16)
+        b, t, h, _ = q.shape
+        return (dev == "cpu" and bf16 and t > 1 and b * h * t * k.shape[1] <= BLOCKED_MAX_SCORES
+                and not (self.training and self.dropout > 0))
+
+    def _causal_blocked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention as two query blocks of matmul + fp32 softmax (the upper-right quarter skipped).
+
+        q, k [B,T,H,E], v [B,T,H,V] -> [B,T,H*V].
+        """
+        b, t, h, _ = q.shape
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,*]
+        half = (t + 1) // 2
+        outs = []
+        for start, qb in zip((0, half), q.split(half, dim=2)):
+            end = start + qb.shape[2]
+            scores = torch.matmul(qb, k[:, :, :end].transpose(-1, -2)) * self.scale  # [B,H,t_blk,end]
+            keep = torch.ones(qb.shape[2], end, dtype=torch.bool, device=q.device).tril(start)
+            probs = scores.float().masked_fill(~keep, float("-inf")).softmax(-1).to(scores.dtype)
+            outs.append(torch.matmul(probs, v[:, :, :end]))
+        return torch.cat(outs, dim=2).transpose(1, 2).reshape(b, t, h * self.v_dim)
+
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                   mask: torch.Tensor | None) -> torch.Tensor:
         """Attention on the latent: q_nope [B,T,H,N], q_pe [B,T,H,P], latent [B,S,R+P] -> [B,T,H*V]."""
@@ -136,7 +164,11 @@ class MLA(nn.Module):
         latent = self._latent(x, cos, sin)
         if cache is None:
             k, v = self._expand(latent)
-            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask, pad=True)
+            q = torch.cat([q_nope, q_pe], dim=-1)
+            if mask is None and self._use_blocked(q, k):
+                out = self._causal_blocked(q, k, v)
+            else:
+                out = self._sdpa(q, k, v, mask, pad=True)
         elif cache.mode == "naive":
             k_new, v_new = self._expand(latent)
             cache.write(layer, slots, k_new, v_new)
