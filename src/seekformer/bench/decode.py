@@ -21,6 +21,7 @@ latent but re-expands the whole cache through kv_b_proj at every step, seekforme
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -168,6 +169,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
+    load_before = _loadavg()
     rows, kv, spec = [], {}, []
     models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
     for name, directory in models:
@@ -189,7 +191,8 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
             if r:
                 spec.append(r)
         del model, hf
-    settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens}
+    settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
+                "load": (load_before, _loadavg())}
     result = {"rows": rows, "kv": kv, "speculative": spec, "settings": settings}
     if out_md:
         out = Path(out_md)
@@ -197,6 +200,20 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
         out.write_text(to_markdown(result))
         log(f"wrote {out}")
     return result
+
+
+def _fmt_load(load) -> str:
+    if not load or None in load:
+        return "n/a"
+    return f"{load[0]:.1f} / {load[1]:.1f}"
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (other processes skew timings: it is printed with the results)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -208,8 +225,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"`seekformer bench decode` on {_dt.date.today().isoformat()}: {_cpu_name()}, {s['threads']} threads, "
         f"{s['dtype']}, torch {torch.__version__}, transformers {transformers.__version__}. Greedy decoding of "
-        f"{s['new_tokens']} tokens per row from random prompts (eos off), prefill included; median of "
-        f"{s['repeats']} interleaved runs. Random weights for the presets (same weights on both sides).",
+        f"{s['new_tokens']} tokens per row from random prompts (eos off); median of "
+        f"{s['repeats']} interleaved runs. Random weights for the presets (same weights on both sides). "
+        f"Machine load average (1 min) at start / end: {_fmt_load(s.get('load'))}.",
         "",
         "Decode tok/s excludes the prefill (batch x (new - 1) tokens over the time beyond the first token); "
         "first token = prefill time; end-to-end tok/s = batch x new tokens over the whole generate() call.",
