@@ -191,3 +191,28 @@ def test_bf16_checkpoint_loads_in_transformers(tmp_path):
     sf2 = SeekForCausalLM.from_pretrained(tmp_path / "bf16")
     ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     assert maxdiff(sf_logits(sf2, ids), hf_logits(hf2.float(), ids)) <= TOL
+
+
+def test_stacked_expert_keys_load(tmp_path):
+    """A directory with transformers' in-memory layout (stacked experts.gate_up_proj / down_proj) loads too."""
+    from safetensors.torch import save_file
+
+    hf = build_hf("v3")
+    hf.config.save_pretrained(tmp_path / "stacked")
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "stacked" / "model.safetensors"))
+    sf = SeekForCausalLM.from_pretrained(tmp_path / "stacked")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    assert maxdiff(hf_logits(hf, ids), sf_logits(sf, ids)) <= TOL
+
+
+def test_fp8_checkpoint_gets_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from seekformer.errors import CheckpointError
+
+    _, sf, _ = roundtrip("v3", tmp_path)
+    tensors = load_file(str(tmp_path / "sf" / "model.safetensors"))
+    tensors["model.layers.0.self_attn.kv_b_proj.weight_scale_inv"] = torch.ones(1, 1)
+    save_file(tensors, str(tmp_path / "sf" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="FP8"):
+        SeekForCausalLM.from_pretrained(tmp_path / "sf")

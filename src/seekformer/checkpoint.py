@@ -324,6 +324,9 @@ def load_model(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
     p = check_model_dir(path)
     cfg = config or load_config(p)
     tensors = read_tensors(p)
+    if any(k.endswith("weight_scale_inv") for k in tensors):
+        raise CheckpointError(f"{p} holds FP8 block-quantized weights (*.weight_scale_inv); convert it to bf16 "
+                              "first (DeepSeek's fp8_cast_bf16.py) or use a bf16 copy of the model")
     if cfg.num_nextn_predict_layers:
         first_mtp = f"model.layers.{cfg.num_hidden_layers}."
         if not any(k.startswith(first_mtp) for k in tensors):  # e.g. saved by transformers, which drops MTP
