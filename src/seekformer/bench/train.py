@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 import platform
 import statistics
 import tempfile
@@ -176,13 +177,19 @@ def bench_preset(preset: str, dtypes: Sequence[str], batch_size: int, seq_len: i
 
 def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence[str] = ("fp32", "bf16"),
                     batch_size: int = 8, seq_len: int = 256, steps: int = 10, threads: int | None = None,
-                    out_md: str | Path | None = None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                    out_md: str | Path | None = None, log: Callable[[str], None] = print,
+                    tune_malloc: bool = False) -> list[dict[str, Any]]:
     """Time training steps of seekformer and transformers for each preset and dtype; optionally write markdown.
 
     Returns one dict per (preset, dtype) with tokens/s, step time, MFU of both, and the speedup
-    (transformers step time / seekformer step time).
+    (transformers step time / seekformer step time). `tune_malloc` keeps freed memory in the process heap
+    (see seekformer.runtime) for both models alike; by default the allocator is left as it is.
     """
     _require_transformers()
+    if tune_malloc:
+        from ..runtime import tune_malloc as _tune
+
+        tune_malloc = _tune()
     if batch_size < 1 or seq_len < 2 or steps < 1:
         raise SeekformerError("--batch-size and --steps must be >= 1 and --seq-len >= 2")
     previous_threads = torch.get_num_threads()
@@ -195,6 +202,8 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
         results: list[dict[str, Any]] = []
         for preset in presets:
             results += bench_preset(preset, dtypes, batch_size, seq_len, steps, peaks=peaks, log=log)
+        for r in results:
+            r["malloc_tuned"] = bool(tune_malloc)
     finally:
         torch.set_num_threads(previous_threads)
     if out_md:
@@ -227,6 +236,8 @@ def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
         f"median of {r0.get('steps')} interleaved steps (forward, backward, AdamW) after warm-up. "
         f"transformers: `{r0.get('hf_attn_implementation')}` attention, "
         f"`{r0.get('hf_experts_implementation')}` experts. bf16 = autocast (fp32 master weights). "
+        + ("glibc malloc tuned (`--tune-malloc`, both models). " if r0.get("malloc_tuned") else "")
+        + "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)") + ". "
         "MFU against the measured matmul peak (" + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
         + ").",
         "",

@@ -22,6 +22,7 @@ def train(
     steps: int = typer.Option(10, "--steps", help="Timed steps per model (after 2 warm-up steps)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
     out: Path = typer.Option(Path("benchmarks/results/train.md"), "--out", help="Markdown table to write."),
+    tune_malloc: bool = typer.Option(False, "--tune-malloc", help="Keep freed memory in the heap (glibc), both models."),
 ) -> None:
     """Training-step tokens/s and MFU of seekformer and transformers' DeepseekV3 (forward, backward, AdamW)."""
     from ..bench.train import run_train_bench
@@ -33,7 +34,7 @@ def train(
         if p not in PRESETS:
             raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
     run_train_bench(presets=presets, dtypes=dtype or ["fp32", "bf16"], batch_size=batch_size, seq_len=seq_len,
-                    steps=steps, threads=threads, out_md=out, log=typer.echo)
+                    steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc)
 
 
 # ---- `seekformer bench serve` (serving engineer; the command lives in cli/serve.py, the benchmark in bench/serve.py)
