@@ -91,7 +91,8 @@ def test_heads_shapes_and_generation_loss_on_target_only(base, tok):
 def test_classification_pools_last_non_pad_token(base, tok):
     model = SeekForMultiTask(SeekForCausalLM.from_pretrained(base), DECLS).eval()
     enc = Encoder(TaskRecipe(name="cls", type="classification", labels=["a", "b", "c"]), tok, ["a", "b", "c"])
-    exs = enc.encode([{"text": "a short one", "label": "a"}, {"text": "a much longer sentence here", "label": "b"}], "m")
+    rows = [{"text": "a short one", "label": "a"}, {"text": "a much longer sentence here", "label": "b"}]
+    exs = enc.encode(rows, "m")
     batch = collate(exs, "classification", tok.pad_token_id)
     assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # right padding happened
     both = model("cls", batch["input_ids"], batch["attention_mask"]).logits

@@ -1,4 +1,4 @@
-"""Fine-tuning task data: declarations (`TaskRecipe`), readers, validation, encoding and batches.
+"""Fine-tuning task data: declarations (`TaskRecipe`), validation, encoding and batches (readers: task_sources.py).
 
 A task is declared in a fine-tuning recipe:
 
@@ -13,7 +13,7 @@ Records are dicts. Default field names per type: classification {text, label}; t
 qa {context, question, answers}; generation {source, target}. QA answers may be a string, a list of
 strings or SQuAD's {"text": [...], "answer_start": [...]}.
 
-Encoding turns records into token ids with labels aligned to tokens (`encode_records`), and
+`Encoder.encode` turns records into token ids with labels aligned to the tokens, and
 `TaskBatches` yields right-padded tensors. Everything raises DataError / TaskError with the source,
 record number and what to fix.
 """
@@ -114,7 +114,10 @@ def _get(task: TaskRecipe, rec: Any, role: str, where: str) -> Any:
 
 def _as_list(value: Any, where: str, what: str) -> list[str]:
     if isinstance(value, str):
-        value = json.loads(value) if value.strip().startswith("[") else value.split()
+        try:
+            value = json.loads(value) if value.strip().startswith("[") else value.split()
+        except json.JSONDecodeError:
+            raise DataError(f"{where}: {what} {value!r:.60} is neither a JSON list nor space-separated") from None
     if not isinstance(value, (list, tuple)):
         raise DataError(f"{where}: {what} must be a list (or a space-separated string), got {value!r:.60}")
     return [str(v) for v in value]
@@ -326,7 +329,8 @@ class TaskBatches:
         return collate(picked, self.task_type, self.pad_id)
 
 
-def eval_batches(examples: list[dict], task_type: str, batch_size: int, pad_id: int) -> Iterator[tuple[list[dict], dict]]:
+def eval_batches(examples: list[dict], task_type: str, batch_size: int,
+                 pad_id: int) -> Iterator[tuple[list[dict], dict]]:
     """(examples, collated batch) in order, for evaluation."""
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]

@@ -174,7 +174,8 @@ def score_task(task: dict[str, Any], examples: list[dict], preds: list[Any]) -> 
     return generation_metrics(preds, [e["target"] for e in examples])
 
 
-def evaluate_task(model, tokenizer, task: dict[str, Any], examples: list[dict], batch_size: int = 32) -> dict[str, float]:
+def evaluate_task(model, tokenizer, task: dict[str, Any], examples: list[dict],
+                  batch_size: int = 32) -> dict[str, float]:
     """Predict and score: {metric: value} (plus "examples": n)."""
     preds = predict_task(model, tokenizer, task, examples, batch_size)
     return {**score_task(task, examples, preds), "examples": len(examples)}
