@@ -130,3 +130,15 @@ def test_base_errors(tmp_path, capsys):
     user_error(capsys, ["finetune", recipe(tmp_path, str(tmp_path / "notmodel"), [task])], "has no config.json")
     user_error(capsys, ["finetune", recipe(tmp_path, str(tmp_path / "notmodel"), [task]), "--train.nope", "1"],
                "unknown recipe key 'train.nope'")
+
+
+def test_builtin_recipe_runs(base, tmp_path):
+    """finetune_builtin (the three shipped task sets together), shortened: 2 steps, few evaluation examples."""
+    cut = [a for t in ("fortunes", "brown_pos", "kjv_es") for a in (f"--tasks.{t}.max_eval_examples", "8")]
+    main(["finetune", "finetune_builtin", "--base", base, "--out", str(tmp_path / "ft"), "--train.steps", "2",
+          "--train.eval_every", "0", "--tasks.kjv_es.max_new_tokens", "8", *cut])
+    results = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert set(results["test"]) == {"fortunes", "brown_pos", "kjv_es"}
+    assert {"accuracy", "macro_f1"} <= set(results["test"]["fortunes"])
+    assert {"token_accuracy", "entity_f1"} <= set(results["test"]["brown_pos"])
+    assert {"bleu", "chrf"} <= set(results["test"]["kjv_es"])

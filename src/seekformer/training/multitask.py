@@ -114,6 +114,11 @@ class MultiTaskTrainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         self.tokenizer, lm = load_base(r)
+        limit = lm.config.max_position_embeddings
+        for task in r.tasks:
+            if task.max_length > limit:
+                raise RecipeError(f"task {task.name!r}: max_length {task.max_length} exceeds the base model's context "
+                                  f"({limit} positions); lower it")
         self.data = prepare_tasks(r, self.tokenizer)
         if lm.config.vocab_size < self.tokenizer.vocab_size:
             raise RecipeError(f"the base model's vocabulary ({lm.config.vocab_size}) is smaller than its tokenizer's")
