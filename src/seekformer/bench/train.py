@@ -4,7 +4,8 @@ One step = forward with labels, backward, AdamW update (torch's fused AdamW on b
 also runs the auxiliary-loss-free bias update its trainer does after every step). Both models start from
 the same weights (the seekformer model is saved and loaded with `AutoModelForCausalLM`), use the same
 thread count, batch and dtype, and their steps are interleaved (seekformer, transformers, seekformer, ...)
-so a noisy machine slows both alike; the reported time per step is the median.
+so a noisy machine slows both alike; the reported time per step is the median, the speedup the median of
+the per-pair ratios.
 
 transformers runs with its defaults: `sdpa` attention and the `grouped_mm` experts implementation.
 `bf16` means fp32 weights and AdamW with the forward pass under `torch.autocast(bfloat16)` on both sides.
@@ -167,7 +168,8 @@ def bench_preset(preset: str, dtypes: Sequence[str], batch_size: int, seq_len: i
             row[f"{key}_step_ms"] = med * 1e3
             row[f"{key}_tokens_per_s"] = batch_size * seq_len / med
             row[f"{key}_mfu"] = flops / med / (peak * 1e9)
-        row["speedup"] = row["hf_step_ms"] / row["sf_step_ms"]
+        # median of the paired ratios (step i of one model next to step i of the other): robust to load drift
+        row["speedup"] = statistics.median(h / f for h, f in zip(times["transformers"], times["seekformer"]))
         log(f"{preset:>6} {dtype}: seekformer {row['sf_tokens_per_s']:8.0f} tok/s, transformers "
             f"{row['hf_tokens_per_s']:8.0f} tok/s, x{row['speedup']:.2f}")
         results.append(row)
