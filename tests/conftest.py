@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 from seekformer.config import SeekConfig
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Test models are tiny: one intra-op thread beats two (no OpenMP hand-offs), most of all on a busy machine.
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> SeekConfig:

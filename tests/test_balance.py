@@ -20,14 +20,6 @@ E, K = 8, 2
 STEPS, WARMUP, WINDOW = 200, 60, 20
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread beats two (no OpenMP hand-offs), most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def balance_config(**overrides):
     base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,

@@ -15,7 +15,7 @@ from seekformer.inference.chat import ChatSession
 from seekformer.tokenizer import SeekTokenizer
 
 from .conftest import tiny_config
-from .test_inference import MULTIBYTE, one_thread  # noqa: F401
+from .test_inference import MULTIBYTE
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,6 @@ from seekformer.nn.kv_cache import KVCache
 
 from .conftest import tiny_config
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Decoding runs tiny ops: one intra-op thread avoids OpenMP barrier stalls on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MULTIBYTE = "héllo wörld — naïve café 日本語 テキスト ok 😀 done. " * 4
 

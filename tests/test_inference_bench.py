@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_inference import one_thread, tiny_model  # noqa: F401
+from .test_inference import tiny_model  # noqa: F401
 
 
 def test_bench_decode_smoke(tmp_path):

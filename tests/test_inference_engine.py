@@ -12,7 +12,7 @@ from seekformer.inference import SamplingParams
 from seekformer.inference.engine import Engine
 from seekformer.inference.scoring import loglikelihood, loglikelihood_batch, prompt_logprobs
 
-from .test_inference import ByteTok, one_thread, tiny_model  # noqa: F401
+from .test_inference import ByteTok, tiny_model  # noqa: F401
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23], [3], list(range(40, 51)), [7] * 9]
 

@@ -8,7 +8,7 @@ import torch
 from seekformer.errors import GenerationError
 from seekformer.inference import speculative as spec
 
-from .test_inference import one_thread, tiny_model  # noqa: F401
+from .test_inference import tiny_model  # noqa: F401
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23], [3]]
 

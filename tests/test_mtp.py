@@ -20,14 +20,6 @@ from .conftest import tiny_config
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (no OpenMP hand-offs), most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mtp_model(depths: int = 2, seed: int = 0, **overrides) -> SeekForCausalLM:
     cfg = tiny_config(num_nextn_predict_layers=depths, mtp_loss_weight=0.3, **overrides)

@@ -44,14 +44,6 @@ def make_tiny_base(path, layers: int = 2, seed: int = 0) -> str:
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight over a loaded CPU); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_tiny_base(tmp_path_factory.mktemp("mt") / "base")

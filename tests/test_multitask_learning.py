@@ -21,14 +21,6 @@ from .test_multitask import make_tiny_base
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight over a loaded CPU); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_tiny_base(tmp_path_factory.mktemp("learn") / "base")

@@ -19,14 +19,6 @@ TOL = 1e-4
 GREEDY_TOKENS = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread beats two (no OpenMP hand-offs), most of all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BASE = dict(
     vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
     num_attention_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,

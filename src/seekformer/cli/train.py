@@ -65,14 +65,18 @@ def print_samples(model, tokenizer, prompts, console, max_new_tokens: int = 48, 
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("quickstart")
+    @app.command("quickstart", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def quickstart(
+        ctx: typer.Context,
         minutes: float = typer.Option(8.0, help="Time budget for training (setup and samples come on top)."),
         out: Path = typer.Option(Path("seekformer-quickstart"), help="Output (model) directory."),
         seed: int = typer.Option(0, help="Seed for data order, initialisation and sampling."),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
     ) -> None:
-        """Train a tokenizer and a tiny MoE model on the embedded corpus, then print samples."""
+        """Train a tokenizer and a tiny MoE model on the embedded corpus, then print samples.
+
+        Extra `--section.key value` pairs override the builtin `quickstart` recipe (e.g. --model.num_hidden_layers 6).
+        """
         from ..training.optim import build_scheduler
         from ..training.recipe import load_recipe
         from ..training.trainer import Trainer
@@ -82,7 +86,7 @@ def register(app: typer.Typer) -> None:
         console = _console()
         t_start = time.perf_counter()
         recipe = load_recipe("quickstart", [f"--train.out={out}", f"--train.seed={seed}"]
-                           + ([f"--train.threads={threads}"] if threads else []))
+                           + ([f"--train.threads={threads}"] if threads else []) + list(ctx.args))
         trainer = Trainer(recipe, console=console)
         trainer.prepare()
         step_s = measure_step_seconds(trainer)
