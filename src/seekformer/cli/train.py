@@ -48,6 +48,34 @@ def measure_step_seconds(trainer, repeats: int = 4) -> float:
     return statistics.median(times[1:])
 
 
+def plan_time_budget(trainer, seconds: float, step_s: float, evals: int, steps_done: int = 0) -> None:
+    """Size train.steps (eval/save cadence and the cosine schedule too) so training fits in `seconds` more."""
+    from ..training.optim import lr_lambda
+
+    t = trainer.t
+    eval_s = trainer.eval_seconds or step_s / 3 * t.eval_batches
+    steps = steps_done + int(max(0.0, seconds - evals * eval_s) / step_s)
+    t.steps = max(steps_done + 10, 40, min(steps, 50000))
+    t.eval_every = max(10, t.steps // evals)
+    t.save_every = max(10, t.steps // 3)
+    f = lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio)
+    trainer.scheduler.lr_lambdas = [f] * len(trainer.optimizer.param_groups)
+
+
+def _replanner(budget: float, evals: int):
+    """At the end of warmup, re-size the run from its measured speed (the warmup schedule is unaffected)."""
+    start = time.perf_counter()
+
+    def on_step(trainer) -> None:
+        if trainer.step != trainer.t.warmup_steps:
+            return
+        elapsed = time.perf_counter() - start
+        step_s = max(1e-6, (elapsed - trainer.eval_seconds) / trainer.step)
+        plan_time_budget(trainer, budget - elapsed, step_s, evals - 1, steps_done=trainer.step)
+
+    return on_step
+
+
 def print_samples(model, tokenizer, prompts, console, max_new_tokens: int = 48, seed: int = 0) -> list[str]:
     """Sample a continuation of each prompt (temperature 0.8, top-p 0.95) and print it."""
     import torch
@@ -77,7 +105,6 @@ def register(app: typer.Typer) -> None:
 
         Extra `--section.key value` pairs override the builtin `quickstart` recipe (e.g. --model.num_hidden_layers 6).
         """
-        from ..training.optim import build_scheduler
         from ..training.recipe import load_recipe
         from ..training.trainer import Trainer
 
@@ -91,23 +118,18 @@ def register(app: typer.Typer) -> None:
         trainer.prepare()
         step_s = measure_step_seconds(trainer)
         t = trainer.t
-        eval_s = step_s / 3 * t.eval_batches  # one validation pass (forward only)
         budget = max(30.0, minutes * 60 - (time.perf_counter() - t_start))
-        steps = int(budget / (step_s * 1.08 + eval_s / 100))
-        steps = max(40, min(steps, 20000))
-        t.steps = steps
-        t.eval_every = max(10, steps // 8)
-        t.save_every = max(10, steps // 3)
-        t.warmup_steps = min(t.warmup_steps, max(1, steps // 10))
+        t.warmup_steps = min(t.warmup_steps, max(1, int(budget / step_s) // 10))
+        plan_time_budget(trainer, budget, step_s, evals=8)
         t.max_minutes = budget / 60
-        trainer.scheduler = build_scheduler(trainer.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
+        trainer.on_step = _replanner(budget, evals=8)
         cfg = trainer.config
         console.print(f"model: {cfg.num_parameters() / 1e6:.1f}M parameters ({cfg.num_parameters(active=True) / 1e6:.1f}M "
                       f"active), {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} routed + "
                       f"{cfg.n_shared_experts} shared experts, top-{cfg.num_experts_per_tok}, "
                       f"{cfg.num_nextn_predict_layers} MTP module(s)")
-        console.print(f"training {steps} steps of {t.batch_size}x{t.seq_len} tokens "
-                      f"(~{step_s:.2f} s/step, budget {budget / 60:.1f} min)")
+        console.print(f"training ~{t.steps} steps of {t.batch_size}x{t.seq_len} tokens "
+                      f"(~{step_s:.2f} s/step, budget {budget / 60:.1f} min; re-planned after warmup)")
         result = trainer.run()
         first, last = result.val_losses[0][1], result.val_losses[-1][1]
         console.print(f"\nvalidation loss {first:.3f} -> {last:.3f} after {result.steps} steps, "

@@ -78,7 +78,8 @@ def check_resume_config(expected: SeekConfig, found: SeekConfig, where: Path) ->
 class Trainer:
     """Pretrains a SeekForCausalLM as a Recipe describes. `Trainer(recipe).run()` -> TrainResult."""
 
-    def __init__(self, recipe: Recipe, console=None, on_eval: Callable[[int, float], None] | None = None) -> None:
+    def __init__(self, recipe: Recipe, console=None, on_eval: Callable[[int, float], None] | None = None,
+                 on_step: Callable[[Trainer], None] | None = None) -> None:
         from rich.console import Console
 
         self.recipe = recipe
@@ -86,6 +87,8 @@ class Trainer:
         self.out = Path(self.t.out)
         self.console = console or Console()
         self.on_eval = on_eval
+        self.on_step = on_step  # called after every optimizer step (e.g. to re-plan a time budget)
+        self.eval_seconds = 0.0  # duration of the last validation pass
         self._interval_counts: dict[str, torch.Tensor] = {}  # expert loads since the last log record
         self._validate()
 
@@ -184,6 +187,7 @@ class Trainer:
         """Mean next-token loss over the fixed validation windows."""
         from ..data.shards import iter_eval_batches
 
+        t0 = time.perf_counter()
         self.model.eval()
         total, n = 0.0, 0
         for batch in iter_eval_batches(self.shards, "validation", self.t.seq_len, self.t.batch_size,
@@ -194,6 +198,7 @@ class Trainer:
             total += float(out.lm_loss) * batch.shape[0]
             n += batch.shape[0]
         self.model.train()
+        self.eval_seconds = time.perf_counter() - t0
         return total / max(1, n)
 
     def train_step(self) -> dict[str, Any]:
@@ -298,7 +303,9 @@ class Trainer:
                     rec.update(self._load_record())
                     self.logger.log(self.step, rec)
                     progress.update(task, loss=rec["loss"], tps=rec["tokens_per_s"])
-                progress.update(task, completed=self.step)
+                if self.on_step:
+                    self.on_step(self)
+                progress.update(task, completed=self.step, total=t.steps)
                 out_of_time = t.max_minutes is not None and time.perf_counter() - start > 60 * t.max_minutes
                 last = self.step == t.steps or out_of_time
                 if (t.eval_every and self.step % t.eval_every == 0) or last:
