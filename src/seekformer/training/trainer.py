@@ -33,6 +33,7 @@ from ..config import SeekConfig
 from ..errors import CheckpointError, DataError, RecipeError
 from ..models.causal_lm import SeekForCausalLM
 from ..nn.moe import load_stats
+from ..runtime import tune_malloc
 from .logs import MetricsLogger, plot_training
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
@@ -113,6 +114,7 @@ class Trainer:
         r, t = self.recipe, self.t
         if t.threads:
             torch.set_num_threads(t.threads)
+        tune_malloc()  # keep freed memory for reuse: no page faults on every step's large temporaries
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from = latest_checkpoint(self.out) if t.resume else None
         if t.resume and resume_from is None:
