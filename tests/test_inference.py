@@ -124,7 +124,7 @@ def test_latent_cache_is_small():
     from seekformer.config import SeekConfig
 
     # per-head K/V over latent: H * (qk_head_dim + v_head_dim) / (kv_lora_rank + qk_rope_head_dim)
-    for preset, ratio in (("tiny", 4.0), ("small", 8.0), ("deepseek-v3-671b", 40960 / 576)):
+    for preset, ratio in (("tiny", 8.0), ("small", 8.0), ("deepseek-v3-671b", 40960 / 576)):
         cfg = SeekConfig.from_preset(preset)
         lat = KVCache(cfg, 1, 1, mode="latent", num_layers=1).bytes_per_token()
         naive = KVCache(cfg, 1, 1, mode="naive", num_layers=1).bytes_per_token()
