@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,14 +129,51 @@ def test_local_completions_against_seekformer_serve(seek_model_dir, task_dir):
     assert theirs["results"]["seek_mc"]["acc,none"] == ours["results"]["seek_mc"]["acc,none"]
 
 
+def _lm_eval_executable():
+    exe = Path(sys.executable).with_name("lm_eval")
+    return exe if exe.exists() else None
+
+
+def test_installed_hook_registers_seekformer_in_a_fresh_interpreter():
+    """The `seekformer_lm_eval.pth` installed with the package makes lm-eval's registry know `seekformer`
+    in any interpreter, without importing seekformer or torch until lm-eval asks for the model."""
+    code = ("import sys, lm_eval.models; from lm_eval.api.registry import get_model, model_registry; "
+            "assert 'seekformer' in model_registry, sorted(model_registry.keys()); "
+            "heavy = 'torch' in sys.modules or 'seekformer' in sys.modules; "
+            "cls = get_model('seekformer'); print(cls.__module__ + '.' + cls.__name__, heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["seekformer.evaluation.lm_eval_adapter.SeekformerLM", "False"]
+    off = subprocess.run([sys.executable, "-c", "import sys; print('_seekformer_lm_eval' in sys.modules)"],
+                         capture_output=True, text=True, env={**os.environ, "SEEKFORMER_NO_LM_EVAL_HOOK": "1"})
+    assert off.stdout.strip() == "True"  # imported, but installs nothing:
+    off = subprocess.run([sys.executable, "-c", "import lm_eval.models; from lm_eval.api.registry import "
+                          "model_registry; print('seekformer' in model_registry)"],
+                         capture_output=True, text=True, env={**os.environ, "SEEKFORMER_NO_LM_EVAL_HOOK": "1"})
+    assert off.stdout.strip() == "False", off.stderr[-2000:]
+
+
+def test_lm_eval_command_line_runs_seekformer(seek_model_dir, task_dir, tmp_path):
+    """The literal `lm_eval --model seekformer --model_args pretrained=DIR --tasks ...` (lm-eval's own
+    command; it indexes lm-eval's task folder too, which takes some seconds)."""
+    exe = _lm_eval_executable()
+    if exe is None:
+        pytest.skip("no lm_eval command beside this interpreter")
+    cmd = [str(exe), "--model", "seekformer", "--model_args", f"pretrained={seek_model_dir}", "--tasks",
+           "seek_mc", "--include_path", str(task_dir), "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "seek_mc" in proc.stdout and "acc" in proc.stdout
+
+
 @pytest.mark.slow
-def test_lm_eval_command_line_finds_seekformer(seek_model_dir, task_dir, tmp_path):
-    """`python -m seekformer.evaluation.lm_eval_adapter` is lm-eval's CLI with `--model seekformer` known
-    (it indexes lm-eval's own task folder too, which takes tens of seconds)."""
+def test_python_m_adapter_is_lm_eval_command_line(seek_model_dir, task_dir, tmp_path):
+    """`python -m seekformer.evaluation.lm_eval_adapter` is the same command line without the .pth hook."""
     cmd = [sys.executable, "-m", "seekformer.evaluation.lm_eval_adapter", "--model", "seekformer",
            "--model_args", f"pretrained={seek_model_dir}", "--tasks", "seek_mc", "--include_path", str(task_dir),
            "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "SEEKFORMER_NO_LM_EVAL_HOOK": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "seek_mc" in proc.stdout and "acc" in proc.stdout
 

@@ -1,14 +1,16 @@
 """lm-evaluation-harness model `seekformer`: loglikelihood, loglikelihood_rolling and generate_until.
 
-lm-eval (0.4.x) finds models only in its own registry and has no plugin entry point, so the `lm_eval`
-command cannot see a third-party model unless something imports it first. Importing this module
-registers `seekformer`; three ways to run it:
+lm-eval (0.4.x) finds models only in its own registry and has no plugin entry point. Installing seekformer
+puts `seekformer_lm_eval.pth` in site-packages, which adds a lazy `seekformer` entry to that registry
+whenever lm-eval loads its models (src/_seekformer_lm_eval.py; SEEKFORMER_NO_LM_EVAL_HOOK=1 turns it
+off). Importing this module registers it too. Ways to run it:
 
+    lm_eval --model seekformer --model_args pretrained=DIR --tasks hellaswag
     seekformer lm-eval --model seekformer --model_args pretrained=DIR --tasks hellaswag
     python -m seekformer.evaluation.lm_eval_adapter --model seekformer --model_args pretrained=DIR --tasks ...
-    lm_eval.simple_evaluate(model="seekformer", ...)   # in Python, after `import seekformer.evaluation.lm_eval_adapter`
+    lm_eval.simple_evaluate(model="seekformer", ...)
 
-(the first two run lm-eval's own command line with every option it has: --include_path, --limit,
+(the command lines are lm-eval's own with every option it has: --include_path, --limit,
 --output_path, ...). Without seekformer in the loop, lm-eval can also evaluate a checkpoint as a plain
 Hugging Face model (`--model hf --model_args pretrained=DIR`: the directory is a transformers
 DeepseekV3 checkpoint) or through `seekformer serve` (`--model local-completions --model_args
