@@ -120,6 +120,11 @@ def test_save_load(tok, saved):
     assert SeekTokenizer.load(saved / "tokenizer.json").vocab_size == tok.vocab_size
 
 
+def test_transformers_style_names(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "t")
+    assert SeekTokenizer.from_pretrained(tmp_path / "t").fingerprint == tok.fingerprint
+
+
 def test_transformers_loads_identically(tok, hf_tok):
     assert (hf_tok.pad_token_id, hf_tok.bos_token_id, hf_tok.eos_token_id) == (0, 1, 2)
     assert len(hf_tok) == tok.vocab_size

@@ -157,6 +157,11 @@ class SeekTokenizer:
                 raise TokenizerError(f"{cfg_file} is corrupt ({e}); re-save the tokenizer") from None
         return cls(tok, model_max_length=max_len)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> SeekTokenizer:
+        """`load` under the `transformers` name (a local directory or `tokenizer.json`)."""
+        return cls.load(path)
+
     # ------------------------------------------------------------------ saving
     def files(self) -> dict[str, str]:
         """{file name: content} of `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`
@@ -183,6 +188,10 @@ class SeekTokenizer:
         """Write the three tokenizer files into `directory` (created if needed), each atomically."""
         for name, text in self.files().items():
             atomic_write_text(Path(directory) / name, text)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """`save` under the `transformers` name."""
+        self.save(directory)
 
     @property
     def fingerprint(self) -> str:
