@@ -37,6 +37,22 @@ def test_engine_greedy_equals_generate_with_joins_and_leaves():
         assert finish[rid] == "length"
 
 
+def test_engine_prefills_similar_prompts_together():
+    """Requests waiting together are prefilled in one left-padded forward when their lengths are close;
+    the output equals each prompt decoded alone."""
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22, 23], [3], [7] * 9, list(range(40, 120))]
+    engine = Engine(model, max_batch_size=8, max_length=128)
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    for c, p in zip(out, prompts):
+        assert c.token_ids == model.generate([p], max_new_tokens=8, ignore_eos=True)[0, len(p):].tolist()
+    assert engine.prefilled_requests == 6
+    assert engine.prefill_forwards == 2  # the five short prompts together; the 80-token one would pad too much
+    tight = Engine(model, max_batch_size=8, max_length=20)  # padding to 9 + 8 new tokens fits, to 80 would not
+    tight.generate(prompts[:5], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert tight.prefill_forwards == 1
+
+
 def test_engine_sampling_independent_of_batching():
     model = tiny_model()
     sp = SamplingParams(max_new_tokens=10, do_sample=True, top_p=0.9, repetition_penalty=1.2, seed=7)

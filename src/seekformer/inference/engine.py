@@ -12,8 +12,9 @@ decode step is one forward of n tokens over the row view [0, n). A `step()`:
   1. ends cancelled requests (event with finish_reason "cancelled"),
   2. decodes one token for every running request (batched, each row with its own sampling params,
      generator, penalties and stop conditions),
-  3. admits waiting requests into free rows: each prompt is prefilled alone into its row and its first
-     token is chosen (so a new request yields its first event in the step that admits it).
+  3. admits waiting requests into free rows: prompts of similar lengths are prefilled together (left
+     padded, one forward) and their first tokens chosen (so a new request yields its first event in the
+     step that admits it).
 Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_tokens), "cancelled".
 
 Thread safety: `add_request` and `cancel` may be called from any thread (they only touch a locked
@@ -34,6 +35,11 @@ from ..errors import GenerationError
 from .runner import decode_forward
 from .sampling import PenaltyState, SamplingParams, choose, make_generator, token_logprobs
 from .stopping import SequenceState, stop_ids
+
+# Batched prefill (see Engine._take_prefill_batch): how much left padding a batch of prompts may carry.
+PREFILL_PAD_FACTOR = 1.5
+PREFILL_PAD_SLACK = 32
+PREFILL_MAX_TOKENS = 4096
 
 
 @dataclass
@@ -101,6 +107,8 @@ class Engine:
         self._lock = threading.Lock()
         self._step_lock = threading.Lock()
         self._ids = itertools.count()
+        self.prefill_forwards = 0  # forwards spent on prompts (a batched prefill counts once)
+        self.prefilled_requests = 0
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id: str | None = None,
@@ -250,19 +258,54 @@ class Engine:
     def _admit(self) -> list[TokenEvent]:
         events = []
         while len(self.running) < self.max_batch_size:
-            with self._lock:
-                if not self._waiting:
-                    break
-                req = self._waiting.popleft()
-            row = len(self.running)
+            batch = self._take_prefill_batch(self.max_batch_size - len(self.running))
+            if not batch:
+                break
+            events += self._prefill(batch)
+        self._retire()
+        return events
+
+    def _take_prefill_batch(self, free: int) -> list[Request]:
+        """Pop up to `free` waiting requests (FIFO) to prefill together, left-padded to the longest.
+
+        A request joins while the padding stays small (padded tokens <= PREFILL_PAD_FACTOR x real tokens
+        + PREFILL_PAD_SLACK), the batch stays under PREFILL_MAX_TOKENS padded tokens, and every row still
+        fits the cache (pad slots occupy cache slots: padded length + max_new_tokens <= max_length).
+        """
+        batch: list[Request] = []
+        with self._lock:
+            while self._waiting and len(batch) < free:
+                nxt = self._waiting[0]
+                if batch:
+                    group = batch + [nxt]
+                    longest = max(len(r.prompt_ids) for r in group)
+                    padded, real = longest * len(group), sum(len(r.prompt_ids) for r in group)
+                    if (padded > PREFILL_PAD_FACTOR * real + PREFILL_PAD_SLACK or padded > PREFILL_MAX_TOKENS
+                            or any(longest + r.params.max_new_tokens > self.max_length for r in group)):
+                        break
+                batch.append(self._waiting.popleft())
+        return batch
+
+    def _prefill(self, batch: list[Request]) -> list[TokenEvent]:
+        """Encode the prompts of `batch` into fresh rows [n, n+k) in one forward; choose their first tokens."""
+        lo, hi = len(self.running), len(self.running) + len(batch)
+        longest = max(len(r.prompt_ids) for r in batch)
+        pad = self.model.config.pad_token_id or 0
+        rows = list(range(lo, hi))
+        self.cache.reset_rows(rows)
+        for row, req in zip(rows, batch):
             req.state = SequenceState(req.params, stop_ids(req.params, self.model.config.eos_token_id),
                                       self.tokenizer)
             req.generator = make_generator(req.params.seed, self.model.device)
-            self.cache.reset_rows([row])
             self.penalties.reset_row(row, req.prompt_ids)
-            ids = torch.tensor([req.prompt_ids], device=self.model.device)
-            logits = self.model(ids, cache=self.cache.rows(row, row + 1), logits_to_keep=1).logits[:, -1]
-            self.running.append(req)
-            events += self._choose(logits, [req], row, row + 1)
-        self._retire()
-        return events
+        ids = torch.tensor([[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in batch],
+                           device=self.model.device)
+        mask = None
+        if any(len(r.prompt_ids) < longest for r in batch):
+            mask = torch.tensor([[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
+                                device=self.model.device)
+        logits = self.model(ids, mask, cache=self.cache.rows(lo, hi), logits_to_keep=1).logits[:, -1]
+        self.prefill_forwards += 1
+        self.prefilled_requests += len(batch)
+        self.running.extend(batch)
+        return self._choose(logits, batch, lo, hi)
