@@ -134,3 +134,81 @@ def test_builtin_recipe_runs(base, tmp_path):
     assert {"accuracy", "macro_f1"} <= set(results["test"]["fortunes"])
     assert {"token_accuracy", "entity_f1"} <= set(results["test"]["brown_pos"])
     assert {"bleu", "chrf"} <= set(results["test"]["kjv_es"])
+
+
+@pytest.mark.parametrize("settings", [
+    {"weighting": {"strategy": "uncertainty"}, "train": {"sampling": "temperature", "tasks_per_step": 1}},
+    {"weighting": {"strategy": "dwa", "window": 2, "pcgrad": True},
+     "train": {"method": "lora"},
+     "lora": {"r": 4, "dropout": 0.1, "targets": ["q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]}},
+], ids=["uncertainty-sampled", "dwa-pcgrad-lora"])
+def test_finetune_resume_continues_exactly(base, tmp_path, settings):
+    """Interrupted after step 3 with checkpoints every 2 steps, `--resume` continues from step 2 and ends
+    with the losses and weights of an uninterrupted run (heads, LoRA, weighting, data order, RNGs)."""
+    from seekformer.training.multitask import MultiTaskTrainer
+    from seekformer.training.multitask_recipe import finetune_recipe_from_dict
+
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    tasks = [{"name": "topic", "type": "classification", "train": train},
+             {"name": "pos", "train": "builtin:brown_pos", "max_train_examples": 24, "max_eval_examples": 4}]
+
+    def make(out, **train_keys):
+        t = {"steps": 6, "batch_size": 4, "progress": False, "validate": False, "test": False, "log_every": 1,
+             **settings.get("train", {}), **train_keys}
+        d = {"base": base, "out": str(tmp_path / out), "tasks": [dict(x) for x in tasks], "train": t,
+             **{k: v for k, v in settings.items() if k != "train"}}
+        return MultiTaskTrainer(finetune_recipe_from_dict(d))
+
+    def losses_of(trainer, stop_at=None):
+        seen = []
+
+        def hook(tr):
+            seen.append((tr.step, json.dumps(_last_losses(tr.out))))
+            if stop_at is not None and tr.step == stop_at:
+                raise KeyboardInterrupt
+        trainer.on_step = hook
+        try:
+            trainer.run()
+        except KeyboardInterrupt:
+            pass
+        return seen
+
+    ref_trainer = make("ref")
+    ref = losses_of(ref_trainer)
+    first = losses_of(make("run", save_every=2), stop_at=3)
+    assert [s for s, _ in first] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")) == ["step-000002"]
+    resumed_trainer = make("run", save_every=2, resume=True)
+    resumed_trainer.prepare()
+    assert resumed_trainer.step == 2
+    resumed = losses_of(resumed_trainer)
+    assert [s for s, _ in resumed] == [3, 4, 5, 6]
+    assert first[:2] + resumed == ref
+    a, b = ref_trainer.model.state_dict(), resumed_trainer.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ref_trainer.weighting.weights() == resumed_trainer.weighting.weights()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the interrupted run's step-3 record was dropped on resume
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == ["step-000004", "step-000006"]
+
+
+def _last_losses(out):
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rec = json.loads(lines[-1])
+    return {k: v for k, v in rec.items() if k.startswith(("loss", "weight", "log_var"))}
+
+
+def test_finetune_resume_refuses_a_different_recipe(base, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    r = recipe(tmp_path, base, [{"name": "topic", "type": "classification", "train": train}], steps=2)
+    main(["finetune", r, "--train.save_every", "1", "--train.test", "false", "--train.validate", "false"])
+    assert (tmp_path / "out" / "checkpoints" / "step-000002" / "trainer_state" / "state.pt").is_file()
+    capsys.readouterr()
+    user_error(capsys, ["finetune", r, "--resume", "--train.lr", "0.1"], "does not match the checkpoint")
+
+
+def test_lora_dropout_on_experts_is_a_clear_error(base, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    r = recipe(tmp_path, base, [{"name": "topic", "type": "classification", "train": train}])
+    user_error(capsys, ["finetune", r, "--train.method", "lora", "--lora.dropout", "0.1"], "lora.dropout must be 0")

@@ -119,6 +119,8 @@ def register(app: typer.Typer) -> None:
     def finetune_cmd(
         ctx: typer.Context,
         recipe: str = typer.Argument(..., help="A fine-tuning recipe YAML file or a builtin one (finetune_builtin)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints "
+                                    "(written every train.save_every steps)."),
     ) -> None:
         """Fine-tune a pretrained model on one or more tasks (shared trunk, one head per task).
 
@@ -129,6 +131,8 @@ def register(app: typer.Typer) -> None:
         from ..training.multitask_recipe import load_finetune_recipe
 
         r = load_finetune_recipe(recipe, list(ctx.args))
+        if resume:
+            r.train.resume = True
         console = _console()
         result = finetune(r, console=console)
         console.print(f"done: {result.steps} steps in {result.seconds / 60:.1f} min; model in {result.out_dir} "

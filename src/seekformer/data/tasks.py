@@ -328,6 +328,16 @@ class TaskBatches:
             picked.append(self.examples[self.order.pop()])
         return collate(picked, self.task_type, self.pad_id)
 
+    def state_dict(self) -> dict:
+        """The stream's position (for resume): RNG state, the rest of this epoch's order, the epoch."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.epoch = list(state["order"]), int(state["epoch"])
+
 
 def eval_batches(examples: list[dict], task_type: str, batch_size: int,
                  pad_id: int) -> Iterator[tuple[list[dict], dict]]:

@@ -210,7 +210,16 @@ class SeekForMultiTask(nn.Module):
         cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=chosen, bias="none")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            inject_adapter_in_model(cfg, self.lm.model)
+            try:
+                inject_adapter_in_model(cfg, self.lm.model)
+            except ValueError as e:
+                from ..errors import RecipeError
+
+                if "dropout" in str(e):
+                    raise RecipeError("lora.dropout must be 0 when LoRA adapts the routed experts (peft cannot "
+                                      "apply dropout to their stacked weights): set lora.dropout 0, or leave "
+                                      "gate_proj/up_proj/down_proj out of lora.targets") from None
+                raise RecipeError(f"LoRA cannot be applied: {str(e).splitlines()[0]}") from None
         return sum(p.numel() for n, p in self.lm.named_parameters() if "lora_" in n and p.requires_grad)
 
     def has_lora(self) -> bool:

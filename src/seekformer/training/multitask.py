@@ -26,13 +26,18 @@ from typing import Any
 
 import torch
 
-from ..errors import RecipeError
+from ..checkpoint import atomic_directory, atomic_write_text, load_trainer_state
+from ..errors import CheckpointError, RecipeError
 from .logs import MetricsLogger, read_metrics
 from .multitask_recipe import FinetuneRecipe
 from .optim import build_scheduler, param_groups
 from .weighting import build_weighting, pcgrad, sampling_probs
 
 RESULTS_FILE = "results.json"
+# Recipe keys a resumed fine-tune may change (how long, how often to log/evaluate/save, where to run).
+RESUMABLE_KEYS = {"out", "train.steps", "train.resume", "train.save_every", "train.keep_checkpoints",
+                  "train.progress", "train.log_every", "train.eval_every", "train.eval_examples",
+                  "train.eval_batch_size", "train.validate", "train.test", "train.threads", "train.device"}
 PLOT_FILE = "finetune.png"
 
 
@@ -102,6 +107,7 @@ class MultiTaskTrainer:
         self.recipe, self.t = recipe, recipe.train
         self.out = Path(recipe.out)
         self.console = console or Console(stderr=True)
+        self.on_step = None  # called after each step (and its checkpoint) with the trainer
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -154,6 +160,77 @@ class MultiTaskTrainer:
                                                                      t.sampling, t.temperature)
         self.rng = random.Random(t.seed)
         self.step = 0
+        self.resumed_from = None
+        if t.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: weights (heads, LoRA adapters, MoE biases),
+        optimizer, schedule, loss weighting, data streams and random generators."""
+        version, internal, gauss = self.rng.getstate()
+        return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.checkpoint_state(),
+                "loaders": {n: b.state_dict() for n, b in self.loaders.items()},
+                "rng": [version, list(internal), gauss], "torch_rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> Path:
+        """Write OUT/checkpoints/step-N atomically (state.pt + recipe.yaml), point `latest` at it, prune."""
+        import io
+        import shutil
+
+        from .trainer import CHECKPOINTS, LATEST
+
+        ck = self.out / CHECKPOINTS
+        ck.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:06d}"
+        buf = io.BytesIO()
+        torch.save(self.checkpoint_state(), buf)
+        with atomic_directory(ck / name) as tmp:
+            (tmp / "trainer_state").mkdir()
+            (tmp / "trainer_state" / "state.pt").write_bytes(buf.getvalue())
+            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
+        atomic_write_text(ck / LATEST, name + "\n")
+        old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != name and not p.name.endswith(".tmp"))
+        for p in old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        return ck / name
+
+    def _resume(self) -> None:
+        import yaml
+
+        from .trainer import CHECKPOINTS, latest_checkpoint
+
+        found = latest_checkpoint(self.out)
+        if found is None:
+            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
+            return
+        try:
+            saved = yaml.safe_load((found / "recipe.yaml").read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise CheckpointError(f"cannot read {found / 'recipe.yaml'} ({type(e).__name__}); the checkpoint is "
+                                  "incomplete: delete it to resume from an older one") from None
+        diffs = _recipe_diffs(_flat_recipe(saved), _flat_recipe(self.recipe.to_dict()))
+        if diffs:
+            raise CheckpointError(f"the recipe does not match the checkpoint {found} ({'; '.join(diffs[:3])}); "
+                                  "resume with the same tasks, model and training settings or use a new out")
+        state = load_trainer_state(found)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.weighting.load_checkpoint_state(state["weighting"])
+            for n, b in self.loaders.items():
+                b.load_state_dict(state["loaders"][n])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"the trainer state in {found} does not fit this run ({str(e).splitlines()[0]})"
+                                  ) from None
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.resumed_from = found
+        self.console.print(f"resumed from {found} at step {self.step}")
 
     def _flat_mask(self, flags: list[bool]) -> torch.Tensor:
         return torch.cat([torch.full((p.numel(),), f, dtype=torch.bool) for p, f in zip(self.shared, flags)]) \
@@ -250,13 +327,13 @@ class MultiTaskTrainer:
             self.prepare()
         t = self.t
         self.out.mkdir(parents=True, exist_ok=True)
-        logger = MetricsLogger(self.out)
+        logger = MetricsLogger(self.out, resume_step=self.step if self.resumed_from is not None else None)
         start = time.perf_counter()
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn()]
         with Progress(*columns, console=self.console, disable=not t.progress) as progress:
-            bar = progress.add_task("finetune", total=t.steps, loss=float("nan"))
+            bar = progress.add_task("finetune", total=t.steps, completed=self.step, loss=float("nan"))
             window: dict[str, list[float]] = {}
             while self.step < t.steps:
                 rec = self.train_step()
@@ -272,6 +349,10 @@ class MultiTaskTrainer:
                     val = self.evaluate("validation", t.eval_examples)
                     logger.log(self.step, _flatten("val", val))
                     progress.console.print(f"step {self.step}: " + _summary(val, PRIMARY_METRIC, self.data))
+                if t.save_every and (self.step % t.save_every == 0 or self.step == t.steps):
+                    self.save_checkpoint()
+                if self.on_step is not None:
+                    self.on_step(self)
         results: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start}
         if t.validate:
             results["validation"] = self.evaluate("validation")
@@ -287,6 +368,21 @@ class MultiTaskTrainer:
                 self.console.print(f"{split}: " + _summary(results[split], PRIMARY_METRIC, self.data))
         return FinetuneResult(self.out, self.step, time.perf_counter() - start,
                               {s: results[s] for s in ("validation", "test") if s in results})
+
+
+def _flat_recipe(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_recipe(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _recipe_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
+    return [f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def _flatten(prefix: str, res: dict[str, dict[str, float]]) -> dict[str, float]:

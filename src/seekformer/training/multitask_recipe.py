@@ -56,6 +56,9 @@ class FinetuneTrainRecipe:
     test: bool = True  # evaluate on the test splits at the end
     log_every: int = 10
     progress: bool = True
+    save_every: int = 0  # write OUT/checkpoints/step-N (full training state) every N steps; 0: never
+    keep_checkpoints: int = 2
+    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (exactly)
 
 
 @dataclass
@@ -110,6 +113,9 @@ class FinetuneRecipe:
                 raise RecipeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
         if not t.lr > 0:
             raise RecipeError(f"train.lr must be > 0, got {t.lr}")
+        if t.save_every < 0 or t.keep_checkpoints < 1:
+            raise RecipeError(f"train.save_every must be >= 0 and train.keep_checkpoints >= 1, got "
+                              f"{t.save_every} and {t.keep_checkpoints}")
         if t.method not in METHODS:
             raise RecipeError(f"unknown train.method {t.method!r}; choose one of {', '.join(METHODS)}")
         if t.init not in ("pretrained", "scratch"):

@@ -49,6 +49,29 @@ class Weighting(nn.Module):
     def state(self) -> dict[str, float]:
         return {f"weight/{t}": w for t, w in self.weights().items()}
 
+    # ------------------------------------------------------------ resume
+    def checkpoint_state(self) -> dict:
+        """Everything `update` has learned or accumulated (parameters, their Adam state, histories)."""
+        out: dict = {"params": self.state_dict()}
+        opt = getattr(self, "opt", None)
+        if opt is not None:
+            out["opt"] = opt.state_dict()
+        out.update(self._extra_state())
+        return out
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.load_state_dict(state["params"])
+        opt = getattr(self, "opt", None)
+        if opt is not None:
+            opt.load_state_dict(state["opt"])
+        self._load_extra_state(state)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
 
 class UncertaintyWeighting(Weighting):
     """Learned homoscedastic uncertainty s_i = log sigma_i^2 (Kendall et al. 2018), in the common form
@@ -115,6 +138,12 @@ class GradNormWeighting(Weighting):
             self.w.clamp_(min=1e-3)
             self.w.mul_(len(self.tasks) / self.w.sum())
 
+    def _extra_state(self) -> dict:
+        return {"initial_loss": dict(self.initial_loss)}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.initial_loss = dict(state["initial_loss"])
+
 class DWAWeighting(Weighting):
     """Dynamic Weight Average (Liu et al. 2019) over windows of `window` steps, temperature `temperature`."""
 
@@ -145,6 +174,15 @@ class DWAWeighting(Weighting):
         r = torch.tensor([a[t] / b[t] if b[t] > 0 and math.isfinite(a[t] / b[t]) else 1.0 for t in self.tasks])
         w = len(self.tasks) * torch.softmax(r / self.temperature, dim=0)
         self._w = {t: float(w[i]) for i, t in enumerate(self.tasks)}
+
+    def _extra_state(self) -> dict:
+        return {"history": [dict(h) for h in self.history], "current": {t: list(v) for t, v in self.current.items()},
+                "steps": self.steps, "w": dict(self._w)}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.history = [dict(h) for h in state["history"]]
+        self.current = {t: list(v) for t, v in state["current"].items()}
+        self.steps, self._w = int(state["steps"]), dict(state["w"])
 
 
 def build_weighting(strategy: str, tasks: list[str], init: dict[str, float] | None = None, *,
