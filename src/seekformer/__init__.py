@@ -14,10 +14,14 @@ import importlib
 import os
 from typing import Any
 
-# OpenMP threads that spin while waiting collapse throughput (10x seen on 2 cores) when another process
-# competes for the CPU; passive waiting costs little when the machine is idle. Takes effect only if
-# seekformer is imported before torch (the CLI always is); an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long idle OpenMP threads spin before they sleep. libgomp's default (300k spins, ~ms) collapses
+# throughput when another process competes for the cores (a 2-thread training step ran 10x slower);
+# never spinning (OMP_WAIT_POLICY=PASSIVE) pays a thread wake-up for every parallel op instead (~25% of a
+# training step and ~30% of a small model's decoding step on an idle 2-core VM). A short spin keeps
+# most of both (measured in README, Design notes). Takes effect only if seekformer is imported before
+# torch (the CLI always is); an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 __version__ = "0.1.0"
 

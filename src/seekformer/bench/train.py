@@ -239,7 +239,8 @@ def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
         f"transformers: `{r0.get('hf_attn_implementation')}` attention, "
         f"`{r0.get('hf_experts_implementation')}` experts. bf16 = autocast (fp32 master weights). "
         + ("glibc malloc tuned (`--tune-malloc`, both models). " if r0.get("malloc_tuned") else "")
-        + "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)") + ". "
+        + "OMP_WAIT_POLICY=" + os.environ.get("OMP_WAIT_POLICY", "(unset)") + ", GOMP_SPINCOUNT="
+        + os.environ.get("GOMP_SPINCOUNT", "(unset)") + ". "
         "MFU against the measured matmul peak (" + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
         + ").",
         "",
