@@ -20,8 +20,11 @@ from typing import Any
 # training step and ~30% of a small model's decoding step on an idle 2-core VM). A short spin keeps
 # most of both (measured in README, Design notes). Takes effect only if seekformer is imported before
 # torch (the CLI always is); an explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# `seekformer serve` switches to PASSIVE instead (runtime.prefer_passive_openmp): its event-loop thread
+# competes with spinning workers.
+_OPENMP_DEFAULTED = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+if _OPENMP_DEFAULTED:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 __version__ = "0.1.0"
 

@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         Talk to it with any OpenAI client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY or "-").
         GET /health and GET /metrics (Prometheus) are open. Ctrl-C finishes in-flight requests, then exits.
         """
+        from ..runtime import prefer_passive_openmp
+
+        prefer_passive_openmp()  # before torch loads
         try:
             from ..serving.server import serve
         except ImportError as e:
@@ -63,6 +66,10 @@ def bench_serve_cmd(
     out: Path = typer.Option(Path("benchmarks/results/serve.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Serving throughput: aggregate tokens/s and p50/p95 latency with 1, 4 and 16 concurrent clients."""
+    from ..runtime import prefer_passive_openmp
+
+    if url is None:
+        prefer_passive_openmp()  # the in-process server runs as `seekformer serve` does
     from ..bench.serve import markdown, run_serve_bench, write_markdown
 
     levels = tuple(sorted(set(clients or [1, 4, 16])))
