@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.attention import ABSORB_MAX_CHUNK
+from ..nn.few_rows import few_rows_linear, mlp_forward
 from ..nn.mla_decode import latent_decode, rms_norm, rope_matrix
 
 
@@ -27,13 +28,13 @@ def _moe_few_tokens(moe, x: torch.Tensor) -> torch.Tensor:
     b, t, d = x.shape
     flat = x.reshape(-1, d)
     routing = moe.gate(flat)
-    out = moe.shared_experts(flat) if moe.shared_experts is not None else torch.zeros_like(flat)
+    out = mlp_forward(moe.shared_experts, flat) if moe.shared_experts is not None else torch.zeros_like(flat)
     experts = moe.experts
     for i, (ids, ws) in enumerate(zip(routing.indices.tolist(), routing.weights.tolist())):
         xi = flat[i:i + 1]
         for e, w in zip(ids, ws):
-            gate, up = F.linear(xi, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            out[i:i + 1] += F.linear(F.silu(gate) * up, experts.down_proj[e]) * w
+            gate, up = few_rows_linear(xi, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            out[i:i + 1] += few_rows_linear(F.silu(gate) * up, experts.down_proj[e]) * w
     return out.view(b, t, d)
 
 
@@ -43,7 +44,9 @@ def layer_step(layer, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.Te
     x = x + latent_decode(layer.self_attn, rms_norm(x, layer.input_layernorm), rope, hidden_mask, cache,
                           layer.layer_idx, slots)
     h = rms_norm(x, layer.post_attention_layernorm)
-    return x + (_moe_few_tokens(layer.mlp, h) if layer.is_moe and few_tokens else layer.mlp(h))
+    if not layer.is_moe:
+        return x + mlp_forward(layer.mlp, h)
+    return x + (_moe_few_tokens(layer.mlp, h) if few_tokens else layer.mlp(h))
 
 
 def lean_ok(cache, t: int) -> bool:
@@ -77,5 +80,5 @@ def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.
         x = layer_step(layer, x, rope, hidden_mask, cache, slots, few)
     cache.commit()
     hidden = rms_norm(x, core.norm)
-    logits = F.linear(hidden[:, -1] if last_only else hidden, model.lm_head.weight)
+    logits = few_rows_linear(hidden[:, -1] if last_only else hidden, model.lm_head.weight)
     return (logits, hidden) if return_hidden else logits

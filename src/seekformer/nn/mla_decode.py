@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .few_rows import few_rows_linear, linear_of as _linear
 from .rope import apply_rope
 
 # Fold W_UK / W_UV into the projections while that grows the attention weights by at most this factor.
@@ -106,23 +107,23 @@ def latent_decode(attn, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.
     fold = attn.decode_fold if attn.decode_fold is not None else fold_pays(attn)
     if fold:
         w_in, b_in, w_qb, w_out = folded_weights(attn)
-        y = F.linear(x, w_in, b_in)
+        y = few_rows_linear(x, w_in, b_in)
         if w_qb is None:
             q, kv = y.split([h * e, e], dim=-1)
         else:
             qa, kv = y.split([attn.q_lora_rank, e], dim=-1)
-            q = F.linear(rms_norm(qa, attn.q_a_layernorm), w_qb)
+            q = few_rows_linear(rms_norm(qa, attn.q_a_layernorm), w_qb)
         q = q.view(b, t, h, e)
         q_lat, q_pe = q[..., :r], q[..., r:]
     else:
-        q = attn.q_proj(x) if attn.q_lora_rank is None else \
-            attn.q_b_proj(rms_norm(attn.q_a_proj(x), attn.q_a_layernorm))
+        q = _linear(attn.q_proj, x) if attn.q_lora_rank is None else \
+            _linear(attn.q_b_proj, rms_norm(_linear(attn.q_a_proj, x), attn.q_a_layernorm))
         q = (q * attn.scale).view(b, t, h, n + attn.rope_dim)
         w_uk = attn.kv_b_proj.weight.view(h, n + attn.v_dim, r)[:, :n]  # [H,N,R]
         q_nope = q[..., :n].reshape(b * t, h, n).transpose(0, 1)  # [H,B*T,N]
         q_lat = torch.bmm(q_nope, w_uk).transpose(0, 1).view(b, t, h, r)
         q_pe = q[..., n:]
-        kv = attn.kv_a_proj_with_mqa(x)
+        kv = _linear(attn.kv_a_proj_with_mqa, x)
     c_kv, k_pe = kv.split([r, attn.rope_dim], dim=-1)
     rot = torch.matmul(torch.cat([q_pe, k_pe.unsqueeze(2)], dim=2), rope)  # [B,T,H+1,P]
     latent = torch.cat([rms_norm(c_kv, attn.kv_a_layernorm), rot[:, :, h]], dim=-1)  # [B,T,R+P]
@@ -134,7 +135,8 @@ def latent_decode(attn, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.
     probs = scores.masked_fill_(hidden_mask.view(b, t, 1, s), float("-inf")).softmax(dim=-1)
     o_lat = torch.bmm(probs.view(b, t * h, s), cached[..., :r])  # [B,T*H,R]
     if fold:
-        return F.linear(o_lat.view(b, t, h * r), w_out, attn.o_proj.bias)
+        return few_rows_linear(o_lat.view(b, t, h * r), w_out, attn.o_proj.bias)
     w_uv = attn.kv_b_proj.weight.view(h, n + attn.v_dim, r)[:, n:]  # [H,V,R]
     o = torch.bmm(o_lat.view(b * t, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [H,B*T,V]
-    return attn.o_proj(o.transpose(0, 1).reshape(b, t, h * attn.v_dim))
+    return _linear(attn.o_proj, o.transpose(0, 1).reshape(b, t, h * attn.v_dim))
+

@@ -1,0 +1,69 @@
+"""few_rows_linear: the decoding-step form of F.linear (W @ X^T for a few rows) gives F.linear's values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seekformer.nn import few_rows
+from seekformer.nn.few_rows import few_rows_linear, mlp_forward
+from seekformer.nn.mlp import MLP
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (2, 96), (3, 1, 96), (2, 5, 96), (40, 96), (0, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_f_linear(shape, bias):
+    torch.manual_seed(0)
+    w = torch.randn(1536, 96)
+    b = torch.randn(1536) if bias else None
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = few_rows_linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert got.shape == ref.shape and got.is_contiguous()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_takes_the_mm_path_only_where_it_pays(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(few_rows.torch, "mm", lambda a, b: calls.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b))
+    x, wide, narrow = torch.randn(1, 64), torch.randn(few_rows.MIN_OUT, 64), torch.randn(few_rows.MIN_OUT - 1, 64)
+    with torch.no_grad():
+        few_rows_linear(x, wide)
+        few_rows_linear(x, narrow)  # narrow output: F.linear
+        few_rows_linear(torch.randn(few_rows.FEW_ROWS + 1, 64), wide)  # many rows: F.linear
+        few_rows_linear(x.bfloat16(), wide.bfloat16())  # bf16: F.linear
+    assert calls == [((few_rows.MIN_OUT, 64), (64, 2))]  # one row, duplicated
+    w = torch.randn(few_rows.MIN_OUT, 64, requires_grad=True)
+    y = few_rows_linear(x, w)  # with gradients: F.linear, which autograd tracks
+    y.sum().backward()
+    assert w.grad is not None and len(calls) == 1
+
+
+def test_mlp_forward_equals_the_module():
+    torch.manual_seed(0)
+    mlp = MLP(64, 1100)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp_forward(mlp, x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_through_wide_weights_equals_the_uncached_argmax_chain():
+    """A model whose output head and attention input projection are wide enough for the mm path: greedy
+    decoding (1 row per step, then a batch of 3) equals argmax over full recomputation."""
+    from .test_inference import tiny_model
+
+    model = tiny_model(vocab_size=2048)
+    assert model.lm_head.weight.shape[0] >= few_rows.MIN_OUT
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    out = model.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    for row, p in zip(out, prompts):
+        seq = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        assert row[-(len(p) + 12):].tolist() == seq
+    single = model.generate([prompts[0]], max_new_tokens=12, ignore_eos=True)
+    assert single[0].tolist() == out[0][-16:].tolist()
