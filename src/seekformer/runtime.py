@@ -45,3 +45,14 @@ def prefer_passive_openmp() -> bool:
     os.environ.pop("GOMP_SPINCOUNT", None)
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return True
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average, or None where the OS has none (benchmarks print it: other processes
+    skew timings)."""
+    import os
+
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None

@@ -21,7 +21,6 @@ latent but re-expands the whole cache through kv_b_proj at every step, seekforme
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ import torch
 from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
+from ..runtime import loadavg
 from .train import _cpu_name, _require_transformers, build_pair
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -169,7 +169,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
-    load_before = _loadavg()
+    load_before = loadavg()
     rows, kv, spec = [], {}, []
     models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
     for name, directory in models:
@@ -192,7 +192,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                 spec.append(r)
         del model, hf
     settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
-                "load": (load_before, _loadavg())}
+                "load": (load_before, loadavg())}
     result = {"rows": rows, "kv": kv, "speculative": spec, "settings": settings}
     if out_md:
         out = Path(out_md)
@@ -206,14 +206,6 @@ def _fmt_load(load) -> str:
     if not load or None in load:
         return "n/a"
     return f"{load[0]:.1f} / {load[1]:.1f}"
-
-
-def _loadavg() -> float | None:
-    """The 1-minute load average (other processes skew timings: it is printed with the results)."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def to_markdown(result: dict[str, Any]) -> str:

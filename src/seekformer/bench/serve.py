@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..errors import SeekformerError
+from ..runtime import loadavg
 
 QUICKSTART_DIR = Path("seekformer-quickstart")
 PROMPTS = ["The United States", "Call me Ishmael. Some years ago", "To be, or not to be", "Fellow citizens of the"]
@@ -157,8 +158,7 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
             params = (cfg.num_parameters(), cfg.num_parameters(active=True))
             with ServerProcess(path, max_batch_size=max(levels), threads=threads) as srv:
                 rows = measure(srv.url, "bench", levels, requests, max_tokens)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    info = {"load": load, "model": desc, "parameters": params, "max_tokens": max_tokens,
+    info = {"load": loadavg(), "model": desc, "parameters": params, "max_tokens": max_tokens,
             "requests_per_client": requests,
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "threads": threads or torch.get_num_threads(), "torch": torch.__version__,

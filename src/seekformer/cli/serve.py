@@ -69,7 +69,7 @@ def bench_serve_cmd(
     from ..runtime import prefer_passive_openmp
 
     if url is None:
-        prefer_passive_openmp()  # the in-process server runs as `seekformer serve` does
+        prefer_passive_openmp()  # inherited by the server subprocess: it runs as `seekformer serve` does
     from ..bench.serve import markdown, run_serve_bench, write_markdown
 
     levels = tuple(sorted(set(clients or [1, 4, 16])))

@@ -330,13 +330,22 @@ class TaskBatches:
 
     def state_dict(self) -> dict:
         """The stream's position (for resume): RNG state, the rest of this epoch's order, the epoch."""
-        version, internal, gauss = self.rng.getstate()
-        return {"rng": [version, list(internal), gauss], "order": list(self.order), "epoch": self.epoch}
+        return {"rng": random_state(self.rng), "order": list(self.order), "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        set_random_state(self.rng, state["rng"])
         self.order, self.epoch = list(state["order"]), int(state["epoch"])
+
+
+def random_state(rng: random.Random) -> list:
+    """`rng.getstate()` as lists and ints (what torch.load(weights_only=True) reads back)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_random_state(rng: random.Random, state: list) -> None:
+    version, internal, gauss = state
+    rng.setstate((version, tuple(internal), gauss))
 
 
 def eval_batches(examples: list[dict], task_type: str, batch_size: int,

@@ -288,9 +288,9 @@ class Engine:
 
     def _prefill(self, batch: list[Request]) -> list[TokenEvent]:
         """Encode the prompts of `batch` into fresh rows [n, n+k) in one forward; choose their first tokens."""
+        from .generate import prepare_inputs
+
         lo, hi = len(self.running), len(self.running) + len(batch)
-        longest = max(len(r.prompt_ids) for r in batch)
-        pad = self.model.config.pad_token_id or 0
         rows = list(range(lo, hi))
         self.cache.reset_rows(rows)
         for row, req in zip(rows, batch):
@@ -298,12 +298,7 @@ class Engine:
                                       self.tokenizer)
             req.generator = make_generator(req.params.seed, self.model.device)
             self.penalties.reset_row(row, req.prompt_ids)
-        ids = torch.tensor([[pad] * (longest - len(r.prompt_ids)) + r.prompt_ids for r in batch],
-                           device=self.model.device)
-        mask = None
-        if any(len(r.prompt_ids) < longest for r in batch):
-            mask = torch.tensor([[0] * (longest - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch],
-                                device=self.model.device)
+        ids, mask = prepare_inputs(self.model, [r.prompt_ids for r in batch])  # left-padded, with its mask
         logits = self.model(ids, mask, cache=self.cache.rows(lo, hi), logits_to_keep=1).logits[:, -1]
         self.prefill_forwards += 1
         self.prefilled_requests += len(batch)

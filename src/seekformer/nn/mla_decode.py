@@ -139,4 +139,3 @@ def latent_decode(attn, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.
     w_uv = attn.kv_b_proj.weight.view(h, n + attn.v_dim, r)[:, n:]  # [H,V,R]
     o = torch.bmm(o_lat.view(b * t, h, r).transpose(0, 1), w_uv.transpose(1, 2))  # [H,B*T,V]
     return _linear(attn.o_proj, o.transpose(0, 1).reshape(b, t, h * attn.v_dim))
-

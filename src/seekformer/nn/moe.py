@@ -7,8 +7,9 @@ s + b (b = `e_score_correction_bias`, fp32, never trained by the optimizer), fir
 `topk_group` groups with the largest sum of their top-2 biased scores, then the top K; the gate weights
 are the unbiased s of the chosen experts, normalised to sum to 1 (`norm_topk_prob`) and multiplied by
 `routed_scaling_factor`. DeepSeek-V2 uses softmax scores and `greedy` / `group_limited_greedy` (group
-score = max) selection, and (as in `transformers`) never normalises the gate weights. The auxiliary-loss-free update b += gamma * sign(mean load - load) is applied by
-the trainer after each optimizer step from the counts this module accumulates in `load_counts`.
+score = max) selection, and (as in `transformers`) never normalises the gate weights. The
+auxiliary-loss-free update b += gamma * sign(mean load - load) is applied by the trainer after each
+optimizer step from the counts this module accumulates in `load_counts`.
 
 Dispatch: the N*K token copies are sorted by expert once; one grouped GEMM (`torch._grouped_mm`) per
 projection runs every expert on its contiguous block (a per-expert loop of GEMMs where torch has no grouped

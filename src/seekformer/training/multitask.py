@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, atomic_write_text, load_trainer_state
+from ..checkpoint import atomic_directory, atomic_write_text, load_trainer_state, save_trainer_state
 from ..errors import CheckpointError, RecipeError
 from .logs import MetricsLogger, read_metrics
 from .multitask_recipe import FinetuneRecipe
@@ -168,37 +168,30 @@ class MultiTaskTrainer:
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly: weights (heads, LoRA adapters, MoE biases),
         optimizer, schedule, loss weighting, data streams and random generators."""
-        version, internal, gauss = self.rng.getstate()
+        from ..data.tasks import random_state
+
         return {"step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "weighting": self.weighting.checkpoint_state(),
                 "loaders": {n: b.state_dict() for n, b in self.loaders.items()},
-                "rng": [version, list(internal), gauss], "torch_rng": torch.get_rng_state()}
+                "rng": random_state(self.rng), "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> Path:
         """Write OUT/checkpoints/step-N atomically (state.pt + recipe.yaml), point `latest` at it, prune."""
-        import io
-        import shutil
-
-        from .trainer import CHECKPOINTS, LATEST
+        from .trainer import CHECKPOINTS, LATEST, prune_checkpoints
 
         ck = self.out / CHECKPOINTS
-        ck.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:06d}"
-        buf = io.BytesIO()
-        torch.save(self.checkpoint_state(), buf)
         with atomic_directory(ck / name) as tmp:
-            (tmp / "trainer_state").mkdir()
-            (tmp / "trainer_state" / "state.pt").write_bytes(buf.getvalue())
+            save_trainer_state(tmp, self.checkpoint_state())
             (tmp / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
         atomic_write_text(ck / LATEST, name + "\n")
-        old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != name and not p.name.endswith(".tmp"))
-        for p in old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(ck, name, self.t.keep_checkpoints)
         return ck / name
 
     def _resume(self) -> None:
         import yaml
 
+        from ..data.tasks import set_random_state
         from .trainer import CHECKPOINTS, latest_checkpoint
 
         found = latest_checkpoint(self.out)
@@ -225,8 +218,7 @@ class MultiTaskTrainer:
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"the trainer state in {found} does not fit this run ({str(e).splitlines()[0]})"
                                   ) from None
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        set_random_state(self.rng, state["rng"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])
         self.resumed_from = found

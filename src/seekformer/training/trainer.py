@@ -67,6 +67,14 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
+def prune_checkpoints(ck: Path, newest: str, keep: int) -> None:
+    """Delete all but the `keep` newest `step-*` directories under `ck` (`newest`, just written, stays;
+    unfinished temporary directories are hidden and never match)."""
+    old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != newest)
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def check_resume_config(expected: SeekConfig, found: SeekConfig, where: Path) -> None:
     a, b = expected.to_dict(), found.to_dict()
     diffs = [f"{k}: recipe {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a)
@@ -267,9 +275,7 @@ class Trainer:
         save_model(self.model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
         atomic_write_text(ck / LATEST, name + "\n")
         save_model(self.model, self.out, extra_files=files)
-        old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != name)
-        for p in old[: max(0, len(old) - (self.t.keep_checkpoints - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
+        prune_checkpoints(ck, name, self.t.keep_checkpoints)
         return target
 
     # ------------------------------------------------------------------ loop
