@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from ..errors import GenerationError
-from .runner import decode_forward
 from .sampling import PenaltyState, SamplingParams, apply_penalties
 from .stopping import SequenceState, stop_ids
 
@@ -117,7 +116,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
         pen.select(src_t)
         tok_t = torch.tensor(nxt_tok, device=dev)
         pen.update(tok_t)
-        logits = decode_forward(model, tok_t[:, None], cache)
+        logits = model.decode_step(tok_t[:, None], cache)
     for i in range(b):  # prompts that ran out of length: their running beams compete too
         if not done[i]:
             for j in range(i * k, (i + 1) * k):

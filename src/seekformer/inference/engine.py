@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError
-from .runner import decode_forward
 from .sampling import PenaltyState, SamplingParams, choose, make_generator, token_logprobs
 from .stopping import SequenceState, stop_ids
 
@@ -244,7 +243,7 @@ class Engine:
     def _decode(self) -> list[TokenEvent]:
         n = len(self.running)
         last = torch.tensor([[r.state.tokens[-1]] for r in self.running], device=self.model.device)
-        logits = decode_forward(self.model, last, self.cache.rows(0, n))
+        logits = self.model.decode_step(last, self.cache.rows(0, n))
         events = self._choose(logits, list(self.running), 0, n)
         self._retire()
         return events

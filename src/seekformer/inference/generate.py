@@ -21,7 +21,6 @@ import torch
 
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
-from .runner import decode_forward
 from .sampling import PenaltyState, SamplingParams, choose, make_generator
 from .stopping import SequenceState, stop_ids
 
@@ -143,7 +142,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
             pen.select(idx)
             tok = tok[idx]
             active = [active[i] for i in keep]
-        logits = decode_forward(model, tok[:, None], cache)
+        logits = model.decode_step(tok[:, None], cache)
 
 
 def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams: int = 1,
