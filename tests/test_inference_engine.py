@@ -136,3 +136,30 @@ def test_loglikelihood():
     lp = prompt_logprobs(model, ctx + greedy, top_n=2)
     assert lp[0]["logprob"] is None and lp[4]["logprob"] == pytest.approx(float(logp[3, greedy[0]]), abs=1e-4)
     assert lp[4]["top"][0][0] == greedy[0]
+
+
+def test_one_min_new_tokens_rule_for_every_decoder():
+    """generate, the engine, beam search (1 beam) and speculative decoding share the min_new_tokens rule:
+    a stop id the model prefers early is held back until min_new_tokens, and all four agree."""
+    from seekformer.inference.stopping import SequenceState, early_stop_mask, stop_allowed
+
+    model = tiny_model(num_nextn_predict_layers=1)
+    prompt = PROMPTS[0]
+    free = model.generate([prompt], max_new_tokens=8, ignore_eos=True)[0, len(prompt):].tolist()
+    eos = free[1]  # the model would end after 2 tokens with this stop id
+    opts = dict(max_new_tokens=8, eos_token_id=eos, min_new_tokens=5)
+    early = model.generate([prompt], max_new_tokens=8, eos_token_id=eos)[0, len(prompt):].tolist()
+    assert early == free[:2]
+    want = model.generate([prompt], **opts)[0, len(prompt):].tolist()
+    assert eos not in want[:5] and len(want) >= 5
+    assert model.generate([prompt], num_beams=1, **opts)[0, len(prompt):].tolist() == want
+    assert model.generate([prompt], speculative=True, **opts)[0, len(prompt):].tolist() == want
+    assert Engine(model, max_batch_size=2).generate([prompt], SamplingParams(**opts))[0].token_ids == want
+    # the rule itself: stop ids banned for the generated positions before min_new_tokens, per row
+    p = SamplingParams(min_new_tokens=3)
+    assert [stop_allowed(p, n) for n in range(5)] == [False, False, False, True, True]
+    states = [SequenceState(p, {2, 4}), SequenceState(SamplingParams(), {2})]
+    states[0].append(9)
+    mask = early_stop_mask(states, 6, "cpu", steps=3)
+    assert mask[0].nonzero().tolist() == [[0, 2], [0, 4], [1, 2], [1, 4]] and not mask[1].any()
+    assert early_stop_mask(states[1:], 6, "cpu") is None

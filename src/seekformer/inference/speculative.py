@@ -26,23 +26,15 @@ import torch
 
 from ..errors import GenerationError
 from ..nn.kv_cache import KVCache
+from .decoding import new_cache
 from .sampling import SamplingParams
-from .stopping import SequenceState, stop_ids
+from .stopping import SequenceState, early_stop_mask, stop_ids
 
 
-def _argmax(logits: torch.Tensor, states: list[SequenceState], offset: int = 0) -> torch.Tensor:
-    """Greedy choice of logits [B,V] or [B,L,V]; stop ids are banned at generated positions < min_new_tokens."""
-    if any(len(s.tokens) + offset < s.params.min_new_tokens for s in states):
-        logits = logits.clone()
-        for r, s in enumerate(states):
-            ids = list(s.eos_ids)
-            if logits.dim() == 2:
-                if len(s.tokens) + offset < s.params.min_new_tokens:
-                    logits[r, ids] = float("-inf")
-            else:
-                n = max(0, min(logits.shape[1], s.params.min_new_tokens - len(s.tokens) - offset))
-                logits[r, :n, ids] = float("-inf")
-    return logits.argmax(dim=-1)
+def _argmax(logits: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+    """Greedy choice of logits [B,V] or [B,L,V] (L tokens ahead), stop ids masked by the min_new_tokens rule."""
+    mask = early_stop_mask(states, logits.shape[-1], logits.device, None if logits.dim() == 2 else logits.shape[1])
+    return (logits if mask is None else logits.masked_fill(mask, float("-inf"))).argmax(dim=-1)
 
 
 def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
@@ -52,8 +44,6 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     stats: proposed / accepted drafts, acceptance_rate, main_forwards, tokens_per_forward, seconds.
     """
-    from .generate import new_cache
-
     cfg = model.config
     depth = len(model.mtp)
     if depth == 0:
