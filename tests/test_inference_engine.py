@@ -10,7 +10,7 @@ import torch
 from seekformer.errors import GenerationError
 from seekformer.inference import SamplingParams
 from seekformer.inference.engine import Engine
-from seekformer.inference.scoring import loglikelihood, loglikelihood_batch, prompt_logprobs
+from seekformer.inference.scoring import loglikelihood, score_tokens
 
 from .test_inference import ByteTok, tiny_model  # noqa: F401
 
@@ -125,17 +125,20 @@ def test_loglikelihood():
     with torch.no_grad():
         logp = model(torch.tensor([ctx + greedy])).logits[0].log_softmax(-1)
     expect = sum(float(logp[3 + i, t]) for i, t in enumerate(greedy))
-    total, is_greedy = loglikelihood(model, ctx, greedy)
+    (total, is_greedy), = loglikelihood(model, [(ctx, greedy)])
     assert total == pytest.approx(expect, abs=1e-4) and is_greedy
     other = [greedy[0], (greedy[1] + 1) % 256]
-    batch = loglikelihood_batch(model, [(ctx, greedy), ([9], [10, 11, 12]), (ctx, other), ([], [4])], batch_size=3)
+    reqs = [(ctx, greedy), ([9], [10, 11, 12]), (ctx, other), ([], [4])]
+    batch = loglikelihood(model, reqs, batch_size=3)
     assert batch[0][0] == pytest.approx(total, abs=1e-4) and batch[0][1]
     assert not batch[2][1]
-    for (c, x), (s, g) in zip([([9], [10, 11, 12]), ([], [4])], [batch[1], batch[3]]):
-        assert (s, g) == pytest.approx(loglikelihood(model, c, x), abs=1e-4)
-    lp = prompt_logprobs(model, ctx + greedy, top_n=2)
-    assert lp[0]["logprob"] is None and lp[4]["logprob"] == pytest.approx(float(logp[3, greedy[0]]), abs=1e-4)
-    assert lp[4]["top"][0][0] == greedy[0]
+    for req, got in zip(reqs, batch):
+        assert got == pytest.approx(loglikelihood(model, [req])[0], abs=1e-4)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    assert batch[3] == pytest.approx(loglikelihood(model, [([bos], [4])])[0], abs=1e-4)  # empty context: bos
+    s = score_tokens(model, [ctx + greedy], top_n=2)[0]  # a completions API's prompt logprobs
+    assert float(s.logprobs[3]) == pytest.approx(float(logp[3, greedy[0]]), abs=1e-4)
+    assert int(s.top_ids[3, 0]) == greedy[0]
 
 
 def test_one_min_new_tokens_rule_for_every_decoder():
