@@ -180,12 +180,18 @@ def test_dispatch_under_bf16_autocast_close_to_fp32():
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_moe_counts_every_routed_token_and_skips_padding():
-    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
-    moe = MoE(cfg).train()
+def random_moe(cfg, std: float) -> MoE:
+    """A MoE layer with Normal(0, std) parameters."""
+    moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, std)
+    return moe
+
+
+def test_moe_counts_every_routed_token_and_skips_padding():
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
+    moe = random_moe(cfg, 0.1).train()
     x = torch.randn(2, 10, cfg.hidden_size)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :4] = 0
@@ -203,10 +209,7 @@ def test_loss_weights_are_read_from_the_config_at_use_time():
     """Changing seq_aux_loss_alpha / router_z_loss_coef on the config object (as a resumed run does)
     changes the next aux loss of a module built before the change."""
     cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, seq_aux_loss_alpha=0.0, router_z_loss_coef=0.0)
-    moe = MoE(cfg).train()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.3)
+    moe = random_moe(cfg, 0.3).train()
     x = torch.randn(2, 6, cfg.hidden_size)
     moe(x)
     assert float(moe.aux_loss.detach()) == 0.0
@@ -223,10 +226,7 @@ def test_loss_weights_are_read_from_the_config_at_use_time():
 def test_moe_step_runs_only_the_chosen_experts_and_equals_forward(n):
     """The few-token decoding path calls `Experts.expert_forward` once per chosen expert; values == forward."""
     cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)
-    moe = MoE(cfg).eval()
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.1)
+    moe = random_moe(cfg, 0.1).eval()
     x = torch.randn(1, n, cfg.hidden_size)
     calls = []
     real = moe.experts.expert_forward
