@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_to_all_single_autograd  # (torch's recommended form)
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -53,6 +53,9 @@ class ExpertParallelExperts(nn.Module):
         self.gate_up_proj = shard(experts.gate_up_proj)
         self.down_proj = shard(experts.down_proj)
         self.use_grouped_mm = experts.use_grouped_mm
+        # all-to-all traffic counters (telemetry, never saved): tokens dispatched, bytes sent, bytes that left
+        # this rank (rows whose expert lives elsewhere), in both directions
+        self.traffic = {"tokens": 0, "bytes": 0, "remote_bytes": 0}
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D]."""
@@ -68,8 +71,7 @@ class ExpertParallelExperts(nn.Module):
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # chunk s: source s's rows per local expert
         send_splits = counts.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts.view(ep, local).sum(1).tolist()
-        recv = dist_fn.all_to_all_single(send.new_empty(sum(recv_splits), send.shape[1]), send, recv_splits,
-                                         send_splits, group=self.group)  # [R,D+1] by (source, expert)
+        recv = _all_to_all(send, recv_splits, send_splits, self.group)  # [R,D+1] by (source, expert)
         expert_of_row = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts)
         perm = expert_of_row.argsort(stable=True)  # regroup by local expert
         rows = recv.index_select(0, perm)
@@ -77,14 +79,29 @@ class ExpertParallelExperts(nn.Module):
         y = self._compute(rows[:, :-1].contiguous(), rows[:, -1:].contiguous(), local_counts)  # [R,D]
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        back = dist_fn.all_to_all_single(y.new_empty(sum(send_splits), y.shape[1]), y.index_select(0, inverse),
-                                         send_splits, recv_splits, group=self.group)  # [S,D]
+        back = _all_to_all(y.index_select(0, inverse), send_splits, recv_splits, self.group)  # [S,D]
+        self._count(n, send, y, send_splits)
         return torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
+
+    def _count(self, n: int, send: torch.Tensor, y: torch.Tensor, send_splits: list[int]) -> None:
+        """Add the all-to-all traffic this rank's n tokens cause: their S = n*K rows out (D+1 wide) and their
+        results back (D wide); `remote_bytes` counts only rows whose expert lives on another rank."""
+        row = send.shape[1] * send.element_size() + y.shape[1] * y.element_size()
+        self.traffic["tokens"] += n
+        self.traffic["bytes"] += sum(send_splits) * row
+        self.traffic["remote_bytes"] += (sum(send_splits) - send_splits[self.ep_rank]) * row
 
     def _compute(self, xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The grouped SwiGLU of the local experts on rows grouped by expert: xs [R,D], gate_w [R,1] -> [R,D]."""
         w_gu, w_down = self.gate_up_proj.to_local(), self.down_proj.to_local()
         return Experts.grouped_swiglu(xs, gate_w, counts, w_gu, w_down, self.use_grouped_mm)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows of x [sum(in_splits), C] exchanged with every rank of `group` -> [sum(out_splits), C] (autograd:
+    the backward is the reverse exchange)."""
+    out = all_to_all_single_autograd(x, out_splits, in_splits, group)
+    return out.wait() if hasattr(out, "wait") else out
 
 
 def apply_expert_parallel(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
