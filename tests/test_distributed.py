@@ -231,3 +231,27 @@ def test_bad_recipe_under_torchrun_exits_2_on_every_rank_without_hanging(tmp_pat
     assert p.returncode != 0
     assert p.stderr.count("error: parallel.expert_parallel=3") == 1, p.stderr  # rank 0 only
     assert "exitcode  : 2" in p.stderr or "exit code 2" in p.stderr.lower() or "exitcode: 2" in p.stderr, p.stderr
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    from seekformer import SeekForCausalLM
+    from seekformer.distributed import Parallel
+
+    def train(ac: bool) -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        model = SeekForCausalLM(tiny_config(num_nextn_predict_layers=1, seq_aux_loss_alpha=1e-3)).train()
+        Parallel.single(ParallelRecipe(activation_checkpointing=ac)).wrap(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            out = model(ids, labels=ids)
+            out.loss.backward()
+            opt.step()
+            losses.append(float(out.loss))
+        return losses, torch.stack([m.load_counts for _, m in model.moe_layers()])
+
+    (plain, loads_plain), (ac, loads_ac) = train(False), train(True)
+    assert plain == ac
+    assert torch.equal(loads_plain, loads_ac)  # recomputation in backward does not count tokens twice

@@ -126,6 +126,8 @@ class Parallel:
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply expert parallelism and DDP/FSDP2 to `model` (in place where possible); returns the module
         to call for forward passes (`model` itself with one process)."""
+        if self.recipe.activation_checkpointing:
+            _checkpoint_blocks(model)
         if not self.distributed:
             self.wrapped = model
             return model
@@ -141,8 +143,6 @@ class Parallel:
                 ((ep,), ("ep",))
             self.mesh = init_device_mesh(dev, shape, mesh_dim_names=names)
             self.expert_params = apply_expert_parallel(model, self.mesh)
-        if p.activation_checkpointing:
-            _checkpoint_blocks(model)
         ignored = set(self.expert_params)
         if p.strategy == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -286,9 +286,20 @@ def _first_then_others(p: Parallel) -> Iterator[None]:
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute every decoder block's activations in backward (non-reentrant checkpointing)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    """Recompute every decoder block's activations in backward (non-reentrant torch.utils.checkpoint).
 
-    layers = model.model.layers
-    for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block)
+    The block's `forward` is wrapped in place, so parameter names (and checkpoints) do not change; MoE layers
+    skip their load counting while being recomputed (nn.moe), so balancing sees every token once.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.model.layers) + [m.block for m in getattr(model, "mtp", [])]
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward

@@ -199,7 +199,8 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
             if m is not None:
                 chosen = chosen * m[:, None]
-            self.load_counts += chosen.sum(0)
+            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward
+                self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
         if self.seq_aux_loss_alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
