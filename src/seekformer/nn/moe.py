@@ -161,25 +161,31 @@ class Experts(nn.Module):
 
     def compute(self, d: Dispatch) -> torch.Tensor:
         """Every expert on its block of rows, scaled by the routing weights: [S,D] -> [S,D]."""
-        xs = d.x
-        dtype = xs.dtype
-        w_gu, w_down = self.gate_up_proj.to(dtype), self.down_proj.to(dtype)
-        gate_w = d.gate.to(dtype)
-        if self.use_grouped_mm and grouped_mm_supported(xs, w_gu):
-            offs = d.counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S,F] each
-            act = F.silu(gate) * up * gate_w  # routing weight applied on the narrower side
-            return torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
-        parts = []
-        for xe, we, wd in zip(xs.split(d.counts.tolist()), w_gu.unbind(0), w_down.unbind(0)):
-            if xe.shape[0]:
-                gate, up = F.linear(xe, we).chunk(2, dim=-1)
-                parts.append(F.linear(F.silu(gate) * up, wd))
-        return torch.cat(parts) * gate_w if parts else xs.new_zeros(0, xs.shape[1])
+        dtype = d.x.dtype
+        return self.grouped_swiglu(d.x, d.gate.to(dtype), d.counts, self.gate_up_proj.to(dtype),
+                                   self.down_proj.to(dtype), self.use_grouped_mm)
 
     def combine(self, ys: torch.Tensor, d: Dispatch, x: torch.Tensor) -> torch.Tensor:
         """Sum the expert outputs ys [S,D] back per token: -> [N,D] in x's dtype."""
         return torch.zeros_like(x).index_add_(0, d.token, ys.to(x.dtype))
+
+    @staticmethod
+    def grouped_swiglu(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor,
+                       w_down: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+        """Rows grouped by expert -> gate_w * SwiGLU_e(rows): xs [S,D], gate_w [S,1], counts [E] (rows per
+        expert, in order), w_gu [E,2F,D], w_down [E,D,F] -> [S,D]. The routing weight is applied on the
+        narrower side (before down_proj). Expert parallelism calls this on each rank's local experts."""
+        if use_grouped_mm and grouped_mm_supported(xs, w_gu):
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S,F] each
+            act = F.silu(gate) * up * gate_w
+            return torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
+        parts = []
+        for xe, we, wd in zip(xs.split(counts.tolist()), w_gu.unbind(0), w_down.unbind(0)):
+            if xe.shape[0]:
+                gate, up = F.linear(xe, we).chunk(2, dim=-1)
+                parts.append(F.linear(F.silu(gate) * up, wd))
+        return torch.cat(parts) * gate_w if parts else xs.new_zeros(0, w_down.shape[1])
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on its rows: x [M,D] -> [M,D] (unweighted; the few-token decoding path)."""
@@ -256,7 +262,8 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
             if m is not None:
                 chosen = chosen * m[:, None]
-            self.load_counts += chosen.sum(0)
+            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward
+                self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
         if alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
