@@ -166,3 +166,22 @@ def test_one_min_new_tokens_rule_for_every_decoder():
     mask = early_stop_mask(states, 6, "cpu", steps=3)
     assert mask[0].nonzero().tolist() == [[0, 2], [0, 4], [1, 2], [1, 4]] and not mask[1].any()
     assert early_stop_mask(states[1:], 6, "cpu") is None
+
+
+def test_decoders_share_helpers_without_an_import_circle():
+    """beam, speculative and the engine import the shared decoding helpers, never generate (no circle);
+    nothing in inference/ repeats the model's math (no module reaches into the model's layers)."""
+    import ast
+    from pathlib import Path
+
+    import seekformer.inference as inf
+
+    root = Path(inf.__file__).parent
+    for name in ("beam", "speculative", "engine", "decoding", "sampling", "stopping", "scoring"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "generate" not in imported, name
+    assert not (root / "runner.py").exists()
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert not any(s in text for s in ("embed_tokens", "lm_head", ".layers", "mla_decode", "few_rows")), path

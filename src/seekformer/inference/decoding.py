@@ -152,8 +152,9 @@ class DecodeBatch:
     def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, list[str]]:
         """Pick the next token of rows [lo, hi) from logits [hi-lo, V] and record it in their states.
 
-        Stop ids are masked before `min_new_tokens` (`stopping.early_stop_mask`). Returns (tokens [hi-lo],
-        text pieces); a row that finishes stays until `retire`.
+        Stop ids are masked before `min_new_tokens` (`stopping.early_stop_mask`); per-request logits rules
+        that need the tokens so far (e.g. a constraint in SamplingParams) get them from `states` here.
+        Returns (tokens [hi-lo], text pieces); a row that finishes stays until `retire`.
         """
         hi = len(self.rows) if hi is None else hi
         rows = self.rows[lo:hi]
