@@ -14,9 +14,8 @@ from seekformer.errors import DataError
 from seekformer.evaluation.multiple_choice import (
     Question, _choice_scores, build_prompt, evaluate_multiple_choice, read_questions,
 )
-from seekformer.evaluation.perplexity import (
-    evaluate_perplexity, loglikelihood, next_token_logprobs, rolling_windows, score_tokens,
-)
+from seekformer.evaluation.perplexity import evaluate_perplexity, rolling_windows
+from seekformer.inference.scoring import loglikelihood, next_token_logprobs, score_tokens
 from seekformer.serving.demo import build_demo_model_dir
 from seekformer.serving.server import load_model_dir
 

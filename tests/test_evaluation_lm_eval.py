@@ -18,7 +18,8 @@ from lm_eval.evaluator import simple_evaluate  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 import seekformer.evaluation.lm_eval_adapter  # noqa: E402,F401  (registers --model seekformer)
-from seekformer.evaluation.perplexity import evaluate_perplexity, loglikelihood  # noqa: E402
+from seekformer.evaluation.perplexity import evaluate_perplexity
+from seekformer.inference.scoring import loglikelihood  # noqa: E402
 from seekformer.inference import generate_text  # noqa: E402
 from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 from seekformer.serving.server import load_model_dir  # noqa: E402

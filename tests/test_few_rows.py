@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seekformer.nn import few_rows
-from seekformer.nn.few_rows import few_rows_linear, mlp_forward
+from seekformer.nn.few_rows import few_rows_linear
 from seekformer.nn.mlp import MLP
 
 
@@ -42,12 +42,12 @@ def test_takes_the_mm_path_only_where_it_pays(monkeypatch):
     assert w.grad is not None and len(calls) == 1
 
 
-def test_mlp_forward_equals_the_module():
+def test_mlp_step_equals_the_module():
     torch.manual_seed(0)
     mlp = MLP(64, 1100)
     x = torch.randn(1, 3, 64)
     with torch.no_grad():
-        torch.testing.assert_close(mlp_forward(mlp, x), mlp(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mlp.step(x), mlp(x), rtol=1e-5, atol=1e-5)
 
 
 def test_decoding_through_wide_weights_equals_the_uncached_argmax_chain():

@@ -96,10 +96,8 @@ def test_cached_logits_equal_uncached(mode, q_lora_rank):
 
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
-def test_decode_forward_equals_uncached(fold, q_lora_rank):
-    """The lean decoding path (fused norms, rope matrix, folded or per-head absorption, few-token MoE)."""
-    from seekformer.inference.runner import decode_forward
-
+def test_decode_step_equals_uncached(fold, q_lora_rank):
+    """The model's decode step (fused norms, rope matrix, folded or per-head absorption, few-token MoE)."""
     model = tiny_model(q_lora_rank=q_lora_rank, attention_bias=True)
     with torch.no_grad():
         for p in model.parameters():  # non-zero biases
@@ -114,10 +112,50 @@ def test_decode_forward_equals_uncached(fold, q_lora_rank):
             full = model(ids).logits
             cache = KVCache(model.config, b, 32)
             model(ids[:, :10], cache=cache)
-            steps = [decode_forward(model, ids[:, i:i + 1], cache) for i in range(10, 13)]
-            chunk = decode_forward(model, ids[:, 13:16], cache, last_only=False)
+            steps = [model.decode_step(ids[:, i:i + 1], cache) for i in range(10, 13)]
+            chunk = model.decode_step(ids[:, 13:16], cache, last_only=False)
         inc = torch.cat([torch.stack(steps, 1), chunk], dim=1)
         assert (inc - full[:, 10:]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_decode_step_equals_forward_with_cache(b):
+    """`model.decode_step` (the step methods) == `model(ids, cache=...)` through the training modules' forward
+    (expanded keys/values: gradients on), step by step: logits, hidden states and the cached latents."""
+    model = tiny_model(seed=3, num_nextn_predict_layers=1)
+    ids = torch.randint(3, 256, (b, 14))
+    c_step, c_fwd = KVCache(model.config, b, 32), KVCache(model.config, b, 32)
+    with torch.no_grad():
+        model(ids[:, :8], cache=c_step)
+        model(ids[:, :8], cache=c_fwd)
+    for lo, hi in ((8, 9), (9, 10), (10, 13), (13, 14)):
+        with torch.no_grad():
+            logits, hidden = model.decode_step(ids[:, lo:hi], c_step, last_only=False, return_hidden=True)
+        with torch.enable_grad():  # forces the forward path (no absorbed step)
+            ref = model(ids[:, lo:hi], cache=c_fwd, return_hidden=True)
+        torch.testing.assert_close(logits, ref.logits.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hidden, ref.hidden_states.detach(), rtol=1e-4, atol=1e-4)
+    for a, r in zip(c_step.k, c_fwd.k):
+        torch.testing.assert_close(a[:, :14], r[:, :14].detach(), rtol=1e-4, atol=1e-4)
+    # the MTP step on its own one-layer cache == the module's forward on that cache
+    cfg = model.config
+    caches = [KVCache(cfg, b, 32, num_layers=1, first_layer=cfg.num_hidden_layers) for _ in range(2)]
+    h = torch.randn(b, 3, cfg.hidden_size)
+    am = torch.ones(b, 3, dtype=torch.long)
+    with torch.no_grad():
+        got_h, got_logits = model.mtp_step(0, h, ids[:, 1:4], am, caches[0])
+    with torch.enable_grad():
+        ref_h, ref_logits = model.mtp_step(0, h, ids[:, 1:4], am, caches[1])  # no_grad inside: the step path
+    torch.testing.assert_close(got_h, ref_h)
+    module = model.mtp[0]
+    slots, pos, mask = caches[1].prepare(am)
+    with torch.enable_grad():
+        cos, sin = model.model.rotary_emb(pos, h.dtype)
+        fwd = module(got_h, model.model.embed_tokens(ids[:, 4:7]), cos, sin, mask, caches[1], slots, am)
+    caches[1].commit()
+    with torch.no_grad():
+        h2, _ = model.mtp_step(0, got_h, ids[:, 4:7], am, caches[0])
+    torch.testing.assert_close(h2, fwd.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_latent_cache_is_small():

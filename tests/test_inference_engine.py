@@ -10,7 +10,7 @@ import torch
 from seekformer.errors import GenerationError
 from seekformer.inference import SamplingParams
 from seekformer.inference.engine import Engine
-from seekformer.inference.scoring import loglikelihood, loglikelihood_batch, prompt_logprobs
+from seekformer.inference.scoring import loglikelihood, score_tokens
 
 from .test_inference import ByteTok, tiny_model  # noqa: F401
 
@@ -125,14 +125,63 @@ def test_loglikelihood():
     with torch.no_grad():
         logp = model(torch.tensor([ctx + greedy])).logits[0].log_softmax(-1)
     expect = sum(float(logp[3 + i, t]) for i, t in enumerate(greedy))
-    total, is_greedy = loglikelihood(model, ctx, greedy)
+    (total, is_greedy), = loglikelihood(model, [(ctx, greedy)])
     assert total == pytest.approx(expect, abs=1e-4) and is_greedy
     other = [greedy[0], (greedy[1] + 1) % 256]
-    batch = loglikelihood_batch(model, [(ctx, greedy), ([9], [10, 11, 12]), (ctx, other), ([], [4])], batch_size=3)
+    reqs = [(ctx, greedy), ([9], [10, 11, 12]), (ctx, other), ([], [4])]
+    batch = loglikelihood(model, reqs, batch_size=3)
     assert batch[0][0] == pytest.approx(total, abs=1e-4) and batch[0][1]
     assert not batch[2][1]
-    for (c, x), (s, g) in zip([([9], [10, 11, 12]), ([], [4])], [batch[1], batch[3]]):
-        assert (s, g) == pytest.approx(loglikelihood(model, c, x), abs=1e-4)
-    lp = prompt_logprobs(model, ctx + greedy, top_n=2)
-    assert lp[0]["logprob"] is None and lp[4]["logprob"] == pytest.approx(float(logp[3, greedy[0]]), abs=1e-4)
-    assert lp[4]["top"][0][0] == greedy[0]
+    for req, got in zip(reqs, batch):
+        assert got == pytest.approx(loglikelihood(model, [req])[0], abs=1e-4)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    assert batch[3] == pytest.approx(loglikelihood(model, [([bos], [4])])[0], abs=1e-4)  # empty context: bos
+    s = score_tokens(model, [ctx + greedy], top_n=2)[0]  # a completions API's prompt logprobs
+    assert float(s.logprobs[3]) == pytest.approx(float(logp[3, greedy[0]]), abs=1e-4)
+    assert int(s.top_ids[3, 0]) == greedy[0]
+
+
+def test_one_min_new_tokens_rule_for_every_decoder():
+    """generate, the engine, beam search (1 beam) and speculative decoding share the min_new_tokens rule:
+    a stop id the model prefers early is held back until min_new_tokens, and all four agree."""
+    from seekformer.inference.stopping import SequenceState, early_stop_mask, stop_allowed
+
+    model = tiny_model(num_nextn_predict_layers=1)
+    prompt = PROMPTS[0]
+    free = model.generate([prompt], max_new_tokens=8, ignore_eos=True)[0, len(prompt):].tolist()
+    eos = free[1]  # the model would end after 2 tokens with this stop id
+    opts = dict(max_new_tokens=8, eos_token_id=eos, min_new_tokens=5)
+    early = model.generate([prompt], max_new_tokens=8, eos_token_id=eos)[0, len(prompt):].tolist()
+    assert early == free[:2]
+    want = model.generate([prompt], **opts)[0, len(prompt):].tolist()
+    assert eos not in want[:5] and len(want) >= 5
+    assert model.generate([prompt], num_beams=1, **opts)[0, len(prompt):].tolist() == want
+    assert model.generate([prompt], speculative=True, **opts)[0, len(prompt):].tolist() == want
+    assert Engine(model, max_batch_size=2).generate([prompt], SamplingParams(**opts))[0].token_ids == want
+    # the rule itself: stop ids banned for the generated positions before min_new_tokens, per row
+    p = SamplingParams(min_new_tokens=3)
+    assert [stop_allowed(p, n) for n in range(5)] == [False, False, False, True, True]
+    states = [SequenceState(p, {2, 4}), SequenceState(SamplingParams(), {2})]
+    states[0].append(9)
+    mask = early_stop_mask(states, 6, "cpu", steps=3)
+    assert mask[0].nonzero().tolist() == [[0, 2], [0, 4], [1, 2], [1, 4]] and not mask[1].any()
+    assert early_stop_mask(states[1:], 6, "cpu") is None
+
+
+def test_decoders_share_helpers_without_an_import_circle():
+    """beam, speculative and the engine import the shared decoding helpers, never generate (no circle);
+    nothing in inference/ repeats the model's math (no module reaches into the model's layers)."""
+    import ast
+    from pathlib import Path
+
+    import seekformer.inference as inf
+
+    root = Path(inf.__file__).parent
+    for name in ("beam", "speculative", "engine", "decoding", "sampling", "stopping", "scoring"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "generate" not in imported, name
+    assert not (root / "runner.py").exists()
+    for path in root.glob("*.py"):
+        text = path.read_text()
+        assert not any(s in text for s in ("embed_tokens", "lm_head", ".layers", "mla_decode", "few_rows")), path

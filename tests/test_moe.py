@@ -180,17 +180,71 @@ def test_dispatch_under_bf16_autocast_close_to_fp32():
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
-def test_moe_counts_every_routed_token_and_skips_padding():
-    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
-    moe = MoE(cfg).train()
+def random_moe(cfg, std: float) -> MoE:
+    """A MoE layer with Normal(0, std) parameters."""
+    moe = MoE(cfg)
     with torch.no_grad():
         for p in moe.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, std)
+    return moe
+
+
+def test_moe_counts_every_routed_token_and_skips_padding():
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
+    moe = random_moe(cfg, 0.1).train()
     x = torch.randn(2, 10, cfg.hidden_size)
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :4] = 0
+    seen = []
+    hook = moe.gate.register_forward_hook(lambda mod, args, out: seen.append(out))  # routing capture
     out = moe(x, mask)
+    hook.remove()
     assert out.shape == x.shape
     assert float(moe.load_counts.sum()) == int(mask.sum()) * 3  # padding is routed but not counted
-    torch.testing.assert_close(moe.load_counts, torch.bincount(moe.last_routing.indices[mask.reshape(-1).bool()]
+    torch.testing.assert_close(moe.load_counts, torch.bincount(seen[0].indices[mask.reshape(-1).bool()]
                                                                .reshape(-1), minlength=8).float())
+
+
+def test_loss_weights_are_read_from_the_config_at_use_time():
+    """Changing seq_aux_loss_alpha / router_z_loss_coef on the config object (as a resumed run does)
+    changes the next aux loss of a module built before the change."""
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, seq_aux_loss_alpha=0.0, router_z_loss_coef=0.0)
+    moe = random_moe(cfg, 0.3).train()
+    x = torch.randn(2, 6, cfg.hidden_size)
+    moe(x)
+    assert float(moe.aux_loss.detach()) == 0.0
+    cfg.seq_aux_loss_alpha = 0.01
+    moe(x)
+    seq_only = float(moe.aux_loss.detach())
+    assert seq_only > 0
+    cfg.router_z_loss_coef = 0.001
+    moe(x)
+    assert float(moe.aux_loss.detach()) > seq_only
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_moe_step_runs_only_the_chosen_experts_and_equals_forward(n):
+    """The few-token decoding path calls `Experts.expert_forward` once per chosen expert; values == forward."""
+    cfg = tiny_config(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)
+    moe = random_moe(cfg, 0.1).eval()
+    x = torch.randn(1, n, cfg.hidden_size)
+    calls = []
+    real = moe.experts.expert_forward
+    moe.experts.expert_forward = lambda e, rows: calls.append((e, rows.shape[0])) or real(e, rows)
+    with torch.no_grad():
+        got, ref = moe.step(x), moe(x)
+        routing = moe.gate(x.reshape(-1, cfg.hidden_size))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    chosen = routing.indices.reshape(-1).tolist()
+    assert sorted(e for e, _ in calls) == sorted(set(chosen))  # each chosen expert once, no other
+    assert sum(m for _, m in calls) == len(chosen)  # on exactly the rows that chose it
+
+
+def test_experts_stages_compose_to_forward():
+    """dispatch -> compute -> combine (the seams expert parallelism swaps) == forward."""
+    experts, x, indices, weights = make_dispatch(8, 2, 16, "uniform", seed=3)
+    with torch.no_grad():
+        d = experts.dispatch(x, indices, weights)
+        assert d.x.shape == (16 * 2, x.shape[1]) and d.counts.tolist() == torch.bincount(
+            indices.reshape(-1), minlength=8).tolist()
+        torch.testing.assert_close(experts.combine(experts.compute(d), d, x), experts(x, indices, weights))

@@ -15,7 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from seekformer.evaluation.perplexity import score_tokens  # noqa: E402
+from seekformer.inference.scoring import score_tokens  # noqa: E402
 from seekformer.inference import generate_text  # noqa: E402
 from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir  # noqa: E402
 from seekformer.serving.demo import build_demo_model_dir  # noqa: E402

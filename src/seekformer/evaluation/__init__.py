@@ -20,9 +20,9 @@ _EXPORTS = {
 _EXPORTS.update({  # perplexity.py, multiple_choice.py (lm_eval_adapter.py is imported on demand: it needs lm-eval)
     "evaluate_perplexity": "perplexity",
     "PerplexityResult": "perplexity",
-    "score_tokens": "perplexity",
-    "loglikelihood": "perplexity",
-    "next_token_logprobs": "perplexity",
+    "score_tokens": "..inference.scoring",  # the one scorer lives in inference/ (serving uses it too)
+    "loglikelihood": "..inference.scoring",
+    "next_token_logprobs": "..inference.scoring",
     "perplexity_documents": "perplexity",
     "evaluate_multiple_choice": "multiple_choice",
     "read_questions": "multiple_choice",
@@ -36,5 +36,6 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        mod = _EXPORTS[name]
+        return getattr(importlib.import_module(mod if mod.startswith(".") else f".{mod}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

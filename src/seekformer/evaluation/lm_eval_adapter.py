@@ -34,7 +34,7 @@ from lm_eval.models.utils import handle_stop_sequences
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..inference.generate import generate
-from .perplexity import loglikelihood as _loglikelihood
+from ..inference.scoring import loglikelihood as _loglikelihood
 
 MODEL_NAME = "seekformer"
 MODEL_TARGET = "seekformer.evaluation.lm_eval_adapter:SeekformerLM"

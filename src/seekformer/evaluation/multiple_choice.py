@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from .perplexity import loglikelihood
+from ..inference.scoring import loglikelihood
 
 LETTERS = "ABCDEFGHIJ"
 _SPLIT_SUFFIX = re.compile(r"_(test|dev|val|validation|train)$")

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import GenerationError
-from .runner import decode_forward
+from .decoding import new_cache
 from .sampling import PenaltyState, SamplingParams, apply_penalties
-from .stopping import SequenceState, stop_ids
+from .stopping import SequenceState, stop_allowed, stop_ids
 
 
 class Hypotheses:
@@ -51,8 +51,6 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
                 num_beams: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 tokenizer=None, cache_mode: str = "latent") -> list[SequenceState]:
     """Beam-search continuations of input_ids [B,T]; returns the best hypothesis of each prompt."""
-    from .generate import new_cache  # shared helper (generate imports this module lazily)
-
     if not params.greedy:
         raise GenerationError("beam search does not sample: drop do_sample/temperature or use num_beams=1")
     if early_stopping not in (True, False, "never"):
@@ -79,7 +77,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
     pad = eos_list[0] if eos_list else 0
     for step in range(n_max):
         scores = apply_penalties(logits.float(), [params] * (b * k), pen).log_softmax(dim=-1)
-        if step < params.min_new_tokens and eos_list:
+        if eos_list and not stop_allowed(params, step):  # every beam has `step` tokens
             scores[:, eos_list] = float("-inf")
         cand = (beam_scores[:, None] + scores).view(b, k * v)
         top_s, top_i = cand.topk(min(2 * k, k * v), dim=1)
@@ -117,7 +115,7 @@ def beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pa
         pen.select(src_t)
         tok_t = torch.tensor(nxt_tok, device=dev)
         pen.update(tok_t)
-        logits = decode_forward(model, tok_t[:, None], cache)
+        logits = model.decode_step(tok_t[:, None], cache)
     for i in range(b):  # prompts that ran out of length: their running beams compete too
         if not done[i]:
             for j in range(i * k, (i + 1) * k):

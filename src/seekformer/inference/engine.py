@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError
-from .runner import decode_forward
-from .sampling import PenaltyState, SamplingParams, choose, make_generator, token_logprobs
+from .decoding import DecodeBatch, new_cache, prepare_inputs
+from .sampling import PenaltyState, SamplingParams, make_generator, token_logprobs
 from .stopping import SequenceState, stop_ids
 
 # Batched prefill (see Engine._take_prefill_batch): how much left padding a batch of prompts may carry.
@@ -91,17 +91,14 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_length: int | None = None,
                  cache_mode: str = "latent") -> None:
-        from .generate import new_cache
-
         ctx = model.config.max_position_embeddings
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
         self.max_length = min(int(max_length or ctx), ctx)
-        self.cache = new_cache(model, self.max_batch_size, self.max_length, cache_mode)
         v = model.config.vocab_size
-        self.penalties = PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True)
-        self.running: list[Request] = []  # running[i] lives in cache row i
+        self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length, cache_mode),
+                                 PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True))
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -145,6 +142,15 @@ class Engine:
     def has_work(self) -> bool:
         with self._lock:
             return bool(self.running or self._waiting)
+
+    @property
+    def running(self) -> list[Request]:
+        """The running requests; running[i] lives in row i of the decode batch's cache."""
+        return self.batch.rows
+
+    @property
+    def cache(self):
+        return self.batch.cache
 
     @property
     def num_running(self) -> int:
@@ -203,38 +209,21 @@ class Engine:
         return TokenEvent(req.id, None, text, len(req.state.tokens), finish_reason=req.state.finish_reason)
 
     def _remove_row(self, i: int) -> None:
-        """Free row i: the last running row moves into it, so rows stay 0..n-1."""
-        last = len(self.running) - 1
-        if i != last:
-            self.cache.move_row(last, i)
-            self.penalties.seen[i] = self.penalties.seen[last]
-            self.penalties.counts[i] = self.penalties.counts[last]
-            self.running[i] = self.running[last]
-        self.cache.reset_rows([last])
-        self.running.pop()
+        """Free row i (the decode batch moves its last row into it)."""
+        self.batch.remove(i)
 
-    def _choose(self, logits: torch.Tensor, reqs: list[Request], lo: int, hi: int) -> list[TokenEvent]:
-        """Pick tokens for rows [lo, hi) from logits [n,V]; record them and emit events."""
-        pen = PenaltyState(self.penalties.seen[lo:hi], self.penalties.counts[lo:hi], True)
-        states = [r.state for r in reqs]
-        banned = None
-        if any(len(s.tokens) < s.params.min_new_tokens for s in states):
-            banned = torch.zeros_like(logits, dtype=torch.bool)
-            for j, s in enumerate(states):
-                if len(s.tokens) < s.params.min_new_tokens:
-                    banned[j, list(s.eos_ids)] = True
-        tok = choose(logits, [r.params for r in reqs], pen, [r.generator for r in reqs], banned)
-        pen.update(tok)
+    def _choose(self, logits: torch.Tensor, lo: int, hi: int) -> list[TokenEvent]:
+        """Pick tokens for rows [lo, hi) from logits [n,V] (the decode batch's rule); emit events with logprobs."""
+        reqs = self.running[lo:hi]
+        tok, pieces = self.batch.choose(logits, lo, hi)
         want = [r.params.logprobs for r in reqs]
         lp = top_v = top_i = None
         if any(w is not None for w in want):
             lp, top_v, top_i = token_logprobs(logits, tok, max(w or 0 for w in want))
             lp, top_v, top_i = lp.tolist(), top_v.tolist(), top_i.tolist()
         events = []
-        for j, (req, t) in enumerate(zip(reqs, tok.tolist())):
-            index = len(req.state.tokens)
-            piece = req.state.append(t)
-            ev = TokenEvent(req.id, t, piece, index, finish_reason=req.state.finish_reason)
+        for j, (req, t, piece) in enumerate(zip(reqs, tok.tolist(), pieces)):
+            ev = TokenEvent(req.id, t, piece, len(req.state.tokens) - 1, finish_reason=req.state.finish_reason)
             if want[j] is not None:
                 ev.logprob = lp[j]
                 ev.top_logprobs = list(zip(top_i[j][: want[j]], top_v[j][: want[j]]))
@@ -242,18 +231,10 @@ class Engine:
         return events
 
     def _decode(self) -> list[TokenEvent]:
-        n = len(self.running)
-        last = torch.tensor([[r.state.tokens[-1]] for r in self.running], device=self.model.device)
-        logits = decode_forward(self.model, last, self.cache.rows(0, n))
-        events = self._choose(logits, list(self.running), 0, n)
-        self._retire()
+        """One decoding step of every running request."""
+        events = self._choose(self.batch.decode(), 0, len(self.running))
+        self.batch.retire()
         return events
-
-    def _retire(self) -> None:
-        for i in reversed(range(len(self.running))):
-            req = self.running[i]
-            if req.state.finished:
-                self._remove_row(i)
 
     def _admit(self) -> list[TokenEvent]:
         events = []
@@ -262,7 +243,7 @@ class Engine:
             if not batch:
                 break
             events += self._prefill(batch)
-        self._retire()
+        self.batch.retire()
         return events
 
     def _take_prefill_batch(self, free: int) -> list[Request]:
@@ -288,19 +269,13 @@ class Engine:
 
     def _prefill(self, batch: list[Request]) -> list[TokenEvent]:
         """Encode the prompts of `batch` into fresh rows [n, n+k) in one forward; choose their first tokens."""
-        from .generate import prepare_inputs
-
-        lo, hi = len(self.running), len(self.running) + len(batch)
-        rows = list(range(lo, hi))
-        self.cache.reset_rows(rows)
-        for row, req in zip(rows, batch):
+        for req in batch:
             req.state = SequenceState(req.params, stop_ids(req.params, self.model.config.eos_token_id),
                                       self.tokenizer)
             req.generator = make_generator(req.params.seed, self.model.device)
-            self.penalties.reset_row(row, req.prompt_ids)
+        lo, hi = self.batch.admit(batch, [r.prompt_ids for r in batch])
         ids, mask = prepare_inputs(self.model, [r.prompt_ids for r in batch])  # left-padded, with its mask
-        logits = self.model(ids, mask, cache=self.cache.rows(lo, hi), logits_to_keep=1).logits[:, -1]
+        logits = self.batch.prefill(lo, hi, ids, mask)
         self.prefill_forwards += 1
         self.prefilled_requests += len(batch)
-        self.running.extend(batch)
-        return self._choose(logits, batch, lo, hi)
+        return self._choose(logits, lo, hi)

@@ -20,10 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import GenerationError
-from ..nn.kv_cache import CACHE_MODES, KVCache
-from .runner import decode_forward
-from .sampling import PenaltyState, SamplingParams, choose, make_generator
+from .beam import beam_search
+from .decoding import DecodeBatch, Row, check_context, new_cache, pad_id, prepare_inputs
+from .sampling import PenaltyState, SamplingParams, make_generator
+from .speculative import speculative_decode
 from .stopping import SequenceState, stop_ids
+
+__all__ = ["GenerateOutput", "decode_steps", "generate", "generate_text", "prepare_inputs", "stream"]
 
 
 @dataclass
@@ -37,113 +40,31 @@ class GenerateOutput:
     stats: dict = field(default_factory=dict)  # e.g. speculative acceptance rate
 
 
-def prepare_inputs(model, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accept a tensor [B,T] or [T], a list of ids, or a list of id lists (left-padded here).
-
-    Returns (input_ids [B,T], attention_mask [B,T]) on the model's device. Raises GenerationError for
-    empty prompts and ids outside the vocabulary.
-    """
-    device = model.device
-    pad = _pad_id(model.config)
-    if not torch.is_tensor(input_ids):
-        rows = [list(input_ids)] if input_ids and isinstance(list(input_ids)[0], int) else [list(r) for r in input_ids]
-        if not rows or any(len(r) == 0 for r in rows):
-            raise GenerationError("empty prompt: give at least one token")
-        t = max(len(r) for r in rows)
-        input_ids = torch.tensor([[pad] * (t - len(r)) + r for r in rows], dtype=torch.long)
-        if attention_mask is None:
-            attention_mask = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-        attention_mask = attention_mask[None] if attention_mask is not None else None
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise GenerationError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                              f"{tuple(input_ids.shape)}")
-    if bool((attention_mask.sum(1) == 0).any()):
-        raise GenerationError("empty prompt: a row of attention_mask has no tokens")
-    real = input_ids[attention_mask.bool()]
-    v = model.config.vocab_size
-    if bool(((real < 0) | (real >= v)).any()):
-        raise GenerationError(f"prompt token ids must be in [0, {v})")
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def _pad_id(config) -> int:
-    for i in (config.pad_token_id, config.eos_token_id, 0):
-        if i is not None:
-            return int(i)
-    return 0
-
-
-def check_context(model, attention_mask: torch.Tensor, max_new_tokens: int, extra: int = 0) -> None:
-    """Raise GenerationError if the longest prompt plus `max_new_tokens` exceeds the model context."""
-    ctx = model.config.max_position_embeddings
-    longest = int(attention_mask.sum(1).max())
-    if longest >= ctx:
-        raise GenerationError(f"prompt is {longest} tokens but the model context is {ctx}: shorten the prompt")
-    if longest + max_new_tokens + extra > ctx:
-        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
-                              f"context ({ctx}): lower max_new_tokens to {ctx - longest - extra} or shorten the prompt")
-
-
-def new_cache(model, batch_size: int, max_length: int, mode: str = "latent", mtp: bool = False) -> KVCache:
-    """A cache for the main layers (and the MTP layers when `mtp`), in the model's dtype and device."""
-    if mode not in CACHE_MODES:
-        raise GenerationError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
-    cfg = model.config
-    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
-    return KVCache(cfg, batch_size, max_length, mode=mode, dtype=model.dtype, device=model.device, num_layers=layers)
-
-
-def _banned(states: Sequence[SequenceState], vocab: int, device) -> torch.Tensor | None:
-    """[B,V] mask of stop ids for rows that have not reached min_new_tokens yet (None when none)."""
-    rows = [i for i, s in enumerate(states) if len(s.tokens) < s.params.min_new_tokens]
-    if not rows:
-        return None
-    mask = torch.zeros(len(states), vocab, dtype=torch.bool, device=device)
-    for i in rows:
-        mask[i, list(states[i].eos_ids)] = True
-    return mask
-
-
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
                  tokenizer=None, cache_mode: str = "latent") -> Iterator[tuple[int, int, str, list[SequenceState]]]:
     """The plain decoding loop (greedy or sampling) as an iterator of (row, token, text piece, states).
 
     input_ids / attention_mask [B,T]. One KV cache of B rows and T + max_new_tokens slots is allocated
-    up front; finished rows are dropped from it.
+    up front; the `DecodeBatch` over it drops finished rows. One generator (params.seed) serves the batch.
     """
     cfg = model.config
     b, t = input_ids.shape
     eos = stop_ids(params, cfg.eos_token_id)
     states = [SequenceState(params, eos, tokenizer) for _ in range(b)]
-    cache = new_cache(model, b, t + params.max_new_tokens, cache_mode)
     prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)] if params.penalised else [[]] * b
-    pen = PenaltyState.create(prompts, cfg.vocab_size, input_ids.device, active=params.penalised)
-    gen = make_generator(params.seed, input_ids.device)
-    logits = model(input_ids, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-    active = list(range(b))  # batch position -> original row
+    pen = PenaltyState.create([[]] * b, cfg.vocab_size, input_ids.device, active=params.penalised)
+    batch = DecodeBatch(model, new_cache(model, b, t + params.max_new_tokens, cache_mode), pen,
+                        make_generator(params.seed, input_ids.device))
+    lo, hi = batch.admit([Row(s, key=r) for r, s in enumerate(states)], prompts)
+    logits = batch.prefill(lo, hi, input_ids, attention_mask)
     while True:
-        run = [states[r] for r in active]
-        tok = choose(logits, [params] * len(active), pen, gen, _banned(run, cfg.vocab_size, logits.device))
-        pen.update(tok)
-        for r, token in zip(active, tok.tolist()):
-            piece = states[r].append(token)
-            yield r, token, piece, states
-        keep = [i for i, r in enumerate(active) if not states[r].finished]
-        if not keep:
+        tokens, pieces = batch.choose(logits, lo, hi)
+        for row, token, piece in zip(batch.rows[lo:hi], tokens.tolist(), pieces):
+            yield row.key, token, piece, states
+        batch.retire()
+        if not batch.rows:
             return
-        if len(keep) < len(active):
-            idx = torch.tensor(keep, device=tok.device)
-            cache.reorder(idx)
-            pen.select(idx)
-            tok = tok[idx]
-            active = [active[i] for i in keep]
-        logits = decode_forward(model, tok[:, None], cache)
+        logits, lo, hi = batch.decode(), 0, len(batch.rows)
 
 
 def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams: int = 1,
@@ -168,20 +89,16 @@ def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams
     if not isinstance(num_beams, int) or num_beams < 1:
         raise GenerationError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     check_context(model, am, params.max_new_tokens)
-    pad = _pad_id(model.config) if pad_token_id is None else int(pad_token_id)
+    pad = pad_id(model.config) if pad_token_id is None else int(pad_token_id)
     stats: dict = {}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             if num_beams > 1:
-                from .beam import beam_search
-
                 states = beam_search(model, ids, am, params, num_beams, length_penalty, early_stopping,
                                      tokenizer, cache_mode)
             elif speculative:
-                from .speculative import speculative_decode
-
                 states, stats = speculative_decode(model, ids, am, params, tokenizer, cache_mode,
                                                    num_speculative_tokens)
             else:

@@ -1,98 +1,170 @@
-"""Scoring helpers for evaluation: log-likelihood of a continuation, per-token logprobs.
+"""The one scorer: log-probabilities of given tokens under the model (evaluation and serving use it).
 
-    total, greedy = loglikelihood(model, context_ids, continuation_ids)
+Shapes: B sequences, T tokens, V vocabulary.
 
-`total` is sum_i log p(cont_i | context, cont_<i) and `greedy` says whether every continuation token is
-the argmax at its position (lm-evaluation-harness' `loglikelihood` contract). Batched scoring right-pads
-the sequences of a batch (one forward, no cache); sequences longer than the model context keep their
-last `max_position_embeddings` tokens (the continuation must fit).
+    score_tokens(model, [ids, ...], top_n=0)  -> per sequence, log p(ids[j+1] | ids[:j+1]) for every j
+                                                 (+ the top_n alternatives: a completions API's logprobs)
+    loglikelihood(model, [(ctx, cont), ...])  -> per pair, (sum log p(cont | ctx), cont is the greedy output)
+    next_token_logprobs(model, [ctx, ...])    -> log p(next token | ctx) [N,V]
+
+`loglikelihood` is lm-evaluation-harness' contract; an empty context starts from the model's bos token
+(else eos). Sequences are scored in batches of similar length (one forward each, no cache) within a
+logits memory budget; contexts longer than the model context keep their last tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import GenerationError
 
-
-def _fit(model, context: Sequence[int], continuation: Sequence[int]) -> tuple[list[int], int]:
-    """Concatenate and left-truncate to the context window; returns (ids, number of continuation tokens)."""
-    ctx, cont = [int(i) for i in context], [int(i) for i in continuation]
-    if not cont:
-        raise GenerationError("loglikelihood needs a non-empty continuation")
-    if not ctx:
-        bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
-        if bos is None:
-            raise GenerationError("empty context and the model has no bos/eos token to start from")
-        ctx = [int(bos)]
-    limit = model.config.max_position_embeddings
-    if len(cont) >= limit:
-        raise GenerationError(f"continuation ({len(cont)} tokens) does not fit the model context ({limit})")
-    ids = (ctx + cont)[-limit:]
-    return ids, len(cont)
+#: Logits kept in memory at once by the batched scorer (B * T * V floats).
+LOGITS_BUDGET = 1 << 25
 
 
-@torch.no_grad()
-def loglikelihood_batch(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                        batch_size: int = 8) -> list[tuple[float, bool]]:
-    """[(context_ids, continuation_ids), ...] -> [(sum logprob, is_greedy), ...] in input order."""
-    items = [_fit(model, c, x) for c, x in requests]
-    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))  # similar lengths share a batch
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
+@dataclass
+class TokenScores:
+    """Scores of one sequence of L tokens: `logprobs` [L-1] float64 and `greedy` [L-1] bool, where entry j
+    is about token j+1 given tokens 0..j (`greedy[j]`: token j+1 is the argmax of the model there)."""
+
+    logprobs: torch.Tensor
+    greedy: torch.Tensor
+    top_ids: torch.Tensor | None = None  # [L-1, top_n] most likely tokens at each position (when asked)
+    top_logprobs: torch.Tensor | None = None  # [L-1, top_n] their log-probabilities
+
+
+def _batches(lengths: Sequence[int], vocab: int, batch_size: int | None) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first) within the logits budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out:
+            cur = out[-1]
+            longest = lengths[cur[0]]
+            fits = (len(cur) + 1) * longest * vocab <= LOGITS_BUDGET
+            if fits and (batch_size is None or len(cur) < batch_size):
+                cur.append(i)
+                continue
+        out.append([i])
+    return out
+
+
+@torch.inference_mode()
+def score_tokens(model, sequences: Sequence[Sequence[int]], batch_size: int | None = None,
+                 top_n: int = 0) -> list[TokenScores]:
+    """Log-probability of every token after the first, for each sequence (run in batches, right-padded).
+
+    Sequences must fit the model context (`config.max_position_embeddings`) and hold >= 1 token.
+    `top_n` > 0 also returns the `top_n` most likely tokens at each position.
+    """
+    ctx = model.config.max_position_embeddings
+    vocab = model.config.vocab_size
+    for s in sequences:
+        if not 1 <= len(s) <= ctx:
+            raise GenerationError(f"cannot score a sequence of {len(s)} tokens: the model context is {ctx}")
     was_training = model.training
     model.eval()
-    pad = model.config.pad_token_id or 0
+    out: list[TokenScores | None] = [None] * len(sequences)
     try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            t = max(len(items[i][0]) for i in idx)
-            ids = torch.full((len(idx), t), pad, dtype=torch.long)
-            am = torch.zeros(len(idx), t, dtype=torch.long)
+        for idx in _batches([len(s) for s in sequences], vocab, batch_size):
+            t = max(len(sequences[i]) for i in idx)
+            ids = torch.zeros(len(idx), t, dtype=torch.long)
+            mask = torch.zeros(len(idx), t, dtype=torch.long)
             for r, i in enumerate(idx):
-                seq = items[i][0]
-                ids[r, : len(seq)] = torch.tensor(seq)
-                am[r, : len(seq)] = 1
-            ids, am = ids.to(model.device), am.to(model.device)
-            logp = model(ids, am if not bool(am.all()) else None).logits.float().log_softmax(-1)
+                ids[r, : len(sequences[i])] = torch.as_tensor(list(sequences[i]), dtype=torch.long)
+                mask[r, : len(sequences[i])] = 1
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            logits = model(ids, attention_mask=mask).logits.float()  # [B,T,V]
+            logp = logits[:, :-1].log_softmax(-1)
+            target = ids[:, 1:]
+            chosen = logp.gather(-1, target[..., None]).squeeze(-1).double().cpu()
+            greedy = (logp.argmax(-1) == target).cpu()
+            top_v = top_i = None
+            if top_n > 0:
+                top_v, top_i = logp.topk(min(top_n, vocab), dim=-1)
+                top_v, top_i = top_v.double().cpu(), top_i.cpu()
             for r, i in enumerate(idx):
-                seq, n = items[i]
-                lo = len(seq) - n
-                target = ids[r, lo:len(seq)]
-                lp = logp[r, lo - 1:len(seq) - 1]  # position j predicts token j+1
-                total = float(lp.gather(1, target[:, None]).sum())
-                out[i] = (total, bool((lp.argmax(-1) == target).all()))
+                n = len(sequences[i]) - 1
+                out[i] = TokenScores(chosen[r, :n], greedy[r, :n], None if top_i is None else top_i[r, :n],
+                                     None if top_v is None else top_v[r, :n])
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def next_token_logprobs(model, contexts: Sequence[Sequence[int]], batch_size: int | None = None) -> torch.Tensor:
+    """log p(next token | context) for each context: [N, V] float32 (contexts longer than the model
+    context keep their last tokens). One forward per batch: cheaper than `loglikelihood` when every
+    continuation is a single token (multiple-choice letters)."""
+    ctx = model.config.max_position_embeddings
+    seqs = [list(c)[-ctx:] for c in contexts]
+    if any(not s for s in seqs):
+        raise GenerationError("next_token_logprobs needs non-empty contexts")
+    out = torch.empty(len(seqs), model.config.vocab_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in _batches([len(s) for s in seqs], model.config.vocab_size, batch_size):
+            t = max(len(seqs[i]) for i in idx)
+            ids = torch.zeros(len(idx), t, dtype=torch.long)
+            mask = torch.zeros(len(idx), t, dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding: the last position is every row's next token
+                ids[r, t - len(seqs[i]):] = torch.as_tensor(seqs[i], dtype=torch.long)
+                mask[r, t - len(seqs[i]):] = 1
+            logits = model(ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=1).logits
+            out[idx] = logits[:, -1].float().log_softmax(-1).cpu()
     finally:
         model.train(was_training)
     return out
 
 
-def loglikelihood(model, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> tuple[float, bool]:
-    """(sum of the continuation's logprobs given the context, whether it is the greedy continuation)."""
-    return loglikelihood_batch(model, [(context_ids, continuation_ids)])[0]
+def loglikelihood(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+                  batch_size: int | None = None) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), continuation is what greedy decoding would produce) per request.
+
+    Both parts are token-id lists; the context needs >= 1 token. When context + continuation exceed the
+    model context, the context is cut from the left (as lm-evaluation-harness does). Requests whose
+    continuation is one token share one forward per distinct context (the choices of a multiple-choice
+    question cost one forward, not four).
+    """
+    ctx = model.config.max_position_embeddings
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    seqs, conts, long_idx = [], [], []
+    single: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # context -> [(request index, token)]
+    for i, (context, cont) in enumerate(requests):
+        context, cont = [int(t) for t in context], [int(t) for t in cont]
+        if not context:
+            context = [start_token(model)]
+        if not cont:
+            raise GenerationError("loglikelihood needs a continuation of at least one token")
+        if len(cont) >= ctx:
+            raise GenerationError(f"continuation of {len(cont)} tokens does not fit the model context ({ctx})")
+        if len(cont) == 1:
+            single.setdefault(tuple(context[-(ctx - 1):]), []).append((i, cont[0]))
+            continue
+        seqs.append((context + cont)[-ctx:])
+        conts.append(len(cont))
+        long_idx.append(i)
+    if single:
+        contexts = list(single)
+        logp = next_token_logprobs(model, contexts, batch_size)
+        for row, c in zip(logp, contexts):
+            best = int(row.argmax())
+            for i, token in single[c]:
+                out[i] = (float(row[token]), token == best)
+    for i, s, n in zip(long_idx, score_tokens(model, seqs, batch_size), conts):
+        out[i] = (float(s.logprobs[-n:].sum()), bool(s.greedy[-n:].all()))
+    return out  # type: ignore[return-value]
 
 
-@torch.no_grad()
-def prompt_logprobs(model, ids: Sequence[int], top_n: int = 0) -> list[dict]:
-    """Per token of `ids`: {"token": id, "logprob": log p(token | previous) (None for the first),
-    "top": [(id, logprob), ...] (top_n alternatives)}; the `echo` + `logprobs` of a completions API."""
-    seq = [int(i) for i in ids]
-    if not seq:
-        raise GenerationError("empty prompt: give at least one token")
-    if len(seq) > model.config.max_position_embeddings:
-        raise GenerationError(f"prompt is {len(seq)} tokens but the model context is "
-                              f"{model.config.max_position_embeddings}")
-    was_training = model.training
-    model.eval()
-    try:
-        x = torch.tensor([seq], device=model.device)
-        logp = model(x).logits[0].float().log_softmax(-1)  # [T,V]
-    finally:
-        model.train(was_training)
-    out = [{"token": seq[0], "logprob": None, "top": []}]
-    for j in range(1, len(seq)):
-        row = logp[j - 1]
-        top = list(zip(*[v.tolist() for v in row.topk(top_n)][::-1])) if top_n else []
-        out.append({"token": seq[j], "logprob": float(row[seq[j]]), "top": top})
-    return out
+def start_token(model) -> int:
+    """The token an empty context starts from: the model's bos id, else its eos id."""
+    cfg = model.config
+    tok = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+    if tok is None:
+        raise GenerationError("empty context and the model has no bos/eos token to start from")
+    return int(tok)

@@ -23,30 +23,18 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import GenerationError
-from ..nn.few_rows import few_rows_linear
 from ..nn.kv_cache import KVCache
-from ..nn.mla_decode import rms_norm, rope_matrix
-from .runner import decode_forward, few_tokens, layer_step, lean_ok
+from .decoding import new_cache
 from .sampling import SamplingParams
-from .stopping import SequenceState, stop_ids
+from .stopping import SequenceState, early_stop_mask, stop_ids
 
 
-def _argmax(logits: torch.Tensor, states: list[SequenceState], offset: int = 0) -> torch.Tensor:
-    """Greedy choice of logits [B,V] or [B,L,V]; stop ids are banned at generated positions < min_new_tokens."""
-    if any(len(s.tokens) + offset < s.params.min_new_tokens for s in states):
-        logits = logits.clone()
-        for r, s in enumerate(states):
-            ids = list(s.eos_ids)
-            if logits.dim() == 2:
-                if len(s.tokens) + offset < s.params.min_new_tokens:
-                    logits[r, ids] = float("-inf")
-            else:
-                n = max(0, min(logits.shape[1], s.params.min_new_tokens - len(s.tokens) - offset))
-                logits[r, :n, ids] = float("-inf")
-    return logits.argmax(dim=-1)
+def _argmax(logits: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+    """Greedy choice of logits [B,V] or [B,L,V] (L tokens ahead), stop ids masked by the min_new_tokens rule."""
+    mask = early_stop_mask(states, logits.shape[-1], logits.device, None if logits.dim() == 2 else logits.shape[1])
+    return (logits if mask is None else logits.masked_fill(mask, float("-inf"))).argmax(dim=-1)
 
 
 def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
@@ -56,8 +44,6 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     stats: proposed / accepted drafts, acceptance_rate, main_forwards, tokens_per_forward, seconds.
     """
-    from .generate import new_cache
-
     cfg = model.config
     depth = len(model.mtp)
     if depth == 0:
@@ -102,7 +88,7 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         run = [states[r] for r in rows]
         drafts = _draft(model, mtp_caches, toks, hid, k_max)
         chunk = torch.tensor([[tk[-1]] + d for tk, d in zip(toks, drafts)], device=dev)
-        logits, hidden = decode_forward(model, chunk, main, last_only=False, return_hidden=True)
+        logits, hidden = model.decode_step(chunk, main, last_only=False, return_hidden=True)
         forwards += 1
         g = _argmax(logits, run).tolist()  # [B', K+1]
         rollback = []
@@ -135,12 +121,12 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
     drafts: list[list[int]] = [[] for _ in range(b)]
     prev: list[dict[int, torch.Tensor]] = [{} for _ in range(b)]  # this step's h^{k-1} by position
     for k in range(1, k_max + 1):
-        cache, module = caches[k - 1], model.mtp[k - 1]
+        cache = caches[k - 1]
         start = cache.next_position.tolist()
         ns = [len(tk) - 1 for tk in toks]
         spans = [list(range(start[r], ns[r])) for r in range(b)]
         width = max(1, max(len(s) for s in spans))
-        h_in = torch.zeros(b, width, cfg_hidden(model), dtype=model.dtype, device=dev)
+        h_in = torch.zeros(b, width, model.config.hidden_size, dtype=model.dtype, device=dev)
         e_ids = torch.zeros(b, width, dtype=torch.long, device=dev)
         am = torch.zeros(b, width, dtype=torch.long, device=dev)
         for r in range(b):
@@ -149,8 +135,8 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
                 h_in[r, off:] = torch.stack([prev[r][j] if j in prev[r] else hid[k - 1][r][j] for j in spans[r]])
                 e_ids[r, off:] = torch.tensor([ext[j + k] for j in spans[r]], device=dev)
                 am[r, off:] = 1
-        h = _mtp_step(model, module, h_in, e_ids, am, cache)
-        d = few_rows_linear(rms_norm(h[:, -1], module.shared_head.norm), model.lm_head.weight).argmax(dim=-1).tolist()
+        h, logits = model.mtp_step(k - 1, h_in, e_ids, am, cache)
+        d = logits.argmax(dim=-1).tolist()
         cache.rollback(torch.tensor([min(k - 1, len(s)) for s in spans], device=dev))  # provisional entries
         new_prev = []
         for r in range(b):
@@ -165,22 +151,3 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
         prev = new_prev
     return drafts
 
-
-def cfg_hidden(model) -> int:
-    return model.config.hidden_size
-
-
-def _mtp_step(model, module, h_prev: torch.Tensor, token_ids: torch.Tensor, am: torch.Tensor, cache: KVCache):
-    """MTPModule.forward on its own cache: h_prev [B,L,D], token_ids [B,L] (t_{j+k}), am [B,L] -> h^k [B,L,D]."""
-    slots, pos, mask = cache.prepare(am)
-    cos, sin = model.model.rotary_emb(pos, h_prev.dtype)
-    emb = F.embedding(token_ids, model.model.embed_tokens.weight)
-    if not lean_ok(cache, h_prev.shape[1]):  # e.g. the prompt: the module's own forward
-        h = module(h_prev, emb, cos, sin, mask, cache, slots, am)
-    else:
-        x = few_rows_linear(torch.cat([rms_norm(emb, module.enorm), rms_norm(h_prev, module.hnorm)], dim=-1),
-                            module.eh_proj.weight)
-        rope = rope_matrix(cos, sin, model.config.rope_interleave, model.config.qk_rope_head_dim)
-        h = layer_step(module.block, x, rope, ~mask, cache, slots, few_tokens(model.config, am.numel()))
-    cache.commit()
-    return h

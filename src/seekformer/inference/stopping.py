@@ -10,7 +10,9 @@ until it either completes it (and is dropped) or cannot (and is released).
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+import torch
 
 from .sampling import SamplingParams
 
@@ -108,6 +110,28 @@ def stop_ids(params: SamplingParams, config_eos: int | None) -> set[int]:
         elif eos is not None:
             ids.update(int(i) for i in eos)
     return ids
+
+
+def stop_allowed(params: SamplingParams, generated: int) -> bool:
+    """The `min_new_tokens` rule, the one place it is written: may the token that follows `generated`
+    generated tokens be a stop id (eos or a stop id)?"""
+    return generated >= params.min_new_tokens
+
+
+def early_stop_mask(states: Sequence[SequenceState], vocab: int, device, steps: int | None = None
+                    ) -> torch.Tensor | None:
+    """Stop ids that `stop_allowed` forbids: bool [B,V] for each row's next token, or [B,steps,V] for the
+    next `steps` tokens (speculative verification); None when no row is affected (the common case)."""
+    n = 1 if steps is None else steps
+    if all(stop_allowed(s.params, len(s.tokens)) for s in states):
+        return None
+    mask = torch.zeros(len(states), n, vocab, dtype=torch.bool, device=device)
+    for r, s in enumerate(states):
+        ids = sorted(s.eos_ids)
+        for j in range(n):
+            if ids and not stop_allowed(s.params, len(s.tokens) + j):
+                mask[r, j, ids] = True
+    return mask[:, 0] if steps is None else mask
 
 
 class SequenceState:

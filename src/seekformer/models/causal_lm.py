@@ -13,10 +13,15 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import SeekConfig
 from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
+from ..nn.attention import ABSORB_MAX_CHUNK
+from ..nn.few_rows import linear_of
+from ..nn.mla_decode import rope_matrix
+from ..nn.norm import rms_norm
 from ..nn.loss import cross_entropy
 from ..nn.moe import Experts, Router
 
@@ -82,8 +87,25 @@ class SeekModel(nn.Module):
             x = layer(x, cos, sin, mask, cache, slots, attention_mask)
         if cache is not None:
             cache.commit()
-        self.last_attention_inputs = (cos, sin, mask, slots)  # reused by MTP speculative decoding
         return self.norm(x)
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        """A decoding step: input_ids [B,T] (T <= ABSORB_MAX_CHUNK) appended to the latent `cache`, no
+        gradients -> final-normed hidden states [B,T,D], the values of `forward` with the cache.
+
+        The rope rotation matrix is built once and shared by every layer's `DecoderLayer.step`.
+        """
+        x = F.embedding(input_ids, self.embed_tokens.weight)
+        am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        slots, positions, mask = cache.prepare(am)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
+        hidden_mask = ~mask
+        for layer in self.layers:
+            x = layer.step(x, rope, hidden_mask, cache, slots)
+        cache.commit()
+        return rms_norm(x, self.norm)
 
 
 class MTPModule(nn.Module):
@@ -110,6 +132,13 @@ class MTPModule(nn.Module):
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
         h = self.block(h, cos, sin, mask, cache, slots, token_mask)
         return h
+
+    def step(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.Tensor,
+             cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """`forward` as a decoding step on the latent cache (no gradients): h_prev, emb_next [B,T,D] -> [B,T,D];
+        rope [B,T,P,P] and hidden_mask [B,1,T,S] as `DecoderLayer.step` takes them."""
+        h = linear_of(self.eh_proj, torch.cat([rms_norm(emb_next, self.enorm), rms_norm(h_prev, self.hnorm)], dim=-1))
+        return self.block.step(h, rope, hidden_mask, cache, slots)
 
     def head_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.shared_head.norm(h)
@@ -232,6 +261,47 @@ class SeekForCausalLM(nn.Module):
             return hidden.new_zeros(()), []
         return torch.stack(losses).mean(), all_logits
 
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None,
+                    last_only: bool = True, return_hidden: bool = False):
+        """Append input_ids [B,T] to `cache` and return their logits: [B,V] (last_only) or [B,T,V]; with
+        return_hidden, (logits, final-normed hidden [B,T,D]) (what MTP drafting reads).
+
+        The decoding path of the same modules and weights as `forward` (same values up to fp32 rounding):
+        on a latent cache a chunk of up to ABSORB_MAX_CHUNK tokens runs `SeekModel.step` (absorbed latent
+        attention, few-row products, only the chosen experts); anything else (per-head cache, long chunk)
+        is `forward` with the cache.
+        """
+        if not step_applies(cache, input_ids.shape[1]):
+            out = self(input_ids, attention_mask, cache=cache, logits_to_keep=1 if last_only else 0,
+                       return_hidden=return_hidden)
+            logits = out.logits[:, -1] if last_only else out.logits
+            return (logits, out.hidden_states) if return_hidden else logits
+        hidden = self.model.step(input_ids, cache, attention_mask)
+        logits = linear_of(self.lm_head, hidden[:, -1] if last_only else hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    @torch.no_grad()
+    def mtp_step(self, depth: int, h_prev: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (0-based) on its own one-layer cache: h_prev [B,L,D] (h^depth), token_ids [B,L]
+        (the tokens `depth + 1` ahead), attention_mask [B,L] -> (h^{depth+1} [B,L,D], logits of the last
+        position [B,V], which predict the token `depth + 2` ahead of it)."""
+        module = self.mtp[depth]
+        slots, pos, mask = cache.prepare(attention_mask)
+        cos, sin = self.model.rotary_emb(pos, h_prev.dtype)
+        emb = F.embedding(token_ids, self.model.embed_tokens.weight)
+        if step_applies(cache, h_prev.shape[1]):
+            rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
+            h = module.step(h_prev, emb, rope, ~mask, cache, slots)
+            last = rms_norm(h[:, -1], module.shared_head.norm)
+        else:  # e.g. a per-head cache or a long chunk: the module's forward
+            h = module(h_prev, emb, cos, sin, mask, cache, slots, attention_mask)
+            last = module.head_norm(h[:, -1])
+        cache.commit()
+        return h, linear_of(self.lm_head, last)
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -258,6 +328,11 @@ class SeekForCausalLM(nn.Module):
         from ..checkpoint import save_model
 
         save_model(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+
+def step_applies(cache: KVCache, t: int) -> bool:
+    """Whether a chunk of t tokens decodes through the `step` methods: latent cache, short chunk, no gradients."""
+    return cache.mode == "latent" and t <= ABSORB_MAX_CHUNK and not torch.is_grad_enabled()
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

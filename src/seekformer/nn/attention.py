@@ -8,7 +8,7 @@ N qk_nope_head_dim, V v_head_dim.
     k_nope,v  = kv_b_proj(norm(c_kv))                          [B,T,H,N], [B,T,H,V]
     out      = o_proj(softmax(q.k / sqrt(N+P)) v)
 
-Absorb mode folds kv_b_proj into the query and the output, so attention runs directly on the cached
+Absorb mode (decoding: `MLA.step`, written out in mla_decode.py) folds kv_b_proj into the query and the output, so attention runs directly on the cached
 latent: q_lat = q_nope W_UK [B,T,H,R]; scores = [q_lat, q_pe] . [c_kv, k_pe]; out = (p c_kv) W_UV^T.
 That is multi-query attention with one (R+P)-wide key head and one R-wide value head.
 """
@@ -24,8 +24,8 @@ from .mla_decode import latent_decode, rope_matrix
 from .norm import RMSNorm
 from .rope import apply_rope
 
-# With a latent cache, chunks longer than this expand the cached latent to per-head K/V (cheaper for
-# prefill); shorter ones (decoding, speculative verification) attend in absorbed form.
+# With a latent cache and no gradients, chunks longer than this expand the cached latent to per-head K/V
+# (cheaper for prefill); shorter ones (decoding, speculative verification) attend in absorbed form (`step`).
 ABSORB_MAX_CHUNK = 8
 # Training in bf16 on CPU: causal attention by blocked matmuls while B*H*T*S is at most this (else flash).
 BLOCKED_MAX_SCORES = 1 << 25
@@ -133,33 +133,18 @@ class MLA(nn.Module):
             outs.append(torch.matmul(probs, v[:, :, :end]))
         return torch.cat(outs, dim=2).transpose(1, 2).reshape(b, t, h * self.v_dim)
 
-    def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
-                  mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention on the latent: q_nope [B,T,H,N], q_pe [B,T,H,P], latent [B,S,R+P] -> [B,T,H*V]."""
-        b, t = q_nope.shape[:2]
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # [H,N,R], [H,V,R]
-        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_uk)
-        q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B,H,T,R+P]
-        k = latent.unsqueeze(1)  # one shared key head [B,1,S,R+P]
-        v = latent[..., : self.kv_lora_rank].unsqueeze(1)  # [B,1,S,R]
-        o_lat = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
-                                               scale=self.scale, enable_gqa=True)  # [B,H,T,R]
-        out = torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)
-        return out.reshape(b, t, self.num_heads * self.v_dim)
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layer: int = 0, slots: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,T,D], cos/sin [B,T,P/2], mask bool [B,1,T,S] (None = causal over x) -> [B,T,D].
 
         With `cache`, the T new entries are written at `slots` [B,T] and attention covers the S = mask.shape[-1]
-        first slots of each row.
+        first slots of each row. A short chunk on the latent cache without gradients is a decoding step
+        (`step`); longer chunks (prefill) expand the cached latent to per-head keys and values.
         """
-        if (cache is not None and cache.mode == "latent" and x.shape[1] <= ABSORB_MAX_CHUNK
-                and not torch.is_grad_enabled()):  # decoding: the lean absorbed step of mla_decode.py
-            rope = rope_matrix(cos, sin, self.interleave, self.rope_dim)
-            return latent_decode(self, x, rope, ~mask, cache, layer, slots)
+        if cache is not None and cache.mode == "latent" and x.shape[1] <= ABSORB_MAX_CHUNK \
+                and not torch.is_grad_enabled():
+            return self.step(x, rope_matrix(cos, sin, self.interleave, self.rope_dim), ~mask, cache, layer, slots)
         q_nope, q_pe = self._query(x, cos, sin)
         latent = self._latent(x, cos, sin)
         if cache is None:
@@ -177,9 +162,16 @@ class MLA(nn.Module):
         else:
             cache.write(layer, slots, latent)
             cached, _ = cache.read(layer, mask.shape[-1])
-            if x.shape[1] <= ABSORB_MAX_CHUNK:
-                out = self._absorbed(q_nope, q_pe, cached, mask)
-            else:
-                k, v = self._expand(cached)
-                out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
+            k, v = self._expand(cached)
+            out = self._sdpa(torch.cat([q_nope, q_pe], dim=-1), k, v, mask)
         return self.o_proj(out)
+
+    def step(self, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.Tensor, cache: KVCache, layer: int,
+             slots: torch.Tensor) -> torch.Tensor:
+        """A decoding step on the latent cache, no gradients: x [B,T,D] -> [B,T,D] (T <= ABSORB_MAX_CHUNK).
+
+        rope [B,T,P,P] from `mla_decode.rope_matrix` (built once per model step, shared by the layers);
+        hidden_mask bool [B,1,T,S] is True where a query must NOT look. Absorbed attention on the cached
+        latent (see `nn.mla_decode`): the same values as `forward` with the cache.
+        """
+        return latent_decode(self, x, rope, hidden_mask, cache, layer, slots)

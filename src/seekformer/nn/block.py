@@ -9,7 +9,7 @@ from .attention import MLA
 from .kv_cache import KVCache
 from .mlp import MLP
 from .moe import MoE
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm
 
 
 class DecoderLayer(nn.Module):
@@ -31,3 +31,14 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer_idx, slots)
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, token_mask) if self.is_moe else self.mlp(h))
+
+    def step(self, x: torch.Tensor, rope: torch.Tensor, hidden_mask: torch.Tensor, cache: KVCache,
+             slots: torch.Tensor) -> torch.Tensor:
+        """A decoding step on the latent cache (no gradients): x [B,T,D] -> [B,T,D], the values of `forward`.
+
+        rope [B,T,P,P] and hidden_mask bool [B,1,T,S] (True = hidden) as `MLA.step` takes them; the norms
+        use the fused kernel, the FFN its few-row path (`MLP.step`, `MoE.step`).
+        """
+        x = x + self.self_attn.step(rms_norm(x, self.input_layernorm), rope, hidden_mask, cache, self.layer_idx,
+                                    slots)
+        return x + self.mlp.step(rms_norm(x, self.post_attention_layernorm))

@@ -48,7 +48,3 @@ def linear_of(layer, x: torch.Tensor) -> torch.Tensor:
         return layer(x)
     return few_rows_linear(x, layer.weight, layer.bias)
 
-
-def mlp_forward(mlp, x: torch.Tensor) -> torch.Tensor:
-    """`nn.mlp.MLP.forward` through few_rows_linear (SwiGLU: down(silu(gate(x)) * up(x)))."""
-    return linear_of(mlp.down_proj, F.silu(linear_of(mlp.gate_proj, x)) * linear_of(mlp.up_proj, x))

@@ -20,9 +20,9 @@ layers of a step. Everything here runs without gradients; training never comes t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .few_rows import few_rows_linear, linear_of as _linear
+from .norm import rms_norm
 from .rope import apply_rope
 
 # Fold W_UK / W_UV into the projections while that grows the attention weights by at most this factor.
@@ -34,13 +34,6 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, interleave: bool, dim: int
     b, t = cos.shape[:2]
     eye = torch.eye(dim, dtype=cos.dtype, device=cos.device).expand(b, t, dim, dim)
     return apply_rope(eye, cos, sin, interleave)  # row i = rope(e_i): rope is linear
-
-
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """`norm(x)` for an RMSNorm module (fp32 statistics, then weight), with the fused kernel."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), eps=norm.eps) * norm.weight
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype) * norm.weight
 
 
 def fold_pays(attn) -> bool:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .few_rows import linear_of
+
 
 class MLP(nn.Module):
     """x [..., D] -> [..., D] through an F-wide SwiGLU (`gate_proj`, `up_proj`, `down_proj`, no biases)."""
@@ -18,3 +20,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for the few rows of a decoding step (each product through `few_rows.linear_of`)."""
+        return linear_of(self.down_proj, F.silu(linear_of(self.gate_proj, x)) * linear_of(self.up_proj, x))

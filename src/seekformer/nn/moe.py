@@ -11,10 +11,12 @@ score = max) selection, and (as in `transformers`) never normalises the gate wei
 auxiliary-loss-free update b += gamma * sign(mean load - load) is applied by the trainer after each
 optimizer step from the counts this module accumulates in `load_counts`.
 
-Dispatch: the N*K token copies are sorted by expert once; one grouped GEMM (`torch._grouped_mm`) per
-projection runs every expert on its contiguous block (a per-expert loop of GEMMs where torch has no grouped
-kernel), and the results are summed back per token with index_add: no per-token loop and no expert
-computed on tokens that did not choose it.
+Experts: dispatch -> grouped compute -> combine. The N*K token copies are sorted by expert once
+(`Experts.dispatch`); one grouped GEMM (`torch._grouped_mm`) per projection runs every expert on its
+contiguous block (`compute`; a per-expert loop of GEMMs where torch has no grouped kernel), and the results
+are summed back per token with index_add (`combine`): no per-token loop and no expert computed on tokens
+that did not choose it. Decoding a few tokens (`MoE.step`) runs only the chosen experts
+(`Experts.expert_forward`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .few_rows import few_rows_linear
 from .mlp import MLP
 
 
@@ -104,10 +107,23 @@ def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     return False
 
 
+@dataclass
+class Dispatch:
+    """N tokens' K expert copies sorted by expert: S = N*K rows, expert e owning a contiguous block of counts[e]."""
+
+    x: torch.Tensor  # [S,D] the token copies, in compute dtype
+    token: torch.Tensor  # [S] source token of each row
+    gate: torch.Tensor  # [S,1] routing weight of each row
+    counts: torch.Tensor  # [E] rows per expert
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked tensors: gate_up_proj [E,2F,D] (gate rows first), down_proj [E,D,F].
 
-    On disk they are per-expert `experts.{e}.{gate,up,down}_proj.weight` (see checkpoint.py).
+    `forward` = dispatch -> grouped compute -> combine; each stage is a method a subclass may replace
+    (expert parallelism swaps `dispatch`/`combine` for all-to-all exchanges, a quantized version swaps
+    `compute` and `expert_forward`). On disk the experts are per-expert
+    `experts.{e}.{gate,up,down}_proj.weight` (see checkpoint.py).
     """
 
     def __init__(self, config) -> None:
@@ -121,23 +137,37 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D].
 
-        The N*K token copies are sorted by expert (S = N*K rows, expert e owning a contiguous block of
-        counts[e] rows), each expert runs once on its block, and the rows are summed back per token.
+        Each expert runs once on the token copies routed to it (no per-token loop, no expert on tokens
+        that did not choose it).
         """
-        n, k = indices.shape
+        d = self.dispatch(x, indices, weights)
+        return self.combine(self.compute(d), d, x)
+
+    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """x's dtype, or the autocast dtype (grouped_mm is not autocast-aware: cast like F.linear)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> Dispatch:
+        """Sort the N*K token copies of x [N,D] by expert (indices/weights [N,K])."""
+        k = indices.shape[1]
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)  # [S] token copies grouped by expert
-        token = order // k  # [S] source token of each row
+        token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        w_gu, w_down = self.gate_up_proj, self.down_proj
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear
-            dtype = torch.get_autocast_dtype(x.device.type)
-            w_gu, w_down = w_gu.to(dtype), w_down.to(dtype)
-        xs = x.to(dtype).index_select(0, token)  # [S,D]
-        gate_w = weights.reshape(-1)[order].unsqueeze(-1)  # [S,1]
-        ys = self.grouped_swiglu(xs, gate_w.to(dtype), counts, w_gu, w_down, self.use_grouped_mm)
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # accumulate in x's dtype
+        xs = x.to(self.compute_dtype(x)).index_select(0, token)  # [S,D]
+        return Dispatch(xs, token, weights.reshape(-1)[order].unsqueeze(-1), counts)
+
+    def compute(self, d: Dispatch) -> torch.Tensor:
+        """Every expert on its block of rows, scaled by the routing weights: [S,D] -> [S,D]."""
+        dtype = d.x.dtype
+        return self.grouped_swiglu(d.x, d.gate.to(dtype), d.counts, self.gate_up_proj.to(dtype),
+                                   self.down_proj.to(dtype), self.use_grouped_mm)
+
+    def combine(self, ys: torch.Tensor, d: Dispatch, x: torch.Tensor) -> torch.Tensor:
+        """Sum the expert outputs ys [S,D] back per token: -> [N,D] in x's dtype."""
+        return torch.zeros_like(x).index_add_(0, d.token, ys.to(x.dtype))
 
     @staticmethod
     def grouped_swiglu(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor,
@@ -157,33 +187,39 @@ class Experts(nn.Module):
                 parts.append(F.linear(F.silu(gate) * up, wd))
         return torch.cat(parts) * gate_w if parts else xs.new_zeros(0, w_down.shape[1])
 
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e alone on its rows: x [M,D] -> [M,D] (unweighted; the few-token decoding path)."""
+        gate, up = few_rows_linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return few_rows_linear(F.silu(gate) * up, self.down_proj[e])
+
 
 class MoE(nn.Module):
     """Shared experts (always on) + routed experts; x [B,T,D] -> [B,T,D].
 
     In training it sets `aux_loss` (sequence-wise balance loss and router z-loss, already weighted) and
-    accumulates per-expert token counts in `load_counts` for balancing and logging.
+    accumulates per-expert token counts in `load_counts` for balancing and logging. The loss weights
+    (`seq_aux_loss_alpha`, `router_z_loss_coef`) are read from `self.config` at use time, so a resumed
+    run that changes them in the config object takes them into account. The router's decision is the
+    output of `self.gate` (a forward hook there sees it; this module keeps no copy).
     """
 
     def __init__(self, config) -> None:
         super().__init__()
+        self.config = config
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
-        self.seq_aux_loss_alpha = config.seq_aux_loss_alpha
-        self.router_z_loss_coef = config.router_z_loss_coef
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
                                if config.n_shared_experts > 0 else None)
         self.register_buffer("load_counts", torch.zeros(self.num_experts, dtype=torch.float32), persistent=False)
         self.aux_loss: torch.Tensor | None = None
-        self.last_routing: Routing | None = None
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,T,D] -> [B,T,D]; `token_mask` [B,T] (1 = real token) keeps padding out of the statistics."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         routing = self.gate(flat)
-        self.last_routing = routing
         out = self.experts(flat, routing.indices, routing.weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -191,9 +227,36 @@ class MoE(nn.Module):
             self._balance_terms(routing, b, t, token_mask)
         return out.view(b, t, d)
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding (no gradients): x [B,T,D] -> [B,T,D], the same values as `forward`.
+
+        With few tokens (B*T*K <= E) only the chosen experts run, each once on the rows that chose it
+        (`Experts.expert_forward`); the batched dispatch would pay for every expert.
+        """
+        b, t, d = x.shape
+        if b * t * self.top_k > self.num_experts:
+            return self.forward(x)
+        flat = x.reshape(-1, d)
+        routing = self.gate(flat)
+        out = self.shared_experts.step(flat) if self.shared_experts is not None else torch.zeros_like(flat)
+        rows_of: dict[int, list[tuple[int, float]]] = {}  # expert -> [(token, weight)], first use first
+        for i, (ids, ws) in enumerate(zip(routing.indices.tolist(), routing.weights.tolist())):
+            for e, w in zip(ids, ws):
+                rows_of.setdefault(e, []).append((i, w))
+        for e, rows in rows_of.items():
+            if len(rows) == 1:
+                i, w = rows[0]
+                out[i:i + 1] += self.experts.expert_forward(e, flat[i:i + 1]) * w
+            else:
+                idx = torch.tensor([i for i, _ in rows], device=x.device)
+                w = torch.tensor([w for _, w in rows], dtype=out.dtype, device=x.device)[:, None]
+                out.index_add_(0, idx, self.experts.expert_forward(e, flat.index_select(0, idx)) * w)
+        return out.view(b, t, d)
+
     def _balance_terms(self, r: Routing, b: int, t: int, token_mask: torch.Tensor | None) -> None:
         """Accumulate loads and compute the (optional) sequence-wise balance loss and router z-loss."""
         e, k = self.num_experts, self.top_k
+        alpha, z_coef = self.config.seq_aux_loss_alpha, self.config.router_z_loss_coef
         m = token_mask.reshape(-1).float() if token_mask is not None else None
         with torch.no_grad():
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
@@ -202,7 +265,7 @@ class MoE(nn.Module):
             if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward
                 self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
-        if self.seq_aux_loss_alpha > 0:
+        if alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
             norm_scores = r.scores / (r.scores.sum(-1, keepdim=True) + 1e-20)
             if m is not None:
@@ -212,11 +275,11 @@ class MoE(nn.Module):
                 count = torch.full((b, 1), float(t), device=r.scores.device)
             p = norm_scores.view(b, t, e).sum(1) / count  # [B,E]
             f = chosen.view(b, t, e).sum(1) * (e / (k * count))  # [B,E]
-            aux = aux + self.seq_aux_loss_alpha * (f * p).sum(-1).mean()
-        if self.router_z_loss_coef > 0:
+            aux = aux + alpha * (f * p).sum(-1).mean()
+        if z_coef > 0:
             z = torch.logsumexp(r.logits, dim=-1).pow(2)
             z = (z * m).sum() / m.sum().clamp_min(1) if m is not None else z.mean()
-            aux = aux + self.router_z_loss_coef * z
+            aux = aux + z_coef * z
         self.aux_loss = aux
 
     @torch.no_grad()

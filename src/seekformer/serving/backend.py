@@ -212,7 +212,7 @@ class Backend:
                 self._fail_all(e)
 
     def _admit(self, new: list[tuple[Submission, int]]) -> None:
-        from ..evaluation.perplexity import score_tokens
+        from ..inference.scoring import score_tokens
 
         live = []
         for sub, i in new:

@@ -1,0 +1,187 @@
+"""The one decode loop's state, and the helpers every decoder shares (generate, engine, beam, speculative).
+
+Shapes: B rows (sequences), T prompt tokens, V vocabulary.
+
+`DecodeBatch` is the per-step state of a batch of sequences being decoded over one KV cache: rows[i]
+lives in cache row i (rows 0..n-1 are always the running ones), with its `SequenceState` (tokens, text,
+stop conditions), sampling params, generator and penalty statistics. A decode loop is
+
+    lo, hi = batch.admit(rows, prompts)                           # reserve rows, reset their state
+    logits = batch.prefill(lo, hi, ids, mask)                     # the prompts into the cache: [k,V]
+    while batch.rows:
+        tokens, pieces = batch.choose(logits, lo, hi)             # sample, record, stop checks
+        batch.retire()                                            # finished rows leave the batch
+        logits, lo, hi = batch.decode(), 0, len(batch.rows)       # one model.decode_step for all rows
+
+`generate.decode_steps` drives exactly this; `Engine` adds admission of waiting requests between steps
+and cancellation (`remove`). Beam search and speculative decoding keep their own loops (beams reorder
+rows, speculation verifies chunks) and share the helpers below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import GenerationError
+from ..nn.kv_cache import CACHE_MODES, KVCache
+from .sampling import PenaltyState, choose
+from .stopping import SequenceState, early_stop_mask
+
+
+# ---------------------------------------------------------------------- shared helpers
+def pad_id(config) -> int:
+    """The id that pads prompts and finished rows: the config's pad id, else eos, else 0."""
+    for i in (config.pad_token_id, config.eos_token_id, 0):
+        if i is not None:
+            return int(i)
+    return 0
+
+
+def prepare_inputs(model, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accept a tensor [B,T] or [T], a list of ids, or a list of id lists (left-padded here).
+
+    Returns (input_ids [B,T], attention_mask [B,T]) on the model's device. Raises GenerationError for
+    empty prompts and ids outside the vocabulary.
+    """
+    device = model.device
+    pad = pad_id(model.config)
+    if not torch.is_tensor(input_ids):
+        rows = [list(input_ids)] if input_ids and isinstance(list(input_ids)[0], int) else [list(r) for r in input_ids]
+        if not rows or any(len(r) == 0 for r in rows):
+            raise GenerationError("empty prompt: give at least one token")
+        t = max(len(r) for r in rows)
+        input_ids = torch.tensor([[pad] * (t - len(r)) + r for r in rows], dtype=torch.long)
+        if attention_mask is None:
+            attention_mask = torch.tensor([[0] * (t - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+        attention_mask = attention_mask[None] if attention_mask is not None else None
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise GenerationError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise GenerationError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                              f"{tuple(input_ids.shape)}")
+    if bool((attention_mask.sum(1) == 0).any()):
+        raise GenerationError("empty prompt: a row of attention_mask has no tokens")
+    real = input_ids[attention_mask.bool()]
+    v = model.config.vocab_size
+    if bool(((real < 0) | (real >= v)).any()):
+        raise GenerationError(f"prompt token ids must be in [0, {v})")
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def check_context(model, attention_mask: torch.Tensor, max_new_tokens: int, extra: int = 0) -> None:
+    """Raise GenerationError if the longest prompt plus `max_new_tokens` exceeds the model context."""
+    ctx = model.config.max_position_embeddings
+    longest = int(attention_mask.sum(1).max())
+    if longest >= ctx:
+        raise GenerationError(f"prompt is {longest} tokens but the model context is {ctx}: shorten the prompt")
+    if longest + max_new_tokens + extra > ctx:
+        raise GenerationError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model "
+                              f"context ({ctx}): lower max_new_tokens to {ctx - longest - extra} or shorten the prompt")
+
+
+def new_cache(model, batch_size: int, max_length: int, mode: str = "latent", mtp: bool = False) -> KVCache:
+    """A cache for the main layers (and the MTP layers when `mtp`), in the model's dtype and device."""
+    if mode not in CACHE_MODES:
+        raise GenerationError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
+    cfg = model.config
+    layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
+    return KVCache(cfg, batch_size, max_length, mode=mode, dtype=model.dtype, device=model.device, num_layers=layers)
+
+
+# ---------------------------------------------------------------------- the decode loop's state
+class Row:
+    """One sequence of a DecodeBatch: its `state` (SequenceState), random `generator` and a caller's `key`."""
+
+    __slots__ = ("state", "generator", "key")
+
+    def __init__(self, state: SequenceState, generator: torch.Generator | None = None, key=None) -> None:
+        self.state, self.generator, self.key = state, generator, key
+
+
+class DecodeBatch:
+    """Rows decoded together over `cache` (see the module docstring); rows[i] lives in cache row i.
+
+    `rows` may hold any objects with `.state` (SequenceState) and `.generator` attributes (the engine's
+    requests). `generator`, when given, is one generator shared by the whole batch (generate's `seed`);
+    otherwise each row draws from its own. `penalties` tracks every cache row (None: no penalties).
+    """
+
+    def __init__(self, model, cache: KVCache, penalties: PenaltyState | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.vocab = model.config.vocab_size
+        self.penalties = penalties or PenaltyState.create([[]] * cache.batch_size, self.vocab, model.device,
+                                                          active=False)
+        self.generator = generator
+        self.rows: list = []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def admit(self, rows: Sequence, prompts: Sequence[Sequence[int]] | None = None) -> tuple[int, int]:
+        """Append `rows` in the free cache rows [lo, hi) (emptied; penalties see `prompts`); returns (lo, hi)."""
+        lo, hi = len(self.rows), len(self.rows) + len(rows)
+        if hi > self.cache.batch_size:
+            raise GenerationError(f"a decode batch of {self.cache.batch_size} rows cannot take {hi}")
+        self.cache.reset_rows(list(range(lo, hi)))
+        for i, row in enumerate(range(lo, hi)):
+            self.penalties.reset_row(row, prompts[i] if prompts is not None else [])
+        self.rows.extend(rows)
+        return lo, hi
+
+    def prefill(self, lo: int, hi: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encode (a chunk of) the prompts of rows [lo, hi): input_ids/attention_mask [hi-lo, T] (left
+        padded) -> logits of their last positions [hi-lo, V]."""
+        cache = self.cache if (lo, hi) == (0, self.cache.batch_size) else self.cache.rows(lo, hi)
+        return self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+    def decode(self) -> torch.Tensor:
+        """One decoding step of every row on its last token: -> logits [n,V] (`model.decode_step`)."""
+        n = len(self.rows)
+        last = torch.tensor([[r.state.tokens[-1]] for r in self.rows], device=self.model.device)
+        cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+        return self.model.decode_step(last, cache)
+
+    def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, list[str]]:
+        """Pick the next token of rows [lo, hi) from logits [hi-lo, V] and record it in their states.
+
+        Stop ids are masked before `min_new_tokens` (`stopping.early_stop_mask`); per-request logits rules
+        that need the tokens so far (e.g. a constraint in SamplingParams) get them from `states` here.
+        Returns (tokens [hi-lo], text pieces); a row that finishes stays until `retire`.
+        """
+        hi = len(self.rows) if hi is None else hi
+        rows = self.rows[lo:hi]
+        states = [r.state for r in rows]
+        pen = PenaltyState(self.penalties.seen[lo:hi], self.penalties.counts[lo:hi], self.penalties.active)
+        gens = self.generator if self.generator is not None else [r.generator for r in rows]
+        banned = early_stop_mask(states, logits.shape[-1], logits.device)
+        tok = choose(logits, [s.params for s in states], pen, gens, banned)
+        pen.update(tok)
+        return tok, [s.append(t) for s, t in zip(states, tok.tolist())]
+
+    def remove(self, i: int) -> None:
+        """Take row i out: the last row moves into its cache row, so rows stay 0..n-1."""
+        last = len(self.rows) - 1
+        if i != last:
+            self.cache.move_row(last, i)
+            self.penalties.seen[i] = self.penalties.seen[last]
+            self.penalties.counts[i] = self.penalties.counts[last]
+            self.rows[i] = self.rows[last]
+        self.cache.reset_rows([last])
+        self.rows.pop()
+
+    def retire(self) -> list:
+        """Remove the finished rows; returns them."""
+        done = []
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].state.finished:
+                done.append(self.rows[i])
+                self.remove(i)
+        return done
