@@ -120,7 +120,9 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         recipe: str = typer.Argument(..., help="A fine-tuning recipe YAML file or a builtin one (finetune_builtin)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in OUT/checkpoints "
-                                    "(written every train.save_every steps)."),
+                                    "(written every train.save_every steps and on Ctrl-C)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an OUT that holds an earlier "
+                                       "run's checkpoints (they are deleted)."),
     ) -> None:
         """Fine-tune a pretrained model on one or more tasks (shared trunk, one head per task).
 
@@ -131,8 +133,8 @@ def register(app: typer.Typer) -> None:
         from ..training.multitask_recipe import load_finetune_recipe
 
         r = load_finetune_recipe(recipe, list(ctx.args))
-        if resume:
-            r.train.resume = True
+        r.train.resume = r.train.resume or resume
+        r.train.overwrite = r.train.overwrite or overwrite
         console = _console()
         result = finetune(r, console=console)
         console.print(f"done: {result.steps} steps in {result.seconds / 60:.1f} min; model in {result.out_dir} "

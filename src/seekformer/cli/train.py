@@ -144,14 +144,16 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         recipe: str = typer.Argument(..., help="A recipe YAML file or a builtin recipe name (quickstart, tiny, small)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.out."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a train.out that holds an earlier "
+                                       "run's checkpoints (they are deleted)."),
     ) -> None:
         """Pretrain a model as RECIPE describes; override any key with --section.key value."""
         from ..training.recipe import load_recipe
         from ..training.trainer import pretrain
 
         r = load_recipe(recipe, list(ctx.args))
-        if resume:
-            r.train.resume = True
+        r.train.resume = r.train.resume or resume
+        r.train.overwrite = r.train.overwrite or overwrite
         console = _console()
         result = pretrain(r, console=console)
         v = result.val_losses

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..fsio import atomic_write_text
 from ..errors import DataError
 from .corpus import Source, check_sources, iter_document_pieces, sources_fingerprint
 

@@ -163,8 +163,7 @@ class MoE(nn.Module):
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
-        self.seq_aux_loss_alpha = config.seq_aux_loss_alpha
-        self.router_z_loss_coef = config.router_z_loss_coef
+        self.config = config  # seq_aux_loss_alpha / router_z_loss_coef are read at use time (may change on resume)
         self.gate = Router(config)
         self.experts = Experts(config)
         self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -195,7 +194,8 @@ class MoE(nn.Module):
                 chosen = chosen * m[:, None]
             self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
-        if self.seq_aux_loss_alpha > 0:
+        alpha, z_coef = self.config.seq_aux_loss_alpha, self.config.router_z_loss_coef
+        if alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.
             norm_scores = r.scores / (r.scores.sum(-1, keepdim=True) + 1e-20)
             if m is not None:
@@ -205,11 +205,11 @@ class MoE(nn.Module):
                 count = torch.full((b, 1), float(t), device=r.scores.device)
             p = norm_scores.view(b, t, e).sum(1) / count  # [B,E]
             f = chosen.view(b, t, e).sum(1) * (e / (k * count))  # [B,E]
-            aux = aux + self.seq_aux_loss_alpha * (f * p).sum(-1).mean()
-        if self.router_z_loss_coef > 0:
+            aux = aux + alpha * (f * p).sum(-1).mean()
+        if z_coef > 0:
             z = torch.logsumexp(r.logits, dim=-1).pow(2)
             z = (z * m).sum() / m.sum().clamp_min(1) if m is not None else z.mean()
-            aux = aux + self.router_z_loss_coef * z
+            aux = aux + z_coef * z
         self.aux_loss = aux
 
     @torch.no_grad()

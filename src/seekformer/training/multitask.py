@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, atomic_write_text, load_trainer_state, save_trainer_state
 from ..errors import CheckpointError, RecipeError
+from .checkpointing import RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, read_metrics
 from .multitask_recipe import FinetuneRecipe
 from .optim import build_scheduler, param_groups
@@ -35,9 +35,10 @@ from .weighting import build_weighting, pcgrad, sampling_probs
 
 RESULTS_FILE = "results.json"
 # Recipe keys a resumed fine-tune may change (how long, how often to log/evaluate/save, where to run).
-RESUMABLE_KEYS = {"out", "train.steps", "train.resume", "train.save_every", "train.keep_checkpoints",
-                  "train.progress", "train.log_every", "train.eval_every", "train.eval_examples",
-                  "train.eval_batch_size", "train.validate", "train.test", "train.threads", "train.device"}
+RESUMABLE_KEYS = frozenset({"out", "train.steps", "train.resume", "train.overwrite", "train.save_every",
+                            "train.keep_checkpoints", "train.progress", "train.log_every", "train.eval_every",
+                            "train.eval_examples", "train.eval_batch_size", "train.validate", "train.test",
+                            "train.threads", "train.device"})
 PLOT_FILE = "finetune.png"
 
 
@@ -118,6 +119,8 @@ class MultiTaskTrainer:
             raise RecipeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.checkpoints = RunCheckpoints(self.out, "finetune", r.to_dict(), RESUMABLE_KEYS, self.console)
+        resume_from = self.checkpoints.start(t.resume, t.overwrite)
         torch.manual_seed(t.seed)
         self.tokenizer, lm = load_base(r)
         limit = lm.config.max_position_embeddings
@@ -161,8 +164,8 @@ class MultiTaskTrainer:
         self.rng = random.Random(t.seed)
         self.step = 0
         self.resumed_from = None
-        if t.resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -176,38 +179,16 @@ class MultiTaskTrainer:
                 "rng": random_state(self.rng), "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/step-N atomically (state.pt + recipe.yaml), point `latest` at it, prune."""
-        from .trainer import CHECKPOINTS, LATEST, prune_checkpoints
+        """Write OUT/checkpoints/step-N (trainer_state/state.pt, recipe.yaml, run.json) atomically, point
+        `latest` at it, prune this run's older ones."""
+        return self.checkpoints.save(self.step, self.checkpoint_state(), keep=self.t.keep_checkpoints,
+                                     recipe=self.recipe.to_dict())
 
-        ck = self.out / CHECKPOINTS
-        name = f"step-{self.step:06d}"
-        with atomic_directory(ck / name) as tmp:
-            save_trainer_state(tmp, self.checkpoint_state())
-            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
-        atomic_write_text(ck / LATEST, name + "\n")
-        prune_checkpoints(ck, name, self.t.keep_checkpoints)
-        return ck / name
-
-    def _resume(self) -> None:
-        import yaml
-
+    def _resume(self, found: Path) -> None:
+        """Restore everything `checkpoint_state` saved from `found` (which RunCheckpoints checked is ours)."""
         from ..data.tasks import set_random_state
-        from .trainer import CHECKPOINTS, latest_checkpoint
 
-        found = latest_checkpoint(self.out)
-        if found is None:
-            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
-            return
-        try:
-            saved = yaml.safe_load((found / "recipe.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise CheckpointError(f"cannot read {found / 'recipe.yaml'} ({type(e).__name__}); the checkpoint is "
-                                  "incomplete: delete it to resume from an older one") from None
-        diffs = _recipe_diffs(_flat_recipe(saved), _flat_recipe(self.recipe.to_dict()))
-        if diffs:
-            raise CheckpointError(f"the recipe does not match the checkpoint {found} ({'; '.join(diffs[:3])}); "
-                                  "resume with the same tasks, model and training settings or use a new out")
-        state = load_trainer_state(found)
+        state = self.checkpoints.load_state(found)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -324,7 +305,7 @@ class MultiTaskTrainer:
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, disable=not t.progress) as progress:
+        with StopSignals() as stop, Progress(*columns, console=self.console, disable=not t.progress) as progress:
             bar = progress.add_task("finetune", total=t.steps, completed=self.step, loss=float("nan"))
             window: dict[str, list[float]] = {}
             while self.step < t.steps:
@@ -345,6 +326,10 @@ class MultiTaskTrainer:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
+                if stop.received is not None:
+                    logger.close()
+                    saved = self.save_checkpoint() if self.checkpoints.last_saved_step != self.step else None
+                    raise TrainingInterrupted(stop.received, saved or latest_checkpoint(self.out))
         results: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start}
         if t.validate:
             results["validation"] = self.evaluate("validation")
@@ -360,21 +345,6 @@ class MultiTaskTrainer:
                 self.console.print(f"{split}: " + _summary(results[split], PRIMARY_METRIC, self.data))
         return FinetuneResult(self.out, self.step, time.perf_counter() - start,
                               {s: results[s] for s in ("validation", "test") if s in results})
-
-
-def _flat_recipe(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_recipe(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _recipe_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def _flatten(prefix: str, res: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -59,6 +59,7 @@ class FinetuneTrainRecipe:
     save_every: int = 0  # write OUT/checkpoints/step-N (full training state) every N steps; 0: never
     keep_checkpoints: int = 2
     resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (exactly)
+    overwrite: bool = False  # a fresh run may delete the checkpoints of an earlier run in OUT
 
 
 @dataclass

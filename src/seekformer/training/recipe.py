@@ -67,6 +67,7 @@ class TrainRecipe:
     log_every: int = 10
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
 
 
 SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe}

@@ -9,18 +9,17 @@ Output directory layout (OUT = recipe.train.out):
     OUT/metrics.jsonl, OUT/tensorboard/, OUT/training.png    logs and the plot
     OUT/data/                                                token shards (reused across runs)
 
-Checkpoint directories appear by one atomic rename, and `latest` is replaced atomically after that, so a
-crash mid-save leaves the previous checkpoint as `latest`. Resuming restores weights (incl. the routers'
-balancing biases), optimizer, scheduler, RNG and data position: the loss at every later step equals that
-of an uninterrupted run.
+Checkpoints are written and resumed by `checkpointing.RunCheckpoints` (atomic step directories, the `latest`
+pointer, pruning by step within this run, a fresh run refusing an OUT that holds another run's checkpoints).
+Resuming restores weights (incl. the routers' balancing biases), optimizer, scheduler, RNG and data
+position: the loss at every later step equals that of an uninterrupted run. SIGINT/SIGTERM during `run()`
+finish the current step, save a checkpoint and raise `TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,20 +27,26 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import atomic_write_text, load_config, load_trainer_state, save_model
+from ..checkpoint import load_config, save_model, write_model_files
 from ..config import SeekConfig
 from ..errors import CheckpointError, DataError, RecipeError
+from ..fsio import atomic_write_text
 from ..models.causal_lm import SeekForCausalLM
 from ..nn.moe import load_stats
 from ..runtime import tune_malloc
+from .checkpointing import CHECKPOINTS, LATEST, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, plot_training
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 # Config fields that may change between a checkpoint and a resumed run (training knobs, not architecture).
 RESUMABLE_CHANGES = {"mtp_loss_weight", "aux_free_bias_update_rate", "seq_aux_loss_alpha", "router_z_loss_coef"}
+# Recipe keys a resumed run may change: how long, how often to log/evaluate/save, where to run, and the
+# training knobs above. Every other key must match the checkpoint's recipe.
+RESUMABLE_KEYS = frozenset({"train.out", "train.steps", "train.max_minutes", "train.warmup_steps", "train.resume",
+                            "train.overwrite", "train.save_every", "train.keep_checkpoints", "train.progress",
+                            "train.log_every", "train.eval_every", "train.eval_batches", "train.threads",
+                            "train.device", "data.cache_dir", *(f"model.{k}" for k in RESUMABLE_CHANGES)})
 
 
 @dataclass
@@ -55,27 +60,8 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    ck = out_dir / CHECKPOINTS
-    pointer = ck / LATEST
-    if pointer.is_file():
-        p = ck / pointer.read_text().strip()
-        if p.is_dir():
-            return p
-    steps = sorted(p for p in ck.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return steps[-1] if steps else None
-
-
-def prune_checkpoints(ck: Path, newest: str, keep: int) -> None:
-    """Delete all but the `keep` newest `step-*` directories under `ck` (`newest`, just written, stays;
-    unfinished temporary directories are hidden and never match)."""
-    old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != newest)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def check_resume_config(expected: SeekConfig, found: SeekConfig, where: Path) -> None:
+    """Raise CheckpointError when the checkpoint's model config differs from the recipe's beyond RESUMABLE_CHANGES."""
     a, b = expected.to_dict(), found.to_dict()
     diffs = [f"{k}: recipe {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a)
              if k not in RESUMABLE_CHANGES and a[k] != b.get(k)]
@@ -123,10 +109,8 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         tune_malloc()  # keep freed memory for reuse: no page faults on every step's large temporaries
-        self.out.mkdir(parents=True, exist_ok=True)
-        resume_from = latest_checkpoint(self.out) if t.resume else None
-        if t.resume and resume_from is None:
-            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
+        self.checkpoints = RunCheckpoints(self.out, "pretrain", r.to_dict(), RESUMABLE_KEYS, self.console)
+        resume_from = self.checkpoints.start(t.resume, t.overwrite)
         check_sources(r.data.sources)
 
         # tokenizer: the checkpoint's on resume, else a given one, else train one on the data
@@ -163,7 +147,9 @@ class Trainer:
         if resume_from is not None:
             check_resume_config(self.config, load_config(resume_from), resume_from)
             self.model = SeekForCausalLM.from_pretrained(resume_from, device=t.device)
-            self.model.config = self.config  # equal but for the training knobs the recipe may change
+            # the training knobs the recipe may change, updated IN the config object the modules read
+            update_config(self.model.config, self.config, RESUMABLE_CHANGES)
+            self.config = self.model.config
         else:
             self.model = SeekForCausalLM(self.config)
             self.model.reset_parameters(seed=t.seed)
@@ -174,7 +160,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         if resume_from is not None:
-            state = load_trainer_state(resume_from)
+            state = self.checkpoints.load_state(resume_from)
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.loader.load_state_dict(state["data"])
@@ -258,24 +244,21 @@ class Trainer:
         self._interval_counts = {}
         return rec
 
+    def trainer_state(self) -> dict[str, Any]:
+        """What a resumed run needs beyond the weights: step, tokens, optimizer, scheduler, data position, RNG."""
+        return {"step": self.step, "tokens": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
+                "rng": torch.get_rng_state()}
+
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/step-N atomically, point `latest` at it, refresh OUT's model files."""
-        ck = self.out / CHECKPOINTS
-        ck.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.step:06d}"
-        buf = io.BytesIO()
-        torch.save({"step": self.step, "tokens": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
-                    "rng": torch.get_rng_state()}, buf)
+        """Write OUT/checkpoints/step-N (model, tokenizer, trainer state), point `latest` at it, prune this run's
+        older ones, then refresh OUT's model files."""
         files: dict[str, bytes | str] = dict(self.tokenizer.files())
         files["recipe.yaml"] = self.recipe.to_yaml()
-        target = ck / name
-        if target.exists():
-            shutil.rmtree(target)
-        save_model(self.model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
-        atomic_write_text(ck / LATEST, name + "\n")
+        target = self.checkpoints.save(self.step, self.trainer_state(), keep=self.t.keep_checkpoints,
+                                       recipe=self.recipe.to_dict(),
+                                       write=lambda d: write_model_files(self.model, d, extra_files=files))
         save_model(self.model, self.out, extra_files=files)
-        prune_checkpoints(ck, name, self.t.keep_checkpoints)
         return target
 
     # ------------------------------------------------------------------ loop
@@ -296,7 +279,8 @@ class Trainer:
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, disable=not t.progress, transient=False) as progress:
+        with StopSignals() as stop, Progress(*columns, console=self.console, disable=not t.progress,
+                                             transient=False) as progress:
             task = progress.add_task("train", total=t.steps, completed=self.step, loss=float("nan"), tps=0.0)
             while self.step < t.steps:
                 tokens_before = self.tokens_seen
@@ -326,6 +310,10 @@ class Trainer:
                 if out_of_time:
                     result.stopped_early = self.step < t.steps
                     break
+                if stop.received is not None:
+                    self.logger.close()
+                    saved = self.save_checkpoint() if self.checkpoints.last_saved_step != self.step else None
+                    raise TrainingInterrupted(stop.received, saved or latest_checkpoint(self.out))
         self.logger.close()
         plot_training(self.out)
         result.steps, result.tokens = self.step, self.tokens_seen
@@ -338,7 +326,14 @@ class Trainer:
             self.on_eval(step, v)
 
 
+def update_config(target: SeekConfig, source: SeekConfig, names) -> None:
+    """Copy the fields `names` from `source` into `target` in place (modules keep a reference to `target`)."""
+    for name in names:
+        setattr(target, name, getattr(source, name))
+
+
 def pretrain(recipe: Recipe, console=None) -> TrainResult:
+    """Prepare and run a `Trainer` for `recipe`; returns its TrainResult."""
     trainer = Trainer(recipe, console=console)
     trainer.prepare()
     return trainer.run()
