@@ -109,7 +109,10 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
     ) -> None:
-        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit."""
+        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit.
+
+        Ctrl-C stops the current reply; at the prompt it (or Ctrl-D) ends the session.
+        """
         from ..errors import GenerationError
         from ..inference.chat import ChatSession, load_model_and_tokenizer
 
@@ -137,13 +140,19 @@ def register(app: typer.Typer) -> None:
             if cmd.startswith("/"):
                 typer.echo(f"unknown command {cmd}: use /reset or /exit", err=True)
                 continue
+            reply: list[str] = []
             try:
                 for piece in session.send(line):
+                    reply.append(piece)
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except GenerationError as e:
                 typer.echo(f"error: {e}", err=True)
                 continue
+            except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session; keep what was said
+                if session.messages and session.messages[-1]["role"] == "user":
+                    session.messages.append({"role": "assistant", "content": "".join(reply)})
+                typer.echo("\n(reply interrupted)", err=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
 
