@@ -70,6 +70,9 @@ def interrupted(code: int = 130, checkpoint=None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: runs the command; user mistakes exit 2 in one line, Ctrl-C exits 130."""
+    from ..runtime import default_openmp_spin
+
+    default_openmp_spin()  # before torch loads (`serve` then prefers PASSIVE); `import seekformer` changes nothing
     try:
         rv = app(args=argv, standalone_mode=False)
     except SeekformerError as e:

@@ -24,7 +24,7 @@ import yaml
 from ..data.tasks import TaskRecipe, builtin_defaults
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
-from .recipe import _build_section, apply_overrides, read_recipe_dict
+from .recipe import build_section, apply_overrides, read_recipe_dict
 from .weighting import STRATEGIES
 
 METHODS = ("full", "lora", "frozen")
@@ -147,7 +147,7 @@ def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
         if raw["type"] == defaults["type"] and defaults.get("labels") is not None:
             raw.setdefault("labels", defaults["labels"])
         raw.setdefault("name", train.split(":")[1])
-    return _build_section(TaskRecipe, raw, where)
+    return build_section(TaskRecipe, raw, where)
 
 
 def _task_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
@@ -195,9 +195,9 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
             raise RecipeError(f"`{key}:` must be a path, got {d[key]!r}")
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
                        tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
-                       train=_build_section(FinetuneTrainRecipe, d.get("train"), "train"),
-                       weighting=_build_section(WeightingRecipe, d.get("weighting"), "weighting"),
-                       lora=_build_section(LoraRecipe, d.get("lora"), "lora"))
+                       train=build_section(FinetuneTrainRecipe, d.get("train"), "train"),
+                       weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
+                       lora=build_section(LoraRecipe, d.get("lora"), "lora"))
     r.validate()
     return r
 

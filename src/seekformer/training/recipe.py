@@ -165,7 +165,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise RecipeError(f"{key} expects {_type_name(tp)}, got {value!r}")
 
 
-def _build_section(cls: type, raw: Any, section: str) -> Any:
+def build_section(cls: type, raw: Any, section: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -209,7 +209,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
         raise RecipeError(f"unknown recipe section(s) {', '.join(sorted(unknown))}; "
                           f"valid: model, {', '.join(SECTIONS)}")
     return Recipe(model=_check_model_section(d.get("model")),
-                  **{name: _build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()})
+                  **{name: build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()})
 
 
 def builtin_recipes() -> list[str]:
