@@ -29,9 +29,10 @@ import torch
 
 from ..checkpoint import load_config, save_model, write_model_files
 from ..config import SeekConfig
-from ..errors import CheckpointError, DataError, RecipeError
+from ..errors import CheckpointError, ConfigError, DataError, RecipeError
 from ..fsio import atomic_write_text
 from ..models.causal_lm import SeekForCausalLM
+from ..models.loading import parse_dtype
 from ..nn.moe import load_stats
 from ..runtime import tune_malloc
 from .checkpointing import CHECKPOINTS, LATEST, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
@@ -92,8 +93,10 @@ class Trainer:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 raise RecipeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        if t.dtype not in ("fp32", "bf16"):
-            raise RecipeError(f"train.dtype must be 'fp32' or 'bf16', got {t.dtype!r}")
+        try:
+            self.autocast_dtype = parse_dtype(t.dtype, allowed=("fp32", "bf16"))
+        except ConfigError as e:
+            raise RecipeError(f"train.dtype: {e}") from None
         if not t.lr > 0:
             raise RecipeError(f"train.lr must be > 0, got {t.lr}")
         if t.device.startswith("cuda") and not torch.cuda.is_available():
@@ -173,9 +176,10 @@ class Trainer:
         self.logger = MetricsLogger(self.out, resume_step=self.step if resume_from is not None else None)
 
     # ------------------------------------------------------------------ pieces
-    def _autocast(self):
-        if self.t.dtype == "bf16":
-            return torch.autocast(device_type=torch.device(self.t.device).type, dtype=torch.bfloat16)
+    def autocast(self):
+        """The autocast context of train.dtype (a no-op for fp32)."""
+        if self.autocast_dtype != torch.float32:
+            return torch.autocast(device_type=torch.device(self.t.device).type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -189,7 +193,7 @@ class Trainer:
         for batch in iter_eval_batches(self.shards, "validation", self.t.seq_len, self.t.batch_size,
                                        max_batches=self.t.eval_batches):
             batch = batch.to(self.t.device)
-            with self._autocast():
+            with self.autocast():
                 out = self.model(batch, labels=batch)
             total += float(out.lm_loss) * batch.shape[0]
             n += batch.shape[0]
@@ -204,7 +208,7 @@ class Trainer:
         sums: dict[str, float] = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
         for _ in range(t.grad_accum):
             batch = self.loader.next_batch().to(t.device)
-            with self._autocast():
+            with self.autocast():
                 out = self.model(batch, labels=batch)
             (out.loss / t.grad_accum).backward()
             sums["loss"] += out.lm_loss.item() / t.grad_accum
