@@ -141,15 +141,18 @@ class RunCheckpoints:
         removed += remove_stale_temporaries(self.out)
         return removed
 
-    def start(self, resume: bool, overwrite: bool = False) -> Path | None:
+    def start(self, resume: bool, overwrite: bool = False, is_main: bool = True) -> Path | None:
         """Prepare OUT for this run; return the checkpoint to resume from (None: start from scratch).
 
         Raises OutputPathError when OUT runs through a file, or when a fresh run (no `resume`) would write
-        into an OUT that holds checkpoints of an earlier run and `overwrite` is not set.
+        into an OUT that holds checkpoints of an earlier run and `overwrite` is not set. Under several
+        processes every one calls it and reaches the same verdict; only `is_main` cleans and deletes, and
+        its `run_id` is the one to share.
         """
         check_writable_dir(self.out)
-        self.clean_stale()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            self.clean_stale()
+            self.out.mkdir(parents=True, exist_ok=True)
         found = latest_checkpoint(self.out) if resume else None
         if found is not None:
             self._check_belongs(found)
@@ -162,10 +165,11 @@ class RunCheckpoints:
                 raise OutputPathError(
                     f"{self.out} already holds checkpoints of an earlier run (newest {existing[-1].name}): pass "
                     "--resume to continue it, --overwrite to replace it, or choose another output directory")
-            for p in existing:
-                shutil.rmtree(p)
-            (self.ck / LATEST).unlink(missing_ok=True)
-            fsync_dir(self.ck)
+            if is_main:
+                for p in existing:
+                    shutil.rmtree(p)
+                (self.ck / LATEST).unlink(missing_ok=True)
+                fsync_dir(self.ck)
         if resume and self.console is not None:
             self.console.print(f"[yellow]no checkpoint in {self.ck}; starting from scratch[/]")
         self.run_id = uuid.uuid4().hex
@@ -264,5 +268,5 @@ class StopSignals:
         self._previous = {}
 
 
-__all__ = ["TrainingInterrupted", "StopSignals", "RunCheckpoints", "latest_checkpoint", "step_dirs", "step_name", "step_of", "recipe_diffs",
-           "recipe_fingerprint", "flat_recipe", "CHECKPOINTS", "LATEST", "RUN_FILE"]
+__all__ = ["StopSignals", "RunCheckpoints", "latest_checkpoint", "step_dirs", "step_name", "step_of",
+           "recipe_diffs", "recipe_fingerprint", "flat_recipe", "read_run_info", "CHECKPOINTS", "LATEST", "RUN_FILE"]

@@ -44,6 +44,8 @@ PLOT_FILE = "finetune.png"
 
 @dataclass
 class FinetuneResult:
+    """What `finetune` returns: the output directory, steps run, seconds, and split -> task -> metrics."""
+
     out_dir: Path
     steps: int
     seconds: float
@@ -112,6 +114,8 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
+        """Load the base model and tokenizer, encode the tasks, build heads, optimizer, schedule, weighting and task
+        streams; resume when train.resume (after RunCheckpoints checked the checkpoint is this recipe's)."""
         from ..models.multitask import SeekForMultiTask
 
         r, t = self.recipe, self.t
@@ -211,6 +215,8 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ one step
     def step_tasks(self) -> list[str]:
+        """The tasks this step trains: all of them, or `tasks_per_step` distinct ones drawn with the sampling
+        probabilities."""
         if self.probs is None:
             return list(self.names)
         k = min(self.t.tasks_per_step, len(self.names))
@@ -275,6 +281,7 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, max_examples: int | None = None) -> dict[str, dict[str, float]]:
+        """{task: metrics} on `split` (validation or test) of every task that has it, at most `max_examples` each."""
         from ..evaluation.metrics import evaluate_task
 
         out = {}
@@ -287,11 +294,14 @@ class MultiTaskTrainer:
         return out
 
     def save(self, results: dict[str, Any]) -> None:
+        """Write the fine-tuned model directory (trunk, heads, multitask.json, tokenizer, recipe.yaml, results.json)."""
         files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
         self.model.save_pretrained(self.out, tokenizer=self.tokenizer, extra_files=files)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> FinetuneResult:
+        """Train to train.steps (logging, periodic evaluation and checkpoints; SIGINT/SIGTERM save and raise
+        TrainingInterrupted), then evaluate, save and plot."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from ..evaluation.metrics import PRIMARY_METRIC
@@ -399,6 +409,7 @@ def plot_multitask(out_dir: str | Path) -> Path:
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
+    """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult."""
     trainer = MultiTaskTrainer(recipe, console=console)
     trainer.prepare()
     return trainer.run()

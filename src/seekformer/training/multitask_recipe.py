@@ -153,12 +153,16 @@ class FinetuneRecipe:
     lora: LoraRecipe = field(default_factory=LoraRecipe)
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain dicts and lists (what recipe.yaml holds)."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The resolved recipe as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def validate(self) -> None:
+        """Raise RecipeError/TaskError for missing base or tasks, repeated names, out-of-range values, unknown choices
+        and combinations that cannot train."""
         t, w = self.train, self.weighting
         if not self.base:
             raise RecipeError("the recipe needs `base:` (a pretrained model directory)")
@@ -244,6 +248,7 @@ def _task_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
 
 
 def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
+    """Build and validate a FinetuneRecipe from a parsed YAML mapping (unknown keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
     unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora"}

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..config import PRESETS, SeekConfig
+from ..distributed.config import ParallelRecipe
 from ..errors import ConfigError, RecipeError
 
 
@@ -119,7 +120,7 @@ class TrainRecipe:
     overwrite: bool = False
 
 
-SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe}
+SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe, "parallel": ParallelRecipe}
 
 
 @dataclass
@@ -130,6 +131,7 @@ class Recipe:
     tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
 
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> SeekConfig:
@@ -154,9 +156,11 @@ class Recipe:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain dicts and lists (what recipe.yaml holds)."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The resolved recipe as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -218,6 +222,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def build_section(cls: type, raw: Any, section: str) -> Any:
+    """A section dataclass `cls` from its raw mapping; unknown keys and ill-typed values raise RecipeError naming
+    `section.key`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -254,6 +260,7 @@ def _check_model_section(raw: Any) -> dict[str, Any]:
 
 # ====================================================================== loading
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    """Build a Recipe from a parsed YAML mapping (unknown sections or keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a recipe must be a YAML mapping with sections model/tokenizer/data/train")
     unknown = set(d) - {"model", *SECTIONS}
@@ -265,6 +272,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 
 
 def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in seekformer/recipes (quickstart, tiny, small, ...)."""
     return sorted(p.name[:-5] for p in resources.files("seekformer.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
@@ -319,4 +327,5 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def load_recipe(path_or_name: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file or a builtin recipe by name, apply `--section.key value` overrides, check it."""
     return recipe_from_dict(apply_overrides(read_recipe_dict(path_or_name), overrides or []))

@@ -75,7 +75,9 @@ def section_table(cls: type, skip: tuple[str, ...] = ()) -> str:
 
 
 def _title(cls: type) -> str:
-    return inspect.cleandoc(cls.__doc__ or "").splitlines()[0]
+    """The first docstring line, without a leading "`section:` " (the heading names the section)."""
+    line = inspect.cleandoc(cls.__doc__ or "").splitlines()[0]
+    return re.sub(r"^`[\w\[\]]+:?` ", "", line).rstrip(".")
 
 
 def documented_classes() -> list[type]:
@@ -120,7 +122,7 @@ def recipe_reference() -> str:
         section_table(SeekConfig),
     ]
     for name, cls in SECTIONS.items():
-        parts += ["", f"### `{name}:` -- {_title(cls).split(' ', 1)[1]}", "", section_table(cls)]
+        parts += ["", f"### `{name}:` -- {_title(cls)}", "", section_table(cls)]
     parts += [
         "",
         "## Fine-tuning recipes (`seekformer finetune RECIPE`)",
@@ -138,9 +140,8 @@ def recipe_reference() -> str:
         "",
         section_table(TaskRecipe),
     ]
-    for cls in (FinetuneTrainRecipe, WeightingRecipe, LoraRecipe):
-        head = _title(cls)
-        parts += ["", f"### {head.split(' ', 1)[0]} -- {head.split(' ', 1)[1]}", "", section_table(cls)]
+    for name, cls in (("train", FinetuneTrainRecipe), ("weighting", WeightingRecipe), ("lora", LoraRecipe)):
+        parts += ["", f"### `{name}:` -- {_title(cls)}", "", section_table(cls)]
     return "\n".join(parts) + "\n"
 
 
