@@ -5,15 +5,10 @@ Names are imported lazily, so reading a recipe (`seekformer.training.recipe`) do
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 _EXPORTS = {"Recipe": "recipe", "load_recipe": "recipe", "Trainer": "trainer", "TrainResult": "trainer",
             "pretrain": "trainer"}
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
