@@ -214,10 +214,10 @@ def test_cli_eval_errors_and_task_delegation(seek_model_dir, capsys, monkeypatch
     with pytest.raises(SystemExit) as e:
         main(["eval", str(seek_model_dir), "--mmlu", "/no/such/dir"])
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
-    import seekformer.cli.finetune as finetune
+    import seekformer.cli.evaluate as evaluate
 
     calls = []
-    monkeypatch.setattr(finetune, "evaluate_task_cli",
+    monkeypatch.setattr(evaluate, "evaluate_task_cli",
                         lambda model_dir, task, data, json_out, **kw: calls.append((task, data, json_out)))
     main(["eval", str(seek_model_dir), "--task", "fortunes", "--data", "x.jsonl", "--json"])
     assert calls == [("fortunes", "x.jsonl", True)]

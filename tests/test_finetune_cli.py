@@ -65,7 +65,7 @@ def test_finetune_then_eval_prints_json(base, tmp_path):
 
 
 def test_eval_of_a_recorded_split_and_a_recipe(base, tmp_path, capsys):
-    from seekformer.cli.finetune import evaluate_task_cli
+    from seekformer.cli.evaluate import evaluate_task_cli
 
     train = write_jsonl(tmp_path / "train.jsonl", ROWS)
     r = recipe(tmp_path, base, [{"name": "topic", "type": "classification", "train": train, "test": train}], steps=1)

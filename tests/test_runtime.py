@@ -1,4 +1,5 @@
-"""Process-level CPU settings: the OpenMP wait policy seekformer picks before torch loads."""
+"""Process-level CPU settings: the OpenMP wait policy the CLI picks before torch loads; `import seekformer`
+changes nothing."""
 
 from __future__ import annotations
 
@@ -6,26 +7,34 @@ import os
 import subprocess
 import sys
 
-PROBE = ("import os, seekformer; from seekformer.runtime import prefer_passive_openmp; "
+PROBE = ("import os, seekformer; from seekformer.runtime import default_openmp_spin, prefer_passive_openmp; "
+         "imported = os.environ.get('GOMP_SPINCOUNT'); spin = default_openmp_spin(); "
          "before = os.environ.get('GOMP_SPINCOUNT'); ok = prefer_passive_openmp(); "
-         "print(before, ok, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+         "print(imported, spin, before, ok, os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
 
 
 def _run(code: str, **env: str) -> list[str]:
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "SEEKFORMER_OPENMP_DEFAULTED")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split()
 
 
-def test_short_spin_by_default_and_passive_for_the_server():
-    assert _run(PROBE) == ["1000", "True", "PASSIVE", "None"]
+def test_import_changes_nothing_the_cli_spins_briefly_and_the_server_is_passive():
+    assert _run(PROBE) == ["None", "True", "1000", "True", "PASSIVE", "None"]
 
 
 def test_user_settings_win():
-    assert _run(PROBE, OMP_WAIT_POLICY="ACTIVE") == ["None", "False", "ACTIVE", "None"]
-    assert _run(PROBE, GOMP_SPINCOUNT="5") == ["5", "False", "None", "5"]
+    assert _run(PROBE, OMP_WAIT_POLICY="ACTIVE") == ["None", "False", "None", "False", "ACTIVE", "None"]
+    assert _run(PROBE, GOMP_SPINCOUNT="5") == ["5", "False", "5", "False", "None", "5"]
 
 
 def test_too_late_once_torch_is_loaded():
-    assert _run("import torch; " + PROBE) == ["1000", "False", "None", "1000"]
+    assert _run("import torch; " + PROBE) == ["None", "False", "None", "False", "None", "None"]
+
+
+def test_the_cli_sets_the_spin_before_torch_loads():
+    code = ("import os, sys; from seekformer.cli import main; sys.argv = ['seekformer', 'version']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('GOMP_SPINCOUNT'))")
+    assert _run(code)[-1] == "1000"

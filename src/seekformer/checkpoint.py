@@ -16,9 +16,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import fsio
 from .config import SeekConfig
 from .errors import CheckpointError, ConfigError
+from .fsio import atomic_write_bytes, atomic_write_text  # noqa: F401 - re-exported for callers
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -38,75 +37,13 @@ _DISK_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-# ====================================================================== atomic file system helpers
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+# ====================================================================== atomic writes (seekformer.fsio)
+WEIGHT_FILES = ("model*.safetensors", INDEX_FILE)  # replaced as a set: an old shard the new save lacks goes
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success its files replace those of `path`.
-
-    A new `path` appears in one rename. An existing one has each file replaced by an atomic rename
-    (weights last), and files the new content no longer has (old shards) are removed afterwards.
-    On an exception nothing under `path` changes.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if not path.exists():
-            os.replace(tmp, path)
-        else:
-            new_files = sorted((p for p in tmp.rglob("*") if p.is_file()),
-                               key=lambda p: (p.suffix == ".safetensors", str(p)))
-            for f in new_files:
-                dest = path / f.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(f, dest)
-            # stale weight files of an earlier save (e.g. a different shard count)
-            names = {f.relative_to(tmp).as_posix() for f in new_files}
-            for old in list(path.glob("model*.safetensors")) + [path / INDEX_FILE]:
-                if old.exists() and old.relative_to(path).as_posix() not in names:
-                    old.unlink()
-            shutil.rmtree(tmp, ignore_errors=True)
-        _fsync_dir(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_directory(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """`fsio.atomic_directory` for a model directory: weight files a new save no longer has are removed."""
+    return fsio.atomic_directory(path, stale=WEIGHT_FILES)
 
 
 # ====================================================================== key mapping
@@ -246,21 +183,27 @@ def generation_config(cfg: SeekConfig) -> dict[str, Any]:
             "do_sample": False, "_from_model_config": True}
 
 
+def write_model_files(model: torch.nn.Module, directory: Path, max_shard_size: int | str = "2GB",
+                      dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
+    """Write `model` (config, generation config, weights) and `extra_files` into an (empty, temporary) directory."""
+    tensors = to_disk_state_dict(model, dtype)
+    cfg_dict = model.config.to_dict()
+    if dtype is not None:
+        cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
+    (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
+    for name, data in (extra_files or {}).items():
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data.encode() if isinstance(data, str) else data)
+    write_weights(directory, tensors, max_shard_size)
+
+
 def save_model(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: int | str = "2GB",
                dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
     """Atomically write `model` as a Hugging Face model directory (plus `extra_files`, e.g. a tokenizer)."""
-    tensors = to_disk_state_dict(model, dtype)
     with atomic_directory(path) as tmp:
-        cfg_dict = model.config.to_dict()
-        if dtype is not None:
-            cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
-        for name, data in (extra_files or {}).items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data.encode() if isinstance(data, str) else data)
-        write_weights(tmp, tensors, max_shard_size)
+        write_model_files(model, tmp, max_shard_size, dtype, extra_files)
 
 
 # ====================================================================== load

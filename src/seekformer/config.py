@@ -24,7 +24,50 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 
 @dataclass
 class SeekConfig:
-    """DeepSeek-V3 (or V2) architecture. Defaults are DeepSeek-V3's, as in `DeepseekV3Config`."""
+    """DeepSeek-V3 (or V2) architecture. Defaults are DeepSeek-V3's, as in `DeepseekV3Config`.
+
+    Keys:
+        vocab_size: vocabulary size (a recipe takes it from the tokenizer unless set)
+        hidden_size: width of the residual stream
+        intermediate_size: hidden width of the dense MLP layers
+        moe_intermediate_size: hidden width of each expert
+        num_hidden_layers: Transformer layers
+        num_attention_heads: attention heads
+        num_key_value_heads: kept for transformers compatibility (MLA has no KV-head grouping; null: heads)
+        n_shared_experts: always-on experts per MoE layer
+        n_routed_experts: routed (fine-grained) experts per MoE layer (0: a dense model)
+        routed_scaling_factor: scale of the routed experts' combined output
+        kv_lora_rank: MLA: rank of the compressed key/value latent (what the KV cache stores)
+        q_lora_rank: MLA: rank of the query compression (null: a plain q_proj)
+        qk_rope_head_dim: MLA: per-head query/key dimensions that get RoPE
+        v_head_dim: MLA: per-head value dimension
+        qk_nope_head_dim: MLA: per-head query/key dimensions without RoPE
+        n_group: expert groups for group-limited routing
+        topk_group: groups a token may route to
+        num_experts_per_tok: routed experts per token (top-k)
+        first_k_dense_replace: the first k layers use a dense MLP instead of MoE
+        norm_topk_prob: renormalise the chosen experts' weights to sum to 1
+        scoring_func: router scores: sigmoid (V3) | softmax (V2)
+        topk_method: noaux_tc (V3) | greedy | group_limited_greedy (V2)
+        hidden_act: MLP activation (silu)
+        max_position_embeddings: context length (a recipe sets at least train.seq_len + 1)
+        initializer_range: std of the normal initialisation
+        rms_norm_eps: RMSNorm epsilon
+        pad_token_id: padding token id (a recipe takes it from the tokenizer)
+        bos_token_id: begin-of-text token id (from the tokenizer)
+        eos_token_id: end-of-text token id (from the tokenizer)
+        tie_word_embeddings: share the input embedding and the output head
+        rope_parameters: RoPE settings: {rope_type: default | yarn, rope_theta, factor, ...}
+        rope_interleave: DeepSeek's interleaved RoPE layout
+        attention_bias: biases in the attention projections
+        attention_dropout: attention dropout
+        num_nextn_predict_layers: Multi-Token Prediction modules (0: none)
+        model_type: deepseek_v3 | deepseek_v2 (what config.json says)
+        mtp_loss_weight: weight of the MTP loss (DeepSeek-V3: 0.3, later 0.1); may change on resume
+        aux_free_bias_update_rate: gamma of auxiliary-loss-free balancing (0 disables); may change on resume
+        seq_aux_loss_alpha: alpha of the sequence-wise balance loss (0 disables); may change on resume
+        router_z_loss_coef: router z-loss weight (0 disables); may change on resume
+    """
 
     vocab_size: int = 129280
     hidden_size: int = 7168

@@ -33,3 +33,18 @@ class GenerationError(SeekformerError):
 
 class TaskError(SeekformerError):
     """A fine-tuning task that is misdeclared or whose data does not match its type."""
+
+
+class OutputPathError(SeekformerError):
+    """An output path that cannot be a directory (a file is in the way) or holds another run."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped a training loop after it saved `checkpoint` (resume with `--resume`).
+
+    Not a SeekformerError (nothing to fix) and not a KeyboardInterrupt, so that it reaches the CLI through
+    typer; the CLI prints "interrupted" and exits with 128 + `signum`."""
+
+    def __init__(self, signum: int, checkpoint=None) -> None:
+        super().__init__(f"interrupted by signal {signum}; checkpoint {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint

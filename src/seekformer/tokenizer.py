@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .checkpoint import atomic_write_text
+from .fsio import atomic_write_text
 from .data.corpus import check_sources, iter_documents
 from .errors import TokenizerError
 

@@ -33,7 +33,7 @@ from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
 from ..runtime import loadavg
-from .train import _cpu_name, _require_transformers, build_pair
+from .train import build_pair, cpu_name as _cpu_name, require_transformers as _require_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -68,7 +68,7 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, sizes: Sequence[int]
 
 
 # ====================================================================== models
-def _require_transformers():
+def require_transformers():
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
@@ -79,7 +79,7 @@ def _require_transformers():
 
 def build_pair(cfg: SeekConfig, seed: int = 0) -> tuple[SeekForCausalLM, torch.nn.Module]:
     """A seekformer model and the `transformers` model loaded from its save: same weights, default kernels."""
-    transformers = _require_transformers()
+    transformers = require_transformers()
     model = SeekForCausalLM(cfg)
     model.reset_parameters(seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +187,7 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
     (transformers step time / seekformer step time). `tune_malloc` keeps freed memory in the process heap
     (see seekformer.runtime) for both models alike; by default the allocator is left as it is.
     """
-    _require_transformers()
+    require_transformers()
     if tune_malloc:
         from ..runtime import tune_malloc as _tune
 
@@ -216,7 +216,7 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
     return results
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -232,7 +232,7 @@ def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
     lines = [
         "# Training step: seekformer vs transformers",
         "",
-        f"`seekformer bench train` on {_dt.date.today().isoformat()}: {_cpu_name()}, "
+        f"`seekformer bench train` on {_dt.date.today().isoformat()}: {cpu_name()}, "
         f"{r0.get('threads', torch.get_num_threads())} threads, torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Batch {r0.get('batch_size')} x {r0.get('seq_len')} tokens, "
         f"median of {r0.get('steps')} interleaved steps (forward, backward, AdamW) after warm-up. "

@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from ..errors import SeekformerError
+from ..errors import SeekformerError, TrainingInterrupted
 
 try:  # typer >= 0.20 vendors click
     from typer._click.exceptions import ClickException as _ClickException
@@ -63,17 +63,30 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def interrupted(code: int = 130, checkpoint=None) -> None:
+    """Print "interrupted" (and where a training run saved its state) and exit with `code` (128 + signal)."""
+    typer.echo("interrupted" + (f"; state saved in {checkpoint} (continue with --resume)" if checkpoint else ""),
+               err=True)
+    raise SystemExit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
+    """Console entry point: runs the command; user mistakes exit 2 in one line, Ctrl-C exits 130."""
+    from ..runtime import default_openmp_spin
+
+    default_openmp_spin()  # before torch loads (`serve` then prefers PASSIVE); `import seekformer` changes nothing
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except SeekformerError as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except FileNotFoundError as e:
         fail(f"file not found: {e.filename or e}")
+    except (NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        fail(f"{e.strerror or type(e).__name__}: {e.filename or e}")
+    except TrainingInterrupted as e:
+        interrupted(128 + e.signum, e.checkpoint)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
+        interrupted()
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive as exceptions in non-standalone mode
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, _Abort):
             raise SystemExit(1) from None
         raise
+    if rv == 130:  # typer's answer to a KeyboardInterrupt inside a command
+        interrupted()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 """`seekformer bench ...`: time seekformer against `transformers` on the same machine, in one run.
 
-Each benchmark is one command of `bench_app`; add more with `@bench_app.command("name")`.
+Each benchmark is one command of `bench_app` here (`train`, `decode`, `serve`); the measuring code lives in
+`seekformer.bench.<name>`. Add more with `@bench_app.command("name")`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from typing import Optional
 
 import typer
 
+from ..errors import SeekformerError
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: seekformer vs transformers, same config and machine.")
 
 
 @bench_app.command("train")
 def train(
     preset: Optional[list[str]] = typer.Option(None, "--preset", help="Model preset (repeatable; default: tiny and small)."),
-    dtype: Optional[list[str]] = typer.Option(None, "--dtype", help="fp32 or bf16 autocast (repeatable; default both)."),
+    dtype: Optional[list[str]] = typer.Option(None, "--dtype", help="fp32|float32 or bf16|bfloat16 autocast (repeatable; default both)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Sequences per step."),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
     steps: int = typer.Option(10, "--steps", help="Timed steps per model (after 2 warm-up steps)."),
@@ -29,26 +32,81 @@ def train(
     from ..config import PRESETS
     from ..errors import ConfigError
 
+    from ..models.loading import parse_dtype, short_dtype_name
+
+    dtypes = [short_dtype_name(parse_dtype(d, allowed=("fp32", "bf16"))) for d in dtype or ["fp32", "bf16"]]
     presets = preset or ["tiny", "small"]
     for p in presets:
         if p not in PRESETS:
             raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
-    run_train_bench(presets=presets, dtypes=dtype or ["fp32", "bf16"], batch_size=batch_size, seq_len=seq_len,
+    run_train_bench(presets=presets, dtypes=dtypes, batch_size=batch_size, seq_len=seq_len,
                     steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc)
 
 
-# ---- `seekformer bench serve` (serving engineer; the command lives in cli/serve.py, the benchmark in bench/serve.py)
-from .serve import bench_serve_cmd  # noqa: E402
+@bench_app.command("decode")
+def bench_decode_cmd(
+    preset: Optional[list[str]] = typer.Option(None, "--preset", help="Model preset (repeatable; default: tiny and small)."),
+    model_dir: Optional[list[Path]] = typer.Option(None, "--model-dir", help="Also a trained model directory "
+                                                   "(repeatable); with MTP modules, speculative decoding is timed."),
+    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="Batch size (repeatable; default 1 and 8)."),
+    prompt_len: Optional[list[int]] = typer.Option(None, "--prompt-len", help="Prompt tokens (repeatable; default "
+                                                   "32 and 512)."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per row."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed runs per setting (median)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32|float32 or bf16|bfloat16 (weights and cache)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
+    prompt: str = typer.Option("The United States", "--prompt", help="Prompt for the speculative run on a trained model."),
+    out: Path = typer.Option(Path("benchmarks/results/decode.md"), "--out", help="Markdown table to write."),
+) -> None:
+    """Decode tokens/s (batch 1 and 8) and KV-cache bytes/token of seekformer and transformers generate()."""
+    from ..bench.decode import run_decode_bench
+    from ..config import PRESETS
+    from ..errors import ConfigError
+    from ..models.loading import parse_dtype, short_dtype_name
 
-bench_app.command("serve")(bench_serve_cmd)
-# ---- end of `bench serve`
+    dtype = short_dtype_name(parse_dtype(dtype, allowed=("fp32", "bf16")))
+
+    presets = preset if preset is not None else ([] if model_dir else ["tiny", "small"])
+    for p in presets:
+        if p not in PRESETS:
+            raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
+    if model_dir:
+        from ..checkpoint import check_model_dir
+
+        for d in model_dir:
+            check_model_dir(d)
+    run_decode_bench(presets=presets, model_dirs=model_dir or [], batch_sizes=batch_size or [1, 8],
+                     prompt_lens=prompt_len or [32, 512], new_tokens=new_tokens, repeats=repeats, dtype=dtype,
+                     threads=threads, prompt_text=prompt, out_md=out, log=typer.echo)
 
 
-# ---- `seekformer bench decode` (inference engineer; the command lives in cli/generate.py, the benchmark in bench/decode.py)
-from .generate import bench_decode_cmd  # noqa: E402
+@bench_app.command("serve")
+def bench_serve_cmd(
+    model_dir: Optional[Path] = typer.Argument(None, help="Model directory (default: ./seekformer-quickstart if it "
+                                               "exists, else a random `tiny`-preset model)."),
+    clients: Optional[list[int]] = typer.Option(None, "--clients", help="Concurrency levels (repeatable; "
+                                                "default 1, 4, 16)."),
+    requests: int = typer.Option(4, "--requests", min=1, help="Requests per client at each level."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per request."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the server."),
+    url: Optional[str] = typer.Option(None, "--url", help="Measure a running server instead (model name: "
+                                      "--model-name)."),
+    model_name: str = typer.Option("bench", "--model-name", help="Model name of the server at --url."),
+    out: Path = typer.Option(Path("benchmarks/results/serve.md"), "--out", help="Markdown table to write."),
+) -> None:
+    """Serving throughput: aggregate tokens/s and p50/p95 latency with 1, 4 and 16 concurrent clients."""
+    from ..runtime import prefer_passive_openmp
 
-bench_app.command("decode")(bench_decode_cmd)
-# ---- end of `bench decode`
+    if url is None:
+        prefer_passive_openmp()  # inherited by the server subprocess: it runs as `seekformer serve` does
+    from ..bench.serve import markdown, run_serve_bench, write_markdown
+
+    levels = tuple(sorted(set(clients or [1, 4, 16])))
+    if levels[0] < 1:
+        raise SeekformerError("--clients must be >= 1")
+    rows, info = run_serve_bench(model_dir, levels, requests, max_tokens, threads, url, model_name)
+    typer.echo(markdown(rows, info))
+    typer.echo(f"written to {write_markdown(rows, info, out)}", err=True)
 
 
 @bench_app.command("distributed")

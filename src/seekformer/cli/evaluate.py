@@ -2,20 +2,20 @@
 
     seekformer eval MODEL_DIR --perplexity builtin|FILE [--window N --stride M]
     seekformer eval MODEL_DIR --mmlu DIR|FILE|hf:cais/mmlu [--subjects a,b] [--shots 5]
-    seekformer eval MODEL_DIR --task NAME [--data FILE] [--json]      (fine-tuned heads: cli/finetune.py)
+    seekformer eval MODEL_DIR --task NAME|RECIPE [--data FILE] [--json]   (heads of `seekformer finetune`)
     seekformer lm-eval --model seekformer --model_args pretrained=DIR --tasks ...   (lm-eval's own CLI)
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
-from ..errors import SeekformerError
+from . import options as opts
+from ..errors import DataError, SeekformerError, TaskError
 
 
 def _console():
@@ -91,15 +91,87 @@ def _print_tables(results: dict) -> None:
         console.print(t)
 
 
-def _delegate_task(model_dir: Path, task: str, data: str | None, json_out: bool, **extra) -> None:
-    try:
-        from .finetune import evaluate_task_cli
-    except ImportError:
-        raise SeekformerError("task evaluation is not available in this build (seekformer.cli.finetune."
-                              "evaluate_task_cli is missing); use --perplexity or --mmlu") from None
-    params = inspect.signature(evaluate_task_cli).parameters
-    kwargs = {k: v for k, v in extra.items() if k in params and v is not None}
-    evaluate_task_cli(model_dir, task, data, json_out, **kwargs)
+def _eval_tasks(model, model_dir, task: str | None, data: str | None, recipe: str | None) -> list[tuple[dict, str]]:
+    """[(task declaration, data source)] to evaluate: one named task, or every task of a recipe."""
+    from ..data.tasks import resolve_splits
+
+    decls = model.tasks
+    if task and (task.endswith((".yaml", ".yml")) or Path(task).is_file()):
+        recipe, task = task, None
+    if recipe:
+        from ..training.multitask_recipe import load_finetune_recipe
+
+        r = load_finetune_recipe(recipe, [f"--base={model_dir}"])
+        wanted = [t for t in r.tasks if task is None or t.name == task]
+        out = []
+        for t in wanted:
+            if t.name not in decls:
+                raise TaskError(f"the model has no head for task {t.name!r} of the recipe (it has: "
+                                f"{', '.join(decls)})")
+            splits = resolve_splits(t)
+            src = data or splits.get("test") or splits.get("validation")
+            if not src:
+                raise DataError(f"task {t.name!r} of the recipe has no test or validation data; pass --data")
+            out.append((decls[t.name], src))
+        return out
+    if not task:
+        if len(decls) != 1:
+            raise TaskError(f"name the task to evaluate with --task (the model has: {', '.join(decls)})")
+        task = next(iter(decls))
+    if task not in decls:
+        raise TaskError(f"the model has no task {task!r} (it has: {', '.join(decls)}); pass --task NAME or a recipe")
+    d = decls[task]
+    src = data or d.get("test") or d.get("validation")
+    if not src:
+        raise DataError(f"task {task!r} records no test data; pass --data FILE")
+    return [(d, src)]
+
+
+def evaluate_task_cli(model_dir: str | Path, task: str | None = None, data: str | None = None,
+                      json_out: bool = False, recipe: str | None = None, output: str | Path | None = None,
+                      batch_size: int = 32, max_examples: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Evaluate fine-tuned task head(s) of MODEL_DIR and print a table (or JSON with `json_out`).
+
+    `task` is a task name of the model or a fine-tuning recipe (all its tasks); `data` a file/source that
+    overrides the recorded test split. Returns {metric: value} for one task, {task: {metric: value}} for
+    several; `output` also writes that JSON to a file.
+    """
+    from ..data.tasks import Encoder, TaskRecipe, load_split
+    from ..evaluation.metrics import evaluate_task
+    from ..models.multitask import SeekForMultiTask
+    from ..tokenizer import SeekTokenizer
+
+    model = SeekForMultiTask.from_pretrained(model_dir, device=device)
+    tokenizer = SeekTokenizer.load(model_dir)
+    results: dict[str, dict[str, float]] = {}
+    for decl, src in _eval_tasks(model, model_dir, task, data, recipe):
+        fields = {k: v for k, v in decl.items() if k in TaskRecipe.__dataclass_fields__}
+        spec = TaskRecipe(**fields)
+        records = load_split(spec, src, "test", max_examples)
+        examples = Encoder(spec, tokenizer, decl.get("labels")).encode(records, src, training=False)
+        results[decl["name"]] = evaluate_task(model, tokenizer, decl, examples, batch_size)
+    payload: dict[str, Any] = next(iter(results.values())) if len(results) == 1 else results
+    if output:
+        Path(output).write_text(json.dumps(payload, indent=2) + "\n")
+    if json_out:
+        typer.echo(json.dumps(payload))
+    else:
+        print_task_table(results)
+    return payload
+
+
+def print_task_table(results: dict[str, dict[str, float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="task metrics")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, metrics in results.items():
+        for k, v in metrics.items():
+            table.add_row(name, k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -126,8 +198,8 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", help="Also write the results JSON to this file."),
         batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Sequences per forward."),
         max_examples: Optional[int] = typer.Option(None, "--max-examples", min=1, help="Limit for --task."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
+        device: opts.Device = "cpu",
+        dtype: opts.Dtype = None,
     ) -> None:
         """Measure a model: perplexity and bits per byte, multiple-choice accuracy, or a fine-tuned task."""
         if not (perplexity or mmlu or task):
@@ -135,12 +207,12 @@ def register(app: typer.Typer) -> None:
         if task:
             if perplexity or mmlu:
                 raise SeekformerError("--task evaluates a fine-tuned head: run it separately from --perplexity/--mmlu")
-            _delegate_task(model_dir, task, data, json_out, output=output, batch_size=batch_size,
-                           max_examples=max_examples, device=device)
+            evaluate_task_cli(model_dir, task, data, json_out, output=output, batch_size=batch_size or 32,
+                              max_examples=max_examples, device=device)
             return
-        from ..serving.server import load_model_dir
+        from ..models.loading import load_model_and_tokenizer
 
-        model, tok = load_model_dir(model_dir, device, dtype)
+        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
         results: dict = {}
         if perplexity:
             results["perplexity"] = run_perplexity(model, tok, perplexity, window, stride, max_tokens, batch_size,

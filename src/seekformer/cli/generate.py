@@ -9,24 +9,7 @@ from typing import Optional
 
 import typer
 
-
-def _setup(threads: Optional[int]) -> None:
-    import torch
-
-    from ..errors import GenerationError
-
-    if threads is not None:
-        if threads < 1:
-            raise GenerationError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-
-
-def _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-              presence_penalty, seed, stop) -> dict:
-    return dict(max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature, top_k=top_k,
-                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
-                stop=tuple(stop or ()))
+from . import options as opts
 
 
 def register(app: typer.Typer) -> None:
@@ -34,16 +17,16 @@ def register(app: typer.Typer) -> None:
     def generate_cmd(
         model_dir: Path = typer.Argument(..., help="Model directory (config.json, safetensors, tokenizer.json)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
-        max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
-        temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
-        top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
-        top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
-        min_p: float = typer.Option(0.0, help="Drop tokens below min_p * p(top token) (0 = off)."),
-        repetition_penalty: float = typer.Option(1.0, help="CTRL-style repetition penalty (1 = off)."),
-        frequency_penalty: float = typer.Option(0.0, help="OpenAI-style frequency penalty."),
-        presence_penalty: float = typer.Option(0.0, help="OpenAI-style presence penalty."),
-        seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
-        stop: Optional[list[str]] = typer.Option(None, help="Stop string (repeatable)."),
+        max_new_tokens: opts.MaxNewTokens = 64,
+        temperature: opts.Temperature = 0.0,
+        top_k: opts.TopK = 0,
+        top_p: opts.TopP = 1.0,
+        min_p: opts.MinP = 0.0,
+        repetition_penalty: opts.RepetitionPenalty = 1.0,
+        frequency_penalty: opts.FrequencyPenalty = 0.0,
+        presence_penalty: opts.PresencePenalty = 0.0,
+        seed: opts.Seed = None,
+        stop: opts.Stop = None,
         num_beams: int = typer.Option(1, help="Beam search with this many beams (greedy scoring)."),
         length_penalty: float = typer.Option(1.0, help="Beam search length penalty exponent."),
         speculative: bool = typer.Option(False, help="Greedy self-speculative decoding with the MTP modules."),
@@ -51,24 +34,24 @@ def register(app: typer.Typer) -> None:
         add_bos: bool = typer.Option(True, help="Prepend the begin-of-text token."),
         echo: bool = typer.Option(False, help="Print the prompt before the continuation."),
         stats: bool = typer.Option(False, help="Print tokens/s (and speculative acceptance) to stderr."),
-        device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-        dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-        threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
+        device: opts.Device = "cpu",
+        dtype: opts.Dtype = None,
+        threads: opts.Threads = None,
     ) -> None:
-        """Continue a prompt; the text streams as it is generated."""
+        """Continue a prompt; the text streams as it is generated. Ctrl-C stops (exit 130)."""
         from ..errors import GenerationError
-        from ..inference.chat import load_model_and_tokenizer
         from ..inference.generate import generate, stream
+        from ..models.loading import load_model_and_tokenizer
 
-        _setup(threads)
+        opts.set_threads(threads)
         if prompt == "-":
             prompt = sys.stdin.read()
         if not prompt:
             raise GenerationError("empty prompt: pass --prompt TEXT")
         model, tok = load_model_and_tokenizer(model_dir, device, dtype)
         ids = tok.encode(prompt, add_bos=add_bos)
-        opts = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-                         presence_penalty, seed, stop)
+        options = opts.sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                frequency_penalty, presence_penalty, seed, stop)
         if echo:
             typer.echo(prompt, nl=False)
         if num_beams < 1:
@@ -77,13 +60,13 @@ def register(app: typer.Typer) -> None:
         info = ""
         if num_beams == 1 and not speculative:
             done: dict = {}
-            for piece in stream(model, tok, ids, cache_mode=cache_mode, info=done, **opts):
+            for piece in stream(model, tok, ids, cache_mode=cache_mode, info=done, **options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             out_tokens = done["new_tokens"]
         else:
             out = generate(model, [ids], tokenizer=tok, num_beams=num_beams, length_penalty=length_penalty,
-                           speculative=speculative, cache_mode=cache_mode, return_dict=True, **opts)
+                           speculative=speculative, cache_mode=cache_mode, return_dict=True, **options)
             sys.stdout.write(out.texts[0])
             out_tokens = len(out.new_tokens[0])
             if speculative:
@@ -98,25 +81,33 @@ def register(app: typer.Typer) -> None:
     def chat_cmd(
         model_dir: Path = typer.Argument(..., help="Model directory (config.json, safetensors, tokenizer.json)."),
         system: Optional[str] = typer.Option(None, help="System message."),
-        max_new_tokens: int = typer.Option(256, help="Tokens per reply at most."),
-        temperature: float = typer.Option(0.7, help="0 = greedy; > 0 samples."),
-        top_k: int = typer.Option(0, help="Sample from the k most likely tokens (0 = off)."),
-        top_p: float = typer.Option(0.95, help="Nucleus sampling mass (1 = off)."),
-        min_p: float = typer.Option(0.0, help="Drop tokens below min_p * p(top token) (0 = off)."),
-        repetition_penalty: float = typer.Option(1.0, help="CTRL-style repetition penalty (1 = off)."),
-        seed: Optional[int] = typer.Option(None, help="Seed for reproducible sampling."),
-        device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
-        dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
-        threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
+        max_new_tokens: opts.MaxNewTokens = 256,
+        temperature: opts.Temperature = 0.7,
+        top_k: opts.TopK = 0,
+        top_p: opts.TopP = 0.95,
+        min_p: opts.MinP = 0.0,
+        repetition_penalty: opts.RepetitionPenalty = 1.0,
+        frequency_penalty: opts.FrequencyPenalty = 0.0,
+        presence_penalty: opts.PresencePenalty = 0.0,
+        seed: opts.Seed = None,
+        stop: opts.Stop = None,
+        device: opts.Device = "cpu",
+        dtype: opts.Dtype = None,
+        threads: opts.Threads = None,
     ) -> None:
-        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit."""
-        from ..errors import GenerationError
-        from ..inference.chat import ChatSession, load_model_and_tokenizer
+        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit.
 
-        _setup(threads)
+        Ctrl-C stops the current reply; at the prompt it (or Ctrl-D) ends the session.
+        """
+        from ..errors import GenerationError
+        from ..inference.chat import ChatSession
+        from ..models.loading import load_model_and_tokenizer
+
+        opts.set_threads(threads)
         model, tok = load_model_and_tokenizer(model_dir, device, dtype)
-        opts = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, 0.0, 0.0, seed, None)
-        session = ChatSession(model, tok, system=system, **opts)
+        session = ChatSession(model, tok, system=system, **opts.sampling(
+            max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
+            presence_penalty, seed, stop))
         interactive = sys.stdin.isatty()
         if interactive:
             typer.echo("chat: /reset clears the conversation, /exit quits", err=True)
@@ -137,45 +128,18 @@ def register(app: typer.Typer) -> None:
             if cmd.startswith("/"):
                 typer.echo(f"unknown command {cmd}: use /reset or /exit", err=True)
                 continue
+            reply: list[str] = []
             try:
                 for piece in session.send(line):
+                    reply.append(piece)
                     sys.stdout.write(piece)
                     sys.stdout.flush()
             except GenerationError as e:
                 typer.echo(f"error: {e}", err=True)
                 continue
+            except KeyboardInterrupt:  # Ctrl-C stops this reply, not the session; keep what was said
+                if session.messages and session.messages[-1]["role"] == "user":
+                    session.messages.append({"role": "assistant", "content": "".join(reply)})
+                typer.echo("\n(reply interrupted)", err=True)
             sys.stdout.write("\n")
             sys.stdout.flush()
-
-
-def bench_decode_cmd(
-    preset: Optional[list[str]] = typer.Option(None, "--preset", help="Model preset (repeatable; default: tiny and small)."),
-    model_dir: Optional[list[Path]] = typer.Option(None, "--model-dir", help="Also a trained model directory "
-                                                   "(repeatable); with MTP modules, speculative decoding is timed."),
-    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", help="Batch size (repeatable; default 1 and 8)."),
-    prompt_len: Optional[list[int]] = typer.Option(None, "--prompt-len", help="Prompt tokens (repeatable; default "
-                                                   "32 and 512)."),
-    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per row."),
-    repeats: int = typer.Option(3, "--repeats", help="Timed runs per setting (median)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (weights and cache)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
-    prompt: str = typer.Option("The United States", "--prompt", help="Prompt for the speculative run on a trained model."),
-    out: Path = typer.Option(Path("benchmarks/results/decode.md"), "--out", help="Markdown table to write."),
-) -> None:
-    """Decode tokens/s (batch 1 and 8) and KV-cache bytes/token of seekformer and transformers generate()."""
-    from ..bench.decode import run_decode_bench
-    from ..config import PRESETS
-    from ..errors import ConfigError
-
-    presets = preset if preset is not None else ([] if model_dir else ["tiny", "small"])
-    for p in presets:
-        if p not in PRESETS:
-            raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
-    if model_dir:
-        from ..checkpoint import check_model_dir
-
-        for d in model_dir:
-            check_model_dir(d)
-    run_decode_bench(presets=presets, model_dirs=model_dir or [], batch_sizes=batch_size or [1, 8],
-                     prompt_lens=prompt_len or [32, 512], new_tokens=new_tokens, repeats=repeats, dtype=dtype,
-                     threads=threads, prompt_text=prompt, out_md=out, log=typer.echo)

@@ -50,32 +50,3 @@ def register(app: typer.Typer) -> None:
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
               max_queue=max_queue, device=device, dtype=dtype, log_level=log_level)
-
-
-def bench_serve_cmd(
-    model_dir: Optional[Path] = typer.Argument(None, help="Model directory (default: ./seekformer-quickstart if it "
-                                               "exists, else a random `tiny`-preset model)."),
-    clients: Optional[list[int]] = typer.Option(None, "--clients", help="Concurrency levels (repeatable; "
-                                                "default 1, 4, 16)."),
-    requests: int = typer.Option(4, "--requests", min=1, help="Requests per client at each level."),
-    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens generated per request."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the server."),
-    url: Optional[str] = typer.Option(None, "--url", help="Measure a running server instead (model name: "
-                                      "--model-name)."),
-    model_name: str = typer.Option("bench", "--model-name", help="Model name of the server at --url."),
-    out: Path = typer.Option(Path("benchmarks/results/serve.md"), "--out", help="Markdown table to write."),
-) -> None:
-    """Serving throughput: aggregate tokens/s and p50/p95 latency with 1, 4 and 16 concurrent clients."""
-    from ..runtime import prefer_passive_openmp
-
-    if url is None:
-        prefer_passive_openmp()  # inherited by the server subprocess: it runs as `seekformer serve` does
-    from ..bench.serve import markdown, run_serve_bench, write_markdown
-
-    levels = tuple(sorted(set(clients or [1, 4, 16])))
-    if levels[0] < 1:
-        raise SeekformerError("--clients must be >= 1")
-    rows, info = run_serve_bench(model_dir, levels, requests, max_tokens, threads, url, model_name)
-    typer.echo(markdown(rows, info))
-    typer.echo(f"written to {write_markdown(rows, info, out)}", err=True)
-

@@ -38,7 +38,7 @@ def measure_step_seconds(trainer, repeats: int = 4) -> float:
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         for _ in range(t.grad_accum):
-            with trainer._autocast():
+            with trainer.autocast():
                 model(batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,6 +93,8 @@ def print_samples(model, tokenizer, prompts, console, max_new_tokens: int = 48, 
 
 
 def register(app: typer.Typer) -> None:
+    from ..training.recipe_docs import keys_summary  # dataclasses only: no torch at start-up
+
     @app.command("quickstart", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def quickstart(
         ctx: typer.Context,
@@ -139,11 +141,14 @@ def register(app: typer.Typer) -> None:
         console.print(f"\nmodel directory: {out}  (plot: {out}/training.png, metrics: {out}/metrics.jsonl)")
         console.print(f"next: seekformer generate {out} --prompt 'Once upon a time'   |   seekformer serve {out}")
 
-    @app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+                 epilog=keys_summary())
     def pretrain_cmd(
         ctx: typer.Context,
         recipe: str = typer.Argument(..., help="A recipe YAML file or a builtin recipe name (quickstart, tiny, small)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.out."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a train.out that holds an earlier "
+                                       "run's checkpoints (they are deleted)."),
         nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (torchrun underneath); the "
                                   "recipe's parallel: section says how they split the work."),
         nnodes: int = typer.Option(1, "--nnodes", help="Machines taking part (multi-node: same command on each)."),
@@ -156,8 +161,8 @@ def register(app: typer.Typer) -> None:
         from ..training.trainer import pretrain
 
         r = load_recipe(recipe, list(ctx.args))
-        if resume:
-            r.train.resume = True
+        r.train.resume = r.train.resume or resume
+        r.train.overwrite = r.train.overwrite or overwrite
         if nproc > 1 or nnodes > 1:
             from ..distributed import check_parallel
             from ..distributed.launch import launch
@@ -169,13 +174,31 @@ def register(app: typer.Typer) -> None:
                 raise RecipeError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
             # checked here once, so a bad recipe is one line and exit 2 before any process starts
             check_parallel(r.parallel, nproc * nnodes, r.train.batch_size, r.model_config().n_routed_experts)
-            argv = ["pretrain", recipe, *ctx.args] + (["--resume"] if resume else [])
+            argv = ["pretrain", recipe, *ctx.args] + (["--resume"] if resume else []) \
+                + (["--overwrite"] if overwrite else [])
             raise SystemExit(launch(nproc, argv, nnodes, node_rank, rdzv_endpoint))
         console = _console()
         result = pretrain(r, console=console)
         v = result.val_losses
         console.print(f"done: {result.steps} steps, validation loss {v[0][1]:.3f} -> {v[-1][1]:.3f}; "
                       f"model in {result.out_dir}")
+
+    @app.command("recipe-docs")
+    def recipe_docs_cmd(
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the reference here (e.g. docs/recipes.md) "
+                                           "instead of printing it."),
+    ) -> None:
+        """Print the recipe reference: every section and key of pretraining and fine-tuning recipes, with
+        type, default and meaning (generated from the recipe dataclasses)."""
+        from ..fsio import atomic_write_text
+        from ..training.recipe_docs import recipe_reference
+
+        text = recipe_reference()
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            atomic_write_text(out, text)
+            typer.echo(f"written to {out}", err=True)
 
     @tokenizer_app.command("train")
     def tokenizer_train(

@@ -44,7 +44,7 @@ def _as_list(sources: Source | Iterable[Source]) -> list[Source]:
     return [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
 
 
-def _parse_hf(source: str) -> tuple[str, str | None, str]:
+def parse_hf_source(source: str) -> tuple[str, str | None, str]:
     """"hf:NAME[:CONFIG]:SPLIT" -> (name, config, split)."""
     parts = source[len(HF_PREFIX):].split(":")
     if not parts[0] or len(parts) > 3 or not all(parts):
@@ -68,7 +68,7 @@ def check_sources(sources: Source | Iterable[Source]) -> list[str]:
         if s == BUILTIN:
             out.append(s)
         elif s.startswith(HF_PREFIX):
-            name, config, split = _parse_hf(s)
+            name, config, split = parse_hf_source(s)
             looks_local = name.startswith(("/", ".", "~")) or Path(name).exists()
             if looks_local:
                 path = Path(name).expanduser()
@@ -92,7 +92,7 @@ def local_files(source: str) -> list[Path]:
     if source == BUILTIN:
         return corpus_paths()
     if source.startswith(HF_PREFIX):
-        name = _parse_hf(source)[0]
+        name = parse_hf_source(source)[0]
         return local_files(name) if Path(name).is_dir() else []
     root = Path(source)
     if root.is_file():
@@ -204,7 +204,7 @@ def _hf_texts(source: str, text_key: str) -> Iterator[str]:
     except ImportError:
         raise DataError(f"reading {source} needs the Hugging Face datasets library: "
                         "pip install 'seekformer[hf]'") from None
-    name, config, split = _parse_hf(source)
+    name, config, split = parse_hf_source(source)
     try:
         if Path(name).is_dir():
             ds = datasets.load_from_disk(name)

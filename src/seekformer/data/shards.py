@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text
+from ..fsio import atomic_write_text
 from ..errors import DataError
 from .corpus import Source, check_sources, iter_document_pieces, sources_fingerprint
 
@@ -54,7 +54,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def _is_validation(seed: int, doc_index: int, val_fraction: float) -> bool:
+def is_validation(seed: int, doc_index: int, val_fraction: float) -> bool:
     digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < val_fraction * 2.0**64
 
@@ -186,7 +186,7 @@ def _tokenize_into(pieces: Iterable[tuple[str, bool]], tokenizer: SeekTokenizer,
     for piece, ends in pieces:
         starts = not in_document
         if starts:
-            split = "validation" if _is_validation(seed, index, val_fraction) else "train"
+            split = "validation" if is_validation(seed, index, val_fraction) else "train"
             documents[split] += 1
             index += 1
         in_document = not ends

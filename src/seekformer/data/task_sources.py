@@ -96,13 +96,13 @@ def read_records(source: str, split: str = "train") -> list[dict]:
 
 def _read_hf(source: str) -> list[dict]:
     """hf:NAME[:CONFIG]:SPLIT (a hub name, or a directory from `save_to_disk`); ClassLabel ids become names."""
-    from .corpus import _parse_hf
+    from .corpus import parse_hf_source
 
     try:
         import datasets
     except ImportError:
         raise DataError(f"reading {source} needs the datasets library: pip install 'seekformer[hf]'") from None
-    name, config, split = _parse_hf(source)
+    name, config, split = parse_hf_source(source)
     try:
         if Path(name).expanduser().is_dir():
             ds = datasets.load_from_disk(str(Path(name).expanduser()))

@@ -44,7 +44,27 @@ BIO_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
 @dataclass
 class TaskRecipe:
-    """One task of a fine-tuning recipe (see the module docstring)."""
+    """One task of a fine-tuning recipe (see the module docstring).
+
+    Keys:
+        name: the task's name (letters, digits, '_' or '-'); names its head and its metrics
+        type: classification | tagging | qa | generation
+        train: training data: a .jsonl/.csv/.tsv file, `builtin:NAME` or `hf:NAME[:CONFIG[:SPLIT]]`
+        validation: validation data (same forms; a builtin set brings its own)
+        test: test data (same forms)
+        fields: record field names when they differ from the type's defaults, e.g. {text: sentence}
+        labels: the label set (classification, tagging); null: taken from the training data
+        max_length: tokens per example (prompt + target for generation)
+        pooling: classification: last (last non-pad token) | mean
+        dropout: head dropout (classification, tagging, qa)
+        label_all_subwords: tagging: label continuation sub-words too (B-X -> I-X) instead of ignoring them
+        max_answer_tokens: qa: longest predicted span
+        max_new_tokens: generation: decoding budget
+        prompt: generation: how the source is shown (before the separator token)
+        weight: loss weight of the `fixed` strategy (initial weight for the others)
+        max_train_examples: use at most this many training examples (null: all)
+        max_eval_examples: use at most this many validation/test examples (null: all)
+    """
 
     name: str = ""
     type: str = ""

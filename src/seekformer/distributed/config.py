@@ -26,7 +26,15 @@ MIXED_PRECISION = ("none", "bf16")
 
 @dataclass
 class ParallelRecipe:
-    """How a run uses several processes (ignored by a 1-process run, except `expert_parallel` must be 1)."""
+    """How a run uses several processes (ignored by a 1-process run, except `expert_parallel` must be 1).
+
+    Keys:
+        strategy: ddp (replicate the model) | fsdp (FSDP2: shard parameters, gradients and optimizer state)
+        expert_parallel: ranks the routed experts are sharded over (divides the world size and n_routed_experts)
+        backend: auto | gloo | nccl
+        mixed_precision: none | bf16 (FSDP2 parameters in bf16, gradients reduced in fp32)
+        activation_checkpointing: recompute each decoder block in backward (saves activation memory)
+    """
 
     strategy: str = "ddp"  # ddp | fsdp
     expert_parallel: int = 1  # ranks the routed experts are sharded over (divides the world size and E)

@@ -112,10 +112,10 @@ def builtin_validation_documents(seed: int = 0, val_fraction: float = 0.02) -> l
     """The documents of the built-in corpus that the quickstart recipe holds out for validation
     (`data.val_fraction` 0.02, seed 0): text the quickstart model never trained on."""
     from ..data.corpus import iter_documents
-    from ..data.shards import _is_validation
+    from ..data.shards import is_validation
 
     docs = list(iter_documents(["builtin"]))
-    held = [d for i, d in enumerate(docs) if _is_validation(seed, i, val_fraction)]
+    held = [d for i, d in enumerate(docs) if is_validation(seed, i, val_fraction)]
     return held or docs[-1:]
 
 

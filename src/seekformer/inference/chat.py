@@ -14,31 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..errors import GenerationError
+from ..models.loading import load_model_and_tokenizer  # noqa: F401 - its old home
 from .generate import stream
 
 END_OF_TURN = "<|end_of_turn|>"
-
-
-def load_model_and_tokenizer(model_dir, device: str = "cpu", dtype: str = "fp32"):
-    """(SeekForCausalLM in eval mode, SeekTokenizer) from a model directory; bad values raise SeekformerErrors."""
-    import torch
-
-    from ..checkpoint import check_model_dir
-    from ..models.causal_lm import SeekForCausalLM
-    from ..tokenizer import SeekTokenizer
-
-    dtypes = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-              "fp16": torch.float16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise GenerationError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
-    if device not in ("cpu", "mps") and not str(device).startswith("cuda"):
-        raise GenerationError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError("device cuda requested but CUDA is not available: use --device cpu")
-    path = check_model_dir(model_dir)
-    tokenizer = SeekTokenizer.load(path)
-    model = SeekForCausalLM.from_pretrained(path, device=device, dtype=dtypes[dtype]).eval()
-    return model, tokenizer
 
 
 class ChatSession:

@@ -14,28 +14,11 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
-from ..errors import CheckpointError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
-    """(model, tokenizer) of a model directory; CheckpointError when it has no tokenizer."""
-    from ..checkpoint import check_model_dir
-    from ..models.causal_lm import SeekForCausalLM
-    from ..tokenizer import TOKENIZER_FILE, SeekTokenizer
+    """(model, tokenizer) of a model directory: `seekformer.models.loading.load_model_and_tokenizer`."""
+    from ..models.loading import load_model_and_tokenizer
 
-    path = check_model_dir(model_dir)
-    if not (Path(path) / TOKENIZER_FILE).is_file():
-        raise CheckpointError(f"{path} has no {TOKENIZER_FILE}: serve a directory saved with its tokenizer "
-                              "(a training run's output, or save_model(..., extra_files=tokenizer.files()))")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    model = SeekForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(dtype) if dtype else None)
-    return model.eval(), SeekTokenizer.load(path)
+    return load_model_and_tokenizer(model_dir, device, dtype)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -40,6 +40,7 @@ class MetricsLogger:
                 self._tb = None
 
     def log(self, step: int, record: dict[str, Any]) -> None:
+        """Append `{step, **record}` to metrics.jsonl and its finite scalars to TensorBoard."""
         rec = {"step": step, **record}
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
@@ -49,12 +50,14 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
+        """Close the metrics file and the TensorBoard writer."""
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (or of OUT/metrics.jsonl for a directory), in order."""
     p = Path(path)
     if p.is_dir():
         p = p / METRICS_FILE

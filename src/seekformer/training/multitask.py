@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_directory, atomic_write_text, load_trainer_state, save_trainer_state
 from ..errors import CheckpointError, RecipeError
+from .checkpointing import RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, read_metrics
 from .multitask_recipe import FinetuneRecipe
 from .optim import build_scheduler, param_groups
@@ -35,14 +35,17 @@ from .weighting import build_weighting, pcgrad, sampling_probs
 
 RESULTS_FILE = "results.json"
 # Recipe keys a resumed fine-tune may change (how long, how often to log/evaluate/save, where to run).
-RESUMABLE_KEYS = {"out", "train.steps", "train.resume", "train.save_every", "train.keep_checkpoints",
-                  "train.progress", "train.log_every", "train.eval_every", "train.eval_examples",
-                  "train.eval_batch_size", "train.validate", "train.test", "train.threads", "train.device"}
+RESUMABLE_KEYS = frozenset({"out", "train.steps", "train.resume", "train.overwrite", "train.save_every",
+                            "train.keep_checkpoints", "train.progress", "train.log_every", "train.eval_every",
+                            "train.eval_examples", "train.eval_batch_size", "train.validate", "train.test",
+                            "train.threads", "train.device"})
 PLOT_FILE = "finetune.png"
 
 
 @dataclass
 class FinetuneResult:
+    """What `finetune` returns: the output directory, steps run, seconds, and split -> task -> metrics."""
+
     out_dir: Path
     steps: int
     seconds: float
@@ -111,6 +114,8 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
+        """Load the base model and tokenizer, encode the tasks, build heads, optimizer, schedule, weighting and task
+        streams; resume when train.resume (after RunCheckpoints checked the checkpoint is this recipe's)."""
         from ..models.multitask import SeekForMultiTask
 
         r, t = self.recipe, self.t
@@ -118,6 +123,8 @@ class MultiTaskTrainer:
             raise RecipeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.checkpoints = RunCheckpoints(self.out, "finetune", r.to_dict(), RESUMABLE_KEYS, self.console)
+        resume_from = self.checkpoints.start(t.resume, t.overwrite)
         torch.manual_seed(t.seed)
         self.tokenizer, lm = load_base(r)
         limit = lm.config.max_position_embeddings
@@ -161,8 +168,8 @@ class MultiTaskTrainer:
         self.rng = random.Random(t.seed)
         self.step = 0
         self.resumed_from = None
-        if t.resume:
-            self._resume()
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> dict[str, Any]:
@@ -176,38 +183,16 @@ class MultiTaskTrainer:
                 "rng": random_state(self.rng), "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/step-N atomically (state.pt + recipe.yaml), point `latest` at it, prune."""
-        from .trainer import CHECKPOINTS, LATEST, prune_checkpoints
+        """Write OUT/checkpoints/step-N (trainer_state/state.pt, recipe.yaml, run.json) atomically, point
+        `latest` at it, prune this run's older ones."""
+        return self.checkpoints.save(self.step, self.checkpoint_state(), keep=self.t.keep_checkpoints,
+                                     recipe=self.recipe.to_dict())
 
-        ck = self.out / CHECKPOINTS
-        name = f"step-{self.step:06d}"
-        with atomic_directory(ck / name) as tmp:
-            save_trainer_state(tmp, self.checkpoint_state())
-            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml(), encoding="utf-8")
-        atomic_write_text(ck / LATEST, name + "\n")
-        prune_checkpoints(ck, name, self.t.keep_checkpoints)
-        return ck / name
-
-    def _resume(self) -> None:
-        import yaml
-
+    def _resume(self, found: Path) -> None:
+        """Restore everything `checkpoint_state` saved from `found` (which RunCheckpoints checked is ours)."""
         from ..data.tasks import set_random_state
-        from .trainer import CHECKPOINTS, latest_checkpoint
 
-        found = latest_checkpoint(self.out)
-        if found is None:
-            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
-            return
-        try:
-            saved = yaml.safe_load((found / "recipe.yaml").read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise CheckpointError(f"cannot read {found / 'recipe.yaml'} ({type(e).__name__}); the checkpoint is "
-                                  "incomplete: delete it to resume from an older one") from None
-        diffs = _recipe_diffs(_flat_recipe(saved), _flat_recipe(self.recipe.to_dict()))
-        if diffs:
-            raise CheckpointError(f"the recipe does not match the checkpoint {found} ({'; '.join(diffs[:3])}); "
-                                  "resume with the same tasks, model and training settings or use a new out")
-        state = load_trainer_state(found)
+        state = self.checkpoints.load_state(found)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -230,6 +215,8 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ one step
     def step_tasks(self) -> list[str]:
+        """The tasks this step trains: all of them, or `tasks_per_step` distinct ones drawn with the sampling
+        probabilities."""
         if self.probs is None:
             return list(self.names)
         k = min(self.t.tasks_per_step, len(self.names))
@@ -294,6 +281,7 @@ class MultiTaskTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str, max_examples: int | None = None) -> dict[str, dict[str, float]]:
+        """{task: metrics} on `split` (validation or test) of every task that has it, at most `max_examples` each."""
         from ..evaluation.metrics import evaluate_task
 
         out = {}
@@ -306,11 +294,14 @@ class MultiTaskTrainer:
         return out
 
     def save(self, results: dict[str, Any]) -> None:
+        """Write the fine-tuned model directory (trunk, heads, multitask.json, tokenizer, recipe.yaml, results.json)."""
         files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
         self.model.save_pretrained(self.out, tokenizer=self.tokenizer, extra_files=files)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> FinetuneResult:
+        """Train to train.steps (logging, periodic evaluation and checkpoints; SIGINT/SIGTERM save and raise
+        TrainingInterrupted), then evaluate, save and plot."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from ..evaluation.metrics import PRIMARY_METRIC
@@ -324,7 +315,7 @@ class MultiTaskTrainer:
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, disable=not t.progress) as progress:
+        with StopSignals() as stop, Progress(*columns, console=self.console, disable=not t.progress) as progress:
             bar = progress.add_task("finetune", total=t.steps, completed=self.step, loss=float("nan"))
             window: dict[str, list[float]] = {}
             while self.step < t.steps:
@@ -345,6 +336,10 @@ class MultiTaskTrainer:
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
+                if stop.received is not None:
+                    logger.close()
+                    saved = self.save_checkpoint() if self.checkpoints.last_saved_step != self.step else None
+                    raise TrainingInterrupted(stop.received, saved or latest_checkpoint(self.out))
         results: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start}
         if t.validate:
             results["validation"] = self.evaluate("validation")
@@ -360,21 +355,6 @@ class MultiTaskTrainer:
                 self.console.print(f"{split}: " + _summary(results[split], PRIMARY_METRIC, self.data))
         return FinetuneResult(self.out, self.step, time.perf_counter() - start,
                               {s: results[s] for s in ("validation", "test") if s in results})
-
-
-def _flat_recipe(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_recipe(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _recipe_diffs(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_KEYS)
-    return [f"{k}: checkpoint {saved.get(k)!r} vs recipe {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
 def _flatten(prefix: str, res: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -429,6 +409,7 @@ def plot_multitask(out_dir: str | Path) -> Path:
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
+    """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult."""
     trainer = MultiTaskTrainer(recipe, console=console)
     trainer.prepare()
     return trainer.run()

@@ -24,7 +24,7 @@ import yaml
 from ..data.tasks import TaskRecipe, builtin_defaults
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
-from .recipe import _build_section, apply_overrides, read_recipe_dict
+from .recipe import build_section, apply_overrides, read_recipe_dict
 from .weighting import STRATEGIES
 
 METHODS = ("full", "lora", "frozen")
@@ -33,46 +33,99 @@ SAMPLING = ("all", "proportional", "temperature", "uniform")
 
 @dataclass
 class FinetuneTrainRecipe:
+    """`train:` the fine-tuning loop.
+
+    Keys:
+        steps: optimizer steps in all (may change on resume)
+        batch_size: examples per task per step
+        lr: learning rate of the trunk (or of the LoRA adapters)
+        head_lr: learning rate of the task heads (null: 10 x lr)
+        warmup_steps: linear warm-up steps
+        min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio
+        weight_decay: AdamW weight decay
+        grad_clip: clip the gradient norm to this (0: no clipping)
+        method: full (train everything) | lora (trunk frozen, adapters trained) | frozen (heads only)
+        init: pretrained | scratch (the base's architecture and tokenizer, random weights)
+        sampling: all (every task every step) | proportional | temperature | uniform (tasks_per_step drawn)
+        temperature: sampling temperature: task i is drawn with p_i ~ n_i^(1/T)
+        tasks_per_step: with a sampling mode: how many distinct tasks one step trains
+        seed: one seed for data order, initialisation and sampling
+        device: cpu, cuda, cuda:N or mps
+        threads: CPU threads for torch (null: torch's choice)
+        eval_every: evaluate on the validation splits every N steps (0: only at the end)
+        eval_examples: validation examples per task at the periodic evaluations
+        eval_batch_size: examples per forward pass when evaluating
+        validate: evaluate on the validation splits at the end
+        test: evaluate on the test splits at the end
+        log_every: write a metrics record every N steps
+        progress: show a progress bar
+        save_every: write OUT/checkpoints/step-N (full training state) every N steps (0: only on Ctrl-C)
+        keep_checkpoints: how many of this run's newest checkpoints to keep
+        resume: continue from the newest checkpoint in OUT/checkpoints, exactly (same recipe required)
+        overwrite: start afresh in an OUT that holds an earlier run's checkpoints (they are deleted)
+    """
+
     steps: int = 300
-    batch_size: int = 16  # examples per task per step
-    lr: float = 3e-4  # trunk (or LoRA adapters)
-    head_lr: float | None = None  # task heads; default 10 x lr
+    batch_size: int = 16
+    lr: float = 3e-4
+    head_lr: float | None = None
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    method: str = "full"  # full fine-tuning | lora (trunk frozen, adapters trained) | frozen (heads only)
-    init: str = "pretrained"  # pretrained | scratch (the base's architecture and tokenizer, random weights)
-    sampling: str = "all"  # all tasks every step | proportional | temperature | uniform (tasks_per_step drawn)
-    temperature: float = 2.0  # sampling temperature: p_i ~ n_i^(1/T)
-    tasks_per_step: int = 1  # with a sampling mode: how many distinct tasks one step trains
+    method: str = "full"
+    init: str = "pretrained"
+    sampling: str = "all"
+    temperature: float = 2.0
+    tasks_per_step: int = 1
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
-    eval_every: int = 0  # evaluate on validation every N steps (0: only at the end)
-    eval_examples: int = 200  # validation examples per task at the periodic evaluations
+    eval_every: int = 0
+    eval_examples: int = 200
     eval_batch_size: int = 32
-    validate: bool = True  # evaluate on the validation splits at the end
-    test: bool = True  # evaluate on the test splits at the end
+    validate: bool = True
+    test: bool = True
     log_every: int = 10
     progress: bool = True
-    save_every: int = 0  # write OUT/checkpoints/step-N (full training state) every N steps; 0: never
+    save_every: int = 0
     keep_checkpoints: int = 2
-    resume: bool = False  # continue from the newest checkpoint in OUT/checkpoints (exactly)
+    resume: bool = False
+    overwrite: bool = False
 
 
 @dataclass
 class WeightingRecipe:
-    strategy: str = "fixed"  # fixed | uncertainty | gradnorm | dwa
-    pcgrad: bool = False  # project conflicting task gradients (Yu et al. 2020)
-    alpha: float = 1.5  # GradNorm asymmetry
-    lr: float = 0.025  # learning rate of learned weights (uncertainty, gradnorm)
-    temperature: float = 2.0  # DWA softmax temperature
-    window: int = 20  # DWA: steps per loss-averaging window
+    """`weighting:` how the task losses are weighted.
+
+    Keys:
+        strategy: fixed (each task's `weight`) | uncertainty (Kendall et al.) | gradnorm | dwa (dynamic weight average)
+        pcgrad: project conflicting task gradients on the shared trunk (PCGrad, Yu et al. 2020)
+        alpha: GradNorm asymmetry
+        lr: learning rate of learned weights (uncertainty, gradnorm)
+        temperature: DWA softmax temperature
+        window: DWA: steps per loss-averaging window
+    """
+
+    strategy: str = "fixed"
+    pcgrad: bool = False
+    alpha: float = 1.5
+    lr: float = 0.025
+    temperature: float = 2.0
+    window: int = 20
 
 
 @dataclass
 class LoraRecipe:
+    """`lora:` low-rank adapters (with train.method lora).
+
+    Keys:
+        r: adapter rank
+        alpha: scaling: the update is (alpha / r) * B A
+        dropout: dropout on the adapter input (0 where experts are adapted)
+        targets: module names that get adapters (attention and expert projections)
+    """
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -81,6 +134,17 @@ class LoraRecipe:
 
 @dataclass
 class FinetuneRecipe:
+    """A fine-tuning recipe (docs/recipes.md lists every key).
+
+    Keys:
+        base: the pretrained model directory (its tokenizer is used too)
+        out: where the fine-tuned model, its heads, logs, checkpoints and results go
+        tasks: the tasks: a list of task mappings (see `tasks[]` below)
+        train: the training loop (section below)
+        weighting: loss weighting (section below)
+        lora: LoRA adapters (section below)
+    """
+
     base: str = ""
     out: str = "runs/finetune"
     tasks: list[TaskRecipe] = field(default_factory=list)
@@ -89,12 +153,16 @@ class FinetuneRecipe:
     lora: LoraRecipe = field(default_factory=LoraRecipe)
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain dicts and lists (what recipe.yaml holds)."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The resolved recipe as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def validate(self) -> None:
+        """Raise RecipeError/TaskError for missing base or tasks, repeated names, out-of-range values, unknown choices
+        and combinations that cannot train."""
         t, w = self.train, self.weighting
         if not self.base:
             raise RecipeError("the recipe needs `base:` (a pretrained model directory)")
@@ -146,7 +214,7 @@ def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
         if raw["type"] == defaults["type"] and defaults.get("labels") is not None:
             raw.setdefault("labels", defaults["labels"])
         raw.setdefault("name", train.split(":")[1])
-    return _build_section(TaskRecipe, raw, where)
+    return build_section(TaskRecipe, raw, where)
 
 
 def _task_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
@@ -180,6 +248,7 @@ def _task_overrides(d: dict[str, Any], overrides: list[str]) -> list[str]:
 
 
 def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
+    """Build and validate a FinetuneRecipe from a parsed YAML mapping (unknown keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
     unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora"}
@@ -194,9 +263,9 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
             raise RecipeError(f"`{key}:` must be a path, got {d[key]!r}")
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
                        tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
-                       train=_build_section(FinetuneTrainRecipe, d.get("train"), "train"),
-                       weighting=_build_section(WeightingRecipe, d.get("weighting"), "weighting"),
-                       lora=_build_section(LoraRecipe, d.get("lora"), "lora"))
+                       train=build_section(FinetuneTrainRecipe, d.get("train"), "train"),
+                       weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
+                       lora=build_section(LoraRecipe, d.get("lora"), "lora"))
     r.validate()
     return r
 

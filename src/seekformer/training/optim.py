@@ -49,4 +49,5 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                     min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR: linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` * lr at `total_steps`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, min_ratio))

@@ -27,29 +27,78 @@ from ..errors import ConfigError, RecipeError
 
 @dataclass
 class TokenizerRecipe:
-    path: str | None = None  # an existing tokenizer (or model) directory; None = train one on the data
+    """`tokenizer:` the byte-level BPE tokenizer.
+
+    Keys:
+        path: an existing tokenizer (or model) directory to use; null trains one on the data
+        vocab_size: vocabulary size of a trained tokenizer (special tokens and the 256 bytes included)
+        min_frequency: a merge must occur this often in the training text
+        max_train_docs: train the tokenizer on at most this many documents (null: all)
+    """
+
+    path: str | None = None
     vocab_size: int = 4096
     min_frequency: int = 2
-    max_train_docs: int | None = None  # cap the documents used to train the tokenizer
+    max_train_docs: int | None = None
 
 
 @dataclass
 class DataRecipe:
+    """`data:` the pretraining text.
+
+    Keys:
+        sources: text files, folders, .gz or .jsonl files, `builtin` (the shipped corpus) or `hf:NAME[:CONFIG[:SPLIT]]`
+        text_key: the field that holds the text in .jsonl and Hugging Face records
+        val_fraction: fraction of documents held out for validation
+        cache_dir: where token shards go (null: OUT/data); shards are reused when sources and tokenizer match
+    """
+
     sources: list[str] = field(default_factory=lambda: ["builtin"])
     text_key: str = "text"
     val_fraction: float = 0.02
-    cache_dir: str | None = None  # where token shards go; default OUT/data
+    cache_dir: str | None = None
 
 
 @dataclass
 class TrainRecipe:
+    """`train:` the pretraining loop.
+
+    Keys:
+        out: output directory: the model, checkpoints/, metrics.jsonl, tensorboard/, training.png
+        seed: one seed for data order, initialisation and sampling
+        seq_len: tokens per training sequence
+        batch_size: sequences per micro-batch
+        grad_accum: micro-batches per optimizer step
+        steps: optimizer steps in all (may change on resume)
+        max_minutes: stop early (evaluate and save) after this many minutes (null: no limit)
+        lr: peak learning rate (AdamW)
+        min_lr_ratio: the cosine schedule ends at lr * min_lr_ratio
+        warmup_steps: linear warm-up steps
+        weight_decay: AdamW weight decay (not on norms, biases and embeddings)
+        beta1: AdamW beta1
+        beta2: AdamW beta2
+        eps: AdamW epsilon
+        grad_clip: clip the gradient norm to this (0: no clipping)
+        dtype: fp32|float32, or bf16|bfloat16 (autocast; weights stay fp32)
+        device: cpu, cuda, cuda:N or mps
+        threads: CPU threads for torch (null: torch's choice)
+        eval_every: evaluate on the validation split every N steps (0: only at the end)
+        eval_batches: validation batches per evaluation
+        save_every: write OUT/checkpoints/step-N every N steps (and at the end, and on Ctrl-C)
+        keep_checkpoints: how many of this run's newest checkpoints to keep
+        log_every: write a metrics record every N steps
+        progress: show a progress bar
+        resume: continue from the newest checkpoint in OUT (it must come from the same recipe)
+        overwrite: start afresh in an OUT that holds an earlier run's checkpoints (they are deleted)
+    """
+
     out: str = "runs/pretrain"
     seed: int = 0
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
     steps: int = 1000
-    max_minutes: float | None = None  # stop early (and save) when this much time has passed
+    max_minutes: float | None = None
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -58,7 +107,7 @@ class TrainRecipe:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    dtype: str = "fp32"
     device: str = "cpu"
     threads: int | None = None
     eval_every: int = 100
@@ -68,6 +117,7 @@ class TrainRecipe:
     log_every: int = 10
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
 
 
 SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe, "parallel": ParallelRecipe}
@@ -75,6 +125,8 @@ SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainReci
 
 @dataclass
 class Recipe:
+    """A pretraining recipe: `model`, `tokenizer`, `data` and `train` sections (docs/recipes.md lists every key)."""
+
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
@@ -104,19 +156,22 @@ class Recipe:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain dicts and lists (what recipe.yaml holds)."""
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
+        """The resolved recipe as YAML."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # ====================================================================== type checking
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """How an annotation reads in messages and docs: `int | None` -> 'an integer or null'."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+        return f"a list of {type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false", type(None): "null"}.get(
@@ -132,7 +187,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except RecipeError:
                 continue
-        raise RecipeError(f"{key} expects {_type_name(tp)}, got {value!r}")
+        raise RecipeError(f"{key} expects {type_name(tp)}, got {value!r}")
     if tp is type(None):
         if value is None:
             return None
@@ -163,10 +218,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
     elif tp is Any:
         return value
-    raise RecipeError(f"{key} expects {_type_name(tp)}, got {value!r}")
+    raise RecipeError(f"{key} expects {type_name(tp)}, got {value!r}")
 
 
-def _build_section(cls: type, raw: Any, section: str) -> Any:
+def build_section(cls: type, raw: Any, section: str) -> Any:
+    """A section dataclass `cls` from its raw mapping; unknown keys and ill-typed values raise RecipeError naming
+    `section.key`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -203,6 +260,7 @@ def _check_model_section(raw: Any) -> dict[str, Any]:
 
 # ====================================================================== loading
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
+    """Build a Recipe from a parsed YAML mapping (unknown sections or keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a recipe must be a YAML mapping with sections model/tokenizer/data/train")
     unknown = set(d) - {"model", *SECTIONS}
@@ -210,10 +268,11 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
         raise RecipeError(f"unknown recipe section(s) {', '.join(sorted(unknown))}; "
                           f"valid: model, {', '.join(SECTIONS)}")
     return Recipe(model=_check_model_section(d.get("model")),
-                  **{name: _build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()})
+                  **{name: build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()})
 
 
 def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in seekformer/recipes (quickstart, tiny, small, ...)."""
     return sorted(p.name[:-5] for p in resources.files("seekformer.recipes").iterdir() if p.name.endswith(".yaml"))
 
 
@@ -268,4 +327,5 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 
 def load_recipe(path_or_name: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe file or a builtin recipe by name, apply `--section.key value` overrides, check it."""
     return recipe_from_dict(apply_overrides(read_recipe_dict(path_or_name), overrides or []))

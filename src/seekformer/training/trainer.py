@@ -9,16 +9,17 @@ Output directory layout (OUT = recipe.train.out):
     OUT/metrics.jsonl, OUT/tensorboard/, OUT/training.png    logs and the plot
     OUT/data/                                                token shards (reused across runs)
 
-Checkpoint directories appear by one atomic rename, and `latest` is replaced atomically after that, so a
-crash mid-save leaves the previous checkpoint as `latest`. Resuming restores weights (incl. the routers'
-balancing biases), optimizer, scheduler, RNG and data position: the loss at every later step equals that
-of an uninterrupted run.
+Checkpoints are written and resumed by `checkpointing.RunCheckpoints` (atomic step directories, the `latest`
+pointer, pruning by step within this run, a fresh run refusing an OUT that holds another run's checkpoints).
+Resuming restores weights (incl. the routers' balancing biases), optimizer, scheduler, RNG and data
+position: the loss at every later step equals that of an uninterrupted run. SIGINT/SIGTERM during `run()`
+finish the current step, save a checkpoint and raise `TrainingInterrupted`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import dataclasses
 import math
 import os
 import shutil
@@ -30,26 +31,39 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import atomic_write_text, load_config, load_trainer_state, save_model
+from ..checkpoint import load_config, save_model, write_model_files
 from ..config import SeekConfig
 from ..distributed import Parallel, check_parallel, env_world_size
-from ..errors import CheckpointError, DataError, RecipeError
+from ..distributed.config import ParallelRecipe
+from ..errors import CheckpointError, ConfigError, DataError, RecipeError
+from ..fsio import atomic_write_text
 from ..models.causal_lm import SeekForCausalLM
+from ..models.loading import parse_dtype
 from ..nn.moe import load_stats
 from ..runtime import tune_malloc
+from .checkpointing import CHECKPOINTS, LATEST, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, plot_training
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 SHARDED_STATE = "dcp"  # trainer_state/dcp: model + optimizer through torch.distributed.checkpoint
 # Config fields that may change between a checkpoint and a resumed run (training knobs, not architecture).
 RESUMABLE_CHANGES = {"mtp_loss_weight", "aux_free_bias_update_rate", "seq_aux_loss_alpha", "router_z_loss_coef"}
+# Recipe keys a resumed run may change: how long, how often to log/evaluate/save, where to run, and the
+# training knobs above. Every other key must match the checkpoint's recipe.
+RESUMABLE_KEYS = frozenset({"train.out", "train.steps", "train.max_minutes", "train.warmup_steps", "train.resume",
+                            "train.overwrite", "train.save_every", "train.keep_checkpoints", "train.progress",
+                            "train.log_every", "train.eval_every", "train.eval_batches", "train.threads",
+                            "train.device", "data.cache_dir", *(f"model.{k}" for k in RESUMABLE_CHANGES),
+                            # how the processes split the work: a checkpoint reshards onto any layout
+                            *(f"parallel.{f.name}" for f in dataclasses.fields(ParallelRecipe))})
 
 
 @dataclass
 class TrainResult:
+    """What `Trainer.run` returns: output directory, steps, tokens, (step, loss) curves, seconds, whether it stopped
+    early."""
+
     out_dir: Path
     steps: int
     tokens: int
@@ -59,27 +73,8 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run, or None."""
-    ck = out_dir / CHECKPOINTS
-    pointer = ck / LATEST
-    if pointer.is_file():
-        p = ck / pointer.read_text().strip()
-        if p.is_dir():
-            return p
-    steps = sorted(p for p in ck.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return steps[-1] if steps else None
-
-
-def prune_checkpoints(ck: Path, newest: str, keep: int) -> None:
-    """Delete all but the `keep` newest `step-*` directories under `ck` (`newest`, just written, stays;
-    unfinished temporary directories are hidden and never match)."""
-    old = sorted(p for p in ck.glob("step-*") if p.is_dir() and p.name != newest)
-    for p in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
-
-
 def check_resume_config(expected: SeekConfig, found: SeekConfig, where: Path) -> None:
+    """Raise CheckpointError when the checkpoint's model config differs from the recipe's beyond RESUMABLE_CHANGES."""
     a, b = expected.to_dict(), found.to_dict()
     diffs = [f"{k}: recipe {a[k]!r} vs checkpoint {b.get(k)!r}" for k in sorted(a)
              if k not in RESUMABLE_CHANGES and a[k] != b.get(k)]
@@ -111,8 +106,10 @@ class Trainer:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batches", "log_every", "keep_checkpoints"):
             if getattr(t, name) < 1:
                 raise RecipeError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        if t.dtype not in ("fp32", "bf16"):
-            raise RecipeError(f"train.dtype must be 'fp32' or 'bf16', got {t.dtype!r}")
+        try:
+            self.autocast_dtype = parse_dtype(t.dtype, allowed=("fp32", "bf16"))
+        except ConfigError as e:
+            raise RecipeError(f"train.dtype: {e}") from None
         if not t.lr > 0:
             raise RecipeError(f"train.lr must be > 0, got {t.lr}")
         if t.device.startswith("cuda") and not torch.cuda.is_available():
@@ -123,6 +120,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
+        """Tokenizer, token shards, model, optimizer and schedule; on resume also the checkpoint's weights and trainer
+        state (RunCheckpoints checks it belongs to this recipe; a fresh run refuses an OUT with another run's
+        checkpoints)."""
         from ..data.corpus import check_sources, iter_documents
         from ..data.shards import PackedBatches, build_shards
         from ..tokenizer import SeekTokenizer
@@ -134,10 +134,10 @@ class Trainer:
         self.par = par = Parallel.from_env(r.parallel, t.device)
         if not par.is_main:
             self.console.quiet = True
-        self.out.mkdir(parents=True, exist_ok=True)
-        resume_from = latest_checkpoint(self.out) if t.resume else None
-        if t.resume and resume_from is None:
-            self.console.print(f"[yellow]no checkpoint in {self.out}/{CHECKPOINTS}; starting from scratch[/]")
+        self.checkpoints = RunCheckpoints(self.out, "pretrain", r.to_dict(), RESUMABLE_KEYS, self.console)
+        # every rank reads the same verdict; only rank 0 cleans or deletes; rank 0's run id is everyone's
+        resume_from = self.checkpoints.start(t.resume, t.overwrite, is_main=par.is_main)
+        self.checkpoints.run_id = par.broadcast_object(self.checkpoints.run_id)
         check_sources(r.data.sources)
 
         # tokenizer: the checkpoint's on resume, else a given one, else train one on the data
@@ -184,7 +184,9 @@ class Trainer:
         if resume_from is not None:
             check_resume_config(self.config, load_config(resume_from), resume_from)
             self.model = SeekForCausalLM.from_pretrained(resume_from, device=t.device)
-            self.model.config = self.config  # equal but for the training knobs the recipe may change
+            # the training knobs the recipe may change, updated IN the config object the modules read
+            update_config(self.model.config, self.config, RESUMABLE_CHANGES)
+            self.config = self.model.config
         else:
             self.model = SeekForCausalLM(self.config)
             self.model.reset_parameters(seed=t.seed)
@@ -197,7 +199,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         if resume_from is not None:
-            state = load_trainer_state(resume_from)
+            state = self.checkpoints.load_state(resume_from)
             sharded = resume_from / "trainer_state" / SHARDED_STATE
             if (sharded / ".metadata").is_file():  # any world size wrote it: DCP reshards on load
                 par.load_state(sharded, self.model, self.optimizer)
@@ -220,9 +222,10 @@ class Trainer:
             self.logger = NullLogger()
 
     # ------------------------------------------------------------------ pieces
-    def _autocast(self):
-        if self.t.dtype == "bf16":
-            return torch.autocast(device_type=torch.device(self.t.device).type, dtype=torch.bfloat16)
+    def autocast(self):
+        """The autocast context of train.dtype (a no-op for fp32)."""
+        if self.autocast_dtype != torch.float32:
+            return torch.autocast(device_type=torch.device(self.t.device).type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -241,7 +244,7 @@ class Trainer:
             if mine.shape[0] == 0:
                 mine, weight = batch[:1], 0.0
             mine = mine.to(self.t.device)
-            with self._autocast():
+            with self.autocast():
                 out = self.fwd(mine, labels=mine)
             total += float(out.lm_loss) * mine.shape[0] * weight
             n += mine.shape[0] * weight
@@ -260,7 +263,7 @@ class Trainer:
         for i in range(t.grad_accum):
             batch = self.loader.next_batch().to(t.device)  # this rank's rows of the global batch
             with par.accumulate(last=i == t.grad_accum - 1):  # no gradient all-reduce until the last one
-                with self._autocast():
+                with self.autocast():
                     out = self.fwd(batch, labels=batch)
                 (out.loss / t.grad_accum).backward()
             sums["loss"] += out.lm_loss.item() / t.grad_accum
@@ -303,12 +306,18 @@ class Trainer:
         self._interval_counts = {}
         return rec
 
+    def trainer_state(self) -> dict[str, Any]:
+        """What a resumed run needs beyond weights and optimizer (those go through DCP): step, tokens,
+        scheduler, data position, RNG, world size."""
+        return {"step": self.step, "tokens": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "data": self.loader.state_dict(), "rng": torch.get_rng_state(), "world_size": self.par.world_size}
+
     def save_checkpoint(self) -> Path:
-        """Write OUT/checkpoints/step-N atomically, point `latest` at it, refresh OUT's model files."""
+        """Write OUT/checkpoints/step-N (model, tokenizer, trainer state, sharded model + optimizer state),
+        point `latest` at it, prune this run's older ones, then refresh OUT's model files."""
         par = self.par
         ck = self.out / CHECKPOINTS
         name = f"step-{self.step:06d}"
-        target = ck / name
         sharded_tmp = ck / f".{name}.{SHARDED_STATE}.tmp"
         if par.is_main:
             ck.mkdir(parents=True, exist_ok=True)
@@ -318,29 +327,31 @@ class Trainer:
         par.save_state(sharded_tmp, self.model, self.optimizer)
         full = par.full_model_state(self.model)  # a collective: every rank takes part
         par.barrier()
+        target = ck / name
         if par.is_main:
             model = self.model
             if full is not None:  # several processes: a plain copy of the gathered weights to write
                 model = SeekForCausalLM(self.model.config)
                 model.load_state_dict(full)
-            buf = io.BytesIO()
-            torch.save({"step": self.step, "tokens": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                        "data": self.loader.state_dict(), "rng": torch.get_rng_state(),
-                        "world_size": par.world_size}, buf)
             files: dict[str, bytes | str] = dict(self.tokenizer.files())
             files["recipe.yaml"] = self.recipe.to_yaml()
-            if target.exists():
-                shutil.rmtree(target)
-            save_model(model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
-            os.replace(sharded_tmp, target / "trainer_state" / SHARDED_STATE)  # complete before `latest` moves
-            atomic_write_text(ck / LATEST, name + "\n")
+
+            def write(tmp: Path) -> None:
+                write_model_files(model, tmp, extra_files=files)
+                (tmp / "trainer_state").mkdir(parents=True, exist_ok=True)
+                os.replace(sharded_tmp, tmp / "trainer_state" / SHARDED_STATE)  # complete before the rename
+
+            target = self.checkpoints.save(self.step, self.trainer_state(), write=write,
+                                           keep=self.t.keep_checkpoints, recipe=self.recipe.to_dict())
             save_model(model, self.out, extra_files=files)
-            prune_checkpoints(ck, name, self.t.keep_checkpoints)
+        self.checkpoints.last_saved_step = self.step
         par.barrier()
         return target
 
     # ------------------------------------------------------------------ loop
     def run(self) -> TrainResult:
+        """Train to train.steps: log, evaluate, save; SIGINT/SIGTERM finish the step, save and raise
+        TrainingInterrupted. Returns a TrainResult."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if not hasattr(self, "model"):
@@ -357,8 +368,9 @@ class Trainer:
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, disable=not t.progress or not self.par.is_main,
-                      transient=False) as progress:
+        with StopSignals() as stop, Progress(*columns, console=self.console,
+                                             disable=not t.progress or not self.par.is_main,
+                                             transient=False) as progress:
             task = progress.add_task("train", total=t.steps, completed=self.step, loss=float("nan"), tps=0.0)
             while self.step < t.steps:
                 tokens_before = self.tokens_seen
@@ -390,6 +402,12 @@ class Trainer:
                 if out_of_time:
                     result.stopped_early = self.step < t.steps
                     break
+                # SIGINT/SIGTERM: save and stop (rank 0's signal decides for every rank)
+                signum = self.par.broadcast_object(stop.received) if self.par.distributed else stop.received
+                if signum is not None:
+                    self.logger.close()
+                    saved = self.save_checkpoint() if self.checkpoints.last_saved_step != self.step else None
+                    raise TrainingInterrupted(signum, saved or latest_checkpoint(self.out))
         self.logger.close()
         if self.par.is_main:
             plot_training(self.out)
@@ -411,6 +429,12 @@ class NullLogger:
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def update_config(target: SeekConfig, source: SeekConfig, names) -> None:
+    """Copy the fields `names` from `source` into `target` in place (modules keep a reference to `target`)."""
+    for name in names:
+        setattr(target, name, getattr(source, name))
 
 
 def pretrain(recipe: Recipe, console=None) -> TrainResult:

@@ -40,6 +40,7 @@ class Weighting(nn.Module):
         self.init = {t: float((init or {}).get(t, 1.0)) for t in self.tasks}
 
     def weights(self) -> dict[str, float]:
+        """{task: loss weight} for the next step."""
         return dict(self.init)
 
     def update(self, losses: dict[str, float], layer_grad_norms: dict[str, float] | None = None) -> None:
@@ -47,6 +48,7 @@ class Weighting(nn.Module):
         `needs_layer_grad_norms`, ||grad_W L_i|| on the last shared layer (unweighted)."""
 
     def state(self) -> dict[str, float]:
+        """Log values of the strategy ({'weight/TASK': w, ...})."""
         return {f"weight/{t}": w for t, w in self.weights().items()}
 
     # ------------------------------------------------------------ resume
@@ -60,6 +62,7 @@ class Weighting(nn.Module):
         return out
 
     def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what `checkpoint_state` returned (exact resume)."""
         self.load_state_dict(state["params"])
         opt = getattr(self, "opt", None)
         if opt is not None:
@@ -83,10 +86,12 @@ class UncertaintyWeighting(Weighting):
         self.opt = torch.optim.Adam([self.log_vars], lr=lr)
 
     def weights(self) -> dict[str, float]:
+        """w_i = exp(-log_var_i) times the task's initial weight (Kendall et al.): noisier tasks weigh less."""
         w = torch.exp(-self.log_vars.detach())
         return {t: float(w[i]) * self.init[t] for i, t in enumerate(self.tasks)}
 
     def update(self, losses: dict[str, float], layer_grad_norms: dict[str, float] | None = None) -> None:
+        """One Adam step on the log-variances from this step's task losses."""
         idx = torch.tensor([self.tasks.index(t) for t in losses])
         l = torch.tensor([float(v) for v in losses.values()])
         s = self.log_vars[idx]
@@ -96,6 +101,7 @@ class UncertaintyWeighting(Weighting):
         self.opt.step()
 
     def state(self) -> dict[str, float]:
+        """Log values: weights and log-variances per task."""
         out = super().state()
         out.update({f"log_var/{t}": float(self.log_vars[i].detach()) for i, t in enumerate(self.tasks)})
         return out
@@ -116,9 +122,12 @@ class GradNormWeighting(Weighting):
         self.initial_loss: dict[str, float] = {}
 
     def weights(self) -> dict[str, float]:
+        """The current GradNorm weights (they sum to the number of tasks)."""
         return {t: float(self.w[i].detach()) for i, t in enumerate(self.tasks)}
 
     def update(self, losses: dict[str, float], layer_grad_norms: dict[str, float] | None = None) -> None:
+        """Move the weights so that each task's gradient norm on the last shared layer tracks its relative training
+        rate (Chen et al. 2018)."""
         for t, l in losses.items():
             self.initial_loss.setdefault(t, max(float(l), 1e-8))
         present = [t for t in losses if layer_grad_norms and t in layer_grad_norms]
@@ -157,9 +166,12 @@ class DWAWeighting(Weighting):
         self._w = {t: 1.0 for t in self.tasks}
 
     def weights(self) -> dict[str, float]:
+        """The Dynamic Weight Average weights of the current window."""
         return {t: self._w[t] * self.init[t] for t in self.tasks}
 
     def update(self, losses: dict[str, float], layer_grad_norms: dict[str, float] | None = None) -> None:
+        """Accumulate the window's losses; at a window's end, recompute weights from the ratio of the last two windows'
+        mean losses."""
         for t, l in losses.items():
             self.current[t].append(float(l))
         self.steps += 1
@@ -187,6 +199,8 @@ class DWAWeighting(Weighting):
 
 def build_weighting(strategy: str, tasks: list[str], init: dict[str, float] | None = None, *,
                     alpha: float = 1.5, lr: float = 0.025, temperature: float = 2.0, window: int = 20) -> Weighting:
+    """The weighting strategy `name` (fixed | uncertainty | gradnorm | dwa) for `tasks` with initial weights and its
+    settings."""
     if strategy == "fixed":
         return Weighting(tasks, init)
     if strategy == "uncertainty":
