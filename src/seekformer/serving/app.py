@@ -102,8 +102,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {err.get('msg')}{extra}", param
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """A body over the limit, found while receiving (an HTTPException, so FastAPI's body parsing lets it
+    through to the JSON error handlers)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large_message(f"more than {limit}", limit))
+
+
+def _too_large_message(size: str, limit: int) -> str:
+    return f"the request body is {size} bytes, over this server's limit of {limit} bytes (seekformer serve " \
+           "--max-body-bytes)"
 
 
 class _BodyLimitMiddleware:
@@ -114,9 +123,8 @@ class _BodyLimitMiddleware:
         self.app, self.limit = app, limit
 
     async def _refuse(self, send, size: str) -> None:
-        body = json.dumps(APIError(413, f"the request body is {size} bytes, over this server's limit of "
-                                   f"{self.limit} bytes (seekformer serve --max-body-bytes)", None,
-                                   "request_too_large").body()).encode()
+        body = json.dumps(APIError(413, _too_large_message(size, self.limit), None, "request_too_large").body()
+                          ).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -135,7 +143,7 @@ class _BodyLimitMiddleware:
             if message["type"] == "http.request":
                 received[0] += len(message.get("body", b""))
                 if received[0] > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return message
 
         async def tracking_send(message):
@@ -145,7 +153,7 @@ class _BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except _TooLarge:  # raised outside FastAPI's handlers
             if not started[0]:
                 await self._refuse(send, f"more than {self.limit}")
         finally:
@@ -218,7 +226,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         if exc.status_code == 404:
             msg = (f"no route {request.method} {request.url.path} "
                    "(see /v1/models, /v1/completions, /v1/chat/completions)")
-        return _error(APIError(exc.status_code, msg, None, None))
+        return _error(APIError(exc.status_code, msg, None, "request_too_large" if exc.status_code == 413 else None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):  # pragma: no cover - only on bugs
