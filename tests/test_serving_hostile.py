@@ -4,11 +4,14 @@ own process. Nothing else fails, the streams keep decoding, /health answers, mem
 server log holds no traceback.
 
 The quick variant (8 streams) runs in the default suite and checks behaviour; the slow one (64 streams)
-also checks the timing bounds: /health within a second, no stream gap above a few decode steps.
+also checks the timing bounds: /health within a second, no stream gap above a few decode steps. The
+streams and the /health poller run in their own processes (asyncio clients), so what they time is the
+server, not the GIL of a test process that is busy flooding.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -18,6 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -102,6 +106,77 @@ def _stream(url: str, prompt: str, tokens: int, stamps: list | None = None) -> t
     return n, reason, done
 
 
+async def _astream(client, url: str, prompt: str, tokens: int, stamps: list) -> tuple[int, str | None, bool]:
+    body = {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    n, reason, done = 0, None, False
+    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                done = True
+                continue
+            chunk = json.loads(data)
+            if chunk.get("choices"):
+                stamps.append(time.perf_counter())
+            for c in chunk.get("choices", []):
+                reason = c.get("finish_reason") or reason
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    return n, reason, done
+
+
+def stream_client_main(url: str, streams: int, tokens: int, out: str) -> None:
+    """Run in its own process: `streams` concurrent streams; writes OUT.started once every stream has
+    two chunks, then OUT (JSON: per stream (tokens, reason, done) and the gaps between its chunks)."""
+    async def main():
+        stamps = [[] for _ in range(streams)]
+        limits = httpx.Limits(max_connections=streams + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            tasks = [asyncio.create_task(_astream(client, url, f"Call me Ishmael {k}", tokens, stamps[k]))
+                     for k in range(streams)]
+            while min(len(s) for s in stamps) < 2 and not all(t.done() for t in tasks):
+                await asyncio.sleep(0.01)
+            Path(out + ".started").touch()
+            results = await asyncio.gather(*tasks)
+        gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+        Path(out).write_text(json.dumps({"streams": results, "gaps": gaps}))
+
+    asyncio.run(main())
+
+
+def health_poller_main(url: str, out: str, stop: str) -> None:
+    """Run in its own process: GET /health every 0.1 s until the file `stop` exists; writes the latencies."""
+    times = []
+    with httpx.Client(timeout=60) as client:
+        while not os.path.exists(stop):
+            t = time.perf_counter()
+            assert client.get(url + "/health").status_code == 200
+            times.append(time.perf_counter() - t)
+            time.sleep(0.1)
+    Path(out).write_text(json.dumps(times))
+
+
+def _spawn(call: str) -> subprocess.Popen:
+    code = f"from tests.test_serving_hostile import *\n{call}"
+    return subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _run_streams(url: str, streams: int, tokens: int, out: Path, during=None) -> dict:
+    """The streams in a client process; `during()` runs once they all stream. Returns the client's JSON."""
+    proc = _spawn(f"stream_client_main({url!r}, {streams}, {tokens}, {str(out)!r})")
+    while not Path(str(out) + ".started").exists():
+        assert proc.poll() is None, "the stream client died"
+        time.sleep(0.02)
+    extra = during() if during is not None else None
+    assert proc.wait(900) == 0
+    return {**json.loads(out.read_text()), "during": extra}
+
+
 def _raw_huge_body(port: int, chunked: bool) -> bytes:
     """A body far over the limit: announced by Content-Length (only 64 kB sent), or chunked (sent until the
     server answers). Returns the status line."""
@@ -158,8 +233,12 @@ def _hostile(url: str, port: int, kind: str, i: int) -> tuple[str, int]:
     raise ValueError(kind)
 
 
-def run_hostile(model_dir, log_path, streams: int, tokens: int, floods: dict[str, int]) -> dict:
-    srv = Server(model_dir, log_path, batch=streams)
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) > 100 else max(values)
+
+
+def run_hostile(model_dir, tmp: Path, streams: int, tokens: int, floods: dict[str, int]) -> dict:
+    srv = Server(model_dir, tmp / "server.log", batch=streams)
     report: dict = {}
     try:
         # warm up every path once, then take the memory baseline
@@ -169,40 +248,32 @@ def run_hostile(model_dir, log_path, streams: int, tokens: int, floods: dict[str
         time.sleep(0.5)
         report["rss_start_mb"] = _rss_mb(srv.proc.pid)
         # baseline: the streams alone (median gap between chunks = one decode step of this batch)
-        base = [[] for _ in range(streams)]
-        with ThreadPoolExecutor(streams) as pool:
-            list(pool.map(lambda k: _stream(srv.url, f"Call me Ishmael {k}", tokens // 2, base[k]), range(streams)))
-        report["step_s"] = statistics.median(b - a for s in base for a, b in zip(s, s[1:]))
+        poller = _spawn(f"health_poller_main({srv.url!r}, {str(tmp / 'health0.json')!r}, {str(tmp / 'stop0')!r})")
+        base = _run_streams(srv.url, streams, tokens, tmp / "base.json")
+        (tmp / "stop0").touch()
+        assert poller.wait(120) == 0
+        report["step_s"] = statistics.median(base["gaps"])
+        report["base_gap_max_s"] = max(base["gaps"])
+        report["base_gap_p99_s"] = _p99(base["gaps"])
+        report["base_health_max_s"] = max(json.loads((tmp / "health0.json").read_text()))
         # the streams again, with the flood and /health polls
-        stamps = [[] for _ in range(streams)]
-        health: list[float] = []
-        stop = threading.Event()
+        poller = _spawn(f"health_poller_main({srv.url!r}, {str(tmp / 'health.json')!r}, {str(tmp / 'stop')!r})")
+        jobs = [(kind, i) for kind, n in floods.items() for i in range(n)]
 
-        def poll_health():
-            while not stop.is_set():
-                t = time.perf_counter()
-                r = httpx.get(srv.url + "/health", timeout=30)
-                assert r.status_code == 200
-                health.append(time.perf_counter() - t)
-                time.sleep(0.1)
+        def flood():
+            with ThreadPoolExecutor(32) as pool:
+                return list(pool.map(lambda job: _hostile(srv.url, srv.port, *job), jobs))
 
-        hostile_jobs = [(kind, i) for kind, n in floods.items() for i in range(n)]
-        with ThreadPoolExecutor(streams) as spool, ThreadPoolExecutor(32) as hpool:
-            poller = threading.Thread(target=poll_health)
-            poller.start()
-            results = [spool.submit(_stream, srv.url, f"Call me Ishmael {k}", tokens, stamps[k])
-                       for k in range(streams)]
-            while min(len(s) for s in stamps) < 2:
-                time.sleep(0.01)
-            hostile = list(hpool.map(lambda job: _hostile(srv.url, srv.port, *job), hostile_jobs))
-            report["streams"] = [f.result() for f in results]
-            stop.set()
-            poller.join()
-        report["hostile"] = hostile
+        run = _run_streams(srv.url, streams, tokens, tmp / "flood.json", during=flood)
+        (tmp / "stop").touch()
+        assert poller.wait(120) == 0
+        health = json.loads((tmp / "health.json").read_text())
+        report["streams"] = [tuple(x) for x in run["streams"]]
+        report["hostile"] = run["during"]
         report["health_max_s"] = max(health)
-        gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
+        gaps = run["gaps"]
         report["gap_max_s"] = max(gaps)
-        report["gap_p99_s"] = statistics.quantiles(gaps, n=100)[98] if len(gaps) > 100 else max(gaps)
+        report["gap_p99_s"] = _p99(gaps)
         deadline = time.monotonic() + 60
         while httpx.get(srv.url + "/health").json()["running"] and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -227,7 +298,7 @@ def _check(report: dict, streams: int, tokens: int) -> None:
 
 def test_hostile_flood_quick(seek_model_dir, tmp_path):
     floods = {"huge": 2, "overflow": len(OVERFLOWS), "echo": 4, "long": 2, "drop_stream": 2, "drop_plain": 2}
-    report = run_hostile(seek_model_dir, tmp_path / "server.log", streams=8, tokens=48, floods=floods)
+    report = run_hostile(seek_model_dir, tmp_path, streams=8, tokens=48, floods=floods)
     _check(report, 8, 48)
 
 
@@ -235,8 +306,13 @@ def test_hostile_flood_quick(seek_model_dir, tmp_path):
 def test_hostile_flood_64_streams(seek_model_dir, tmp_path):
     floods = {"huge": 8, "overflow": 2 * len(OVERFLOWS), "echo": 40, "long": 8, "drop_stream": 8,
               "drop_plain": 8}
-    report = run_hostile(seek_model_dir, tmp_path / "server.log", streams=64, tokens=160, floods=floods)
-    print({k: v for k, v in report.items() if k not in ("log", "streams", "hostile")})
+    report = run_hostile(seek_model_dir, tmp_path, streams=64, tokens=160, floods=floods)
+    figures = {k: round(v, 3) for k, v in report.items() if k not in ("log", "streams", "hostile")}
+    print(figures)
     _check(report, 64, 160)
-    assert report["health_max_s"] < 1.0, report["health_max_s"]
-    assert report["gap_max_s"] < 8 * report["step_s"] + 0.5, report  # a few decode steps, at most
+    # Timing, relative to the same streams without the flood (measured in the same run): on an idle
+    # machine /health answers within a second; on a shared one, no slower than twice its no-flood worst.
+    assert report["health_max_s"] < max(1.0, 2 * report["base_health_max_s"]), figures
+    # the flood adds at most a few decode steps to the streams' worst waits
+    assert report["gap_p99_s"] <= report["base_gap_p99_s"] + 4 * report["step_s"] + 0.05, figures
+    assert report["gap_max_s"] <= report["base_gap_max_s"] + 8 * report["step_s"] + 0.1, figures

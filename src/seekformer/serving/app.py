@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import Backend, release_memory
 from .metrics import ServerMetrics
-from .openai_api import OpenAIHandlers
+from .openai_api import JSONText, OpenAIHandlers
 from .server import DEFAULT_MAX_BODY_BYTES
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
@@ -269,8 +269,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         return model_card()
 
     def respond(result):
+        if isinstance(result, JSONText):
+            return Response(result, media_type="application/json")
         if isinstance(result, dict):
-            return result
+            return JSONResponse(result)
         return EventSourceResponse(result, ping=15, shutdown_event=anyio.Event(),
                                    shutdown_grace_period=config.shutdown_grace)
 
@@ -284,7 +286,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(req: EmbeddingRequest, request: Request):
-        return await handlers.embeddings(req, request.is_disconnected)
+        return respond(await handlers.embeddings(req, request.is_disconnected))
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
@@ -305,7 +307,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     async def detokenize(req: DetokenizeRequest):
         if any(not 0 <= t < tokenizer.vocab_size for t in req.tokens):
             raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", "tokens", "invalid_value")
-        return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": await handlers.in_thread(lambda: tokenizer.decode(req.tokens, skip_special_tokens=False))}
 
     return app
 

@@ -22,7 +22,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import anyio
-import numpy as np
 
 from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
@@ -33,6 +32,10 @@ from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_re
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
 TOKENIZE_THREADS = 4  # tokenizations running at once (off the event loop)
+
+
+class JSONText(str):
+    """A response body already serialised to JSON (large answers are built off the event loop)."""
 
 
 @dataclass
@@ -235,13 +238,19 @@ class OpenAIHandlers:
         if req.stream:
             return self._stream_completion(sub, rid, created, echo, req.logprobs, prompt_tokens, include_usage)
         choices = await self._collect(sub, is_disconnected)
-        out = []
-        for i, c in enumerate(choices):
-            lp = self._completion_logprobs(c, sub.sequences[i], echo[i], req.logprobs) if req.logprobs is not None \
-                else None
-            out.append({"index": i, "text": echo[i] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage(prompt_tokens, choices)}
+
+        def build() -> dict:
+            out = []
+            for i, c in enumerate(choices):
+                lp = self._completion_logprobs(c, sub.sequences[i], echo[i], req.logprobs) \
+                    if req.logprobs is not None else None
+                out.append({"index": i, "text": echo[i] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": out, "usage": self._usage(prompt_tokens, choices)}
+
+        if req.logprobs is None:
+            return build()
+        return JSONText(await self.in_thread(lambda: json.dumps(build())))  # big: built off the event loop
 
     def _completion_logprobs(self, c: _Choice, seq: Sequence, echo: str, top_n: int,
                              offsets: _Offsets | None = None) -> dict:
@@ -448,14 +457,17 @@ class OpenAIHandlers:
         total = sum(map(len, prompts))
         sub = self._submit([Sequence(ids, embed=req.pooling) for ids in prompts], total)
         choices = await self._collect(sub, is_disconnected)
-        data = []
-        for i, c in enumerate(choices):
-            vec = c.embedding.numpy().astype(np.float32)
-            emb = base64.b64encode(vec.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
-                else vec.tolist()
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {"object": "list", "data": data, "model": self.model_name,
-                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+        def build() -> str:
+            data = []
+            for i, c in enumerate(choices):
+                vec = c.embedding.numpy().astype("<f4")
+                emb = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            return json.dumps({"object": "list", "data": data, "model": self.model_name,
+                               "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+        return JSONText(await self.in_thread(build))
 
     def _usage(self, prompt_tokens: int, choices: list[_Choice]) -> dict:
         completion = sum(len(c.tokens) for c in choices)
