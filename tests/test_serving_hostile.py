@@ -82,51 +82,45 @@ class Server:
         return open(self.log_path).read()
 
 
-def _stream(url: str, prompt: str, tokens: int, stamps: list | None = None) -> tuple[int, str | None, bool]:
-    """(completion tokens, finish reason, saw [DONE]) of a streamed completion; `stamps` gets chunk times."""
-    body = {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+def _stream_body(prompt: str, tokens: int) -> dict:
+    return {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
-    n, reason, done = 0, None, False
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+
+
+def _read_sse(line: str, acc: dict, stamps: list | None) -> None:
+    """Fold one server-sent-events line into acc {tokens, reason, done}; stamps gets the time of chunks."""
+    if not line.startswith("data:"):
+        return
+    data = line[5:].strip()
+    if data == "[DONE]":
+        acc["done"] = True
+        return
+    chunk = json.loads(data)
+    if stamps is not None and chunk.get("choices"):
+        stamps.append(time.perf_counter())
+    for c in chunk.get("choices", []):
+        acc["reason"] = c.get("finish_reason") or acc["reason"]
+    if chunk.get("usage"):
+        acc["tokens"] = chunk["usage"]["completion_tokens"]
+
+
+def _stream(url: str, prompt: str, tokens: int) -> tuple[int, str | None, bool]:
+    """(completion tokens, finish reason, saw [DONE]) of a streamed completion."""
+    acc = {"tokens": 0, "reason": None, "done": False}
+    with httpx.stream("POST", url + "/v1/completions", json=_stream_body(prompt, tokens), timeout=300) as r:
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            if stamps is not None and chunk.get("choices"):
-                stamps.append(time.perf_counter())
-            for c in chunk.get("choices", []):
-                reason = c.get("finish_reason") or reason
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-    return n, reason, done
+            _read_sse(line, acc, None)
+    return acc["tokens"], acc["reason"], acc["done"]
 
 
 async def _astream(client, url: str, prompt: str, tokens: int, stamps: list) -> tuple[int, str | None, bool]:
-    body = {"model": NAME, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
-    n, reason, done = 0, None, False
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
+    acc = {"tokens": 0, "reason": None, "done": False}
+    async with client.stream("POST", url + "/v1/completions", json=_stream_body(prompt, tokens)) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                done = True
-                continue
-            chunk = json.loads(data)
-            if chunk.get("choices"):
-                stamps.append(time.perf_counter())
-            for c in chunk.get("choices", []):
-                reason = c.get("finish_reason") or reason
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-    return n, reason, done
+            _read_sse(line, acc, stamps)
+    return acc["tokens"], acc["reason"], acc["done"]
 
 
 def stream_client_main(url: str, streams: int, tokens: int, out: str) -> None:
