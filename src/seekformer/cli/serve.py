@@ -28,6 +28,12 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+        max_body_bytes: int = typer.Option(8 * 2 ** 20, "--max-body-bytes", min=0,
+                                           help="Larger request bodies get 413 before parsing (0: no limit)."),
+        cors_origin: Optional[list[str]] = typer.Option(None, "--cors-origin", help="Let browsers on this origin "
+                                                        "call the API (repeatable; '*' for any)."),
+        prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=16, help="Prompt tokens encoded between "
+                                          "two decode steps (long prompts and scoring go in chunks)."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -41,7 +47,7 @@ def register(app: typer.Typer) -> None:
             from ..serving.server import serve
         except ImportError as e:
             raise SeekformerError(f"serving needs the 'serve' extra ({e.name} is missing): "
-                                  "pip install 'seekformer[serve]'") from None
+                                  'pip install -e ".[serve]"') from None
         if threads is not None:
             import torch
 
@@ -49,4 +55,5 @@ def register(app: typer.Typer) -> None:
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
-              max_queue=max_queue, device=device, dtype=dtype, log_level=log_level)
+              max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
+              max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk)

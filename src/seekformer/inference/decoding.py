@@ -149,12 +149,14 @@ class DecodeBatch:
         cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
         return self.model.decode_step(last, cache)
 
-    def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None, isolate: bool = False):
         """Pick the next token of rows [lo, hi) from logits [hi-lo, V] and record it in their states.
 
         Stop ids are masked before `min_new_tokens` (`stopping.early_stop_mask`); per-request logits rules
         that need the tokens so far (e.g. a constraint in SamplingParams) get them from `states` here.
-        Returns (tokens [hi-lo], text pieces); a row that finishes stays until `retire`.
+        Returns (tokens [hi-lo], text pieces); a row that finishes stays until `retire`. With `isolate`
+        (the engine), a row whose sampling or stop handling raises does not fail the others: returns
+        (tokens, pieces, {row offset: exception}) and marks that row finished with reason "error".
         """
         hi = len(self.rows) if hi is None else hi
         rows = self.rows[lo:hi]
@@ -162,9 +164,36 @@ class DecodeBatch:
         pen = PenaltyState(self.penalties.seen[lo:hi], self.penalties.counts[lo:hi], self.penalties.active)
         gens = self.generator if self.generator is not None else [r.generator for r in rows]
         banned = early_stop_mask(states, logits.shape[-1], logits.device)
-        tok = choose(logits, [s.params for s in states], pen, gens, banned)
+        if not isolate:
+            tok = choose(logits, [s.params for s in states], pen, gens, banned)
+            pen.update(tok)
+            return tok, [s.append(t) for s, t in zip(states, tok.tolist())]
+        errors: dict[int, Exception] = {}
+        try:
+            tok = choose(logits, [s.params for s in states], pen, gens, banned)
+        except Exception:  # noqa: BLE001 - find the row(s) at fault, row by row
+            tok = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
+            for j, st in enumerate(states):
+                one = PenaltyState(pen.seen[j:j + 1], pen.counts[j:j + 1], pen.active)
+                g = [gens[j]] if isinstance(gens, list) else gens
+                try:
+                    tok[j] = choose(logits[j:j + 1], [st.params], one, g,
+                                    None if banned is None else banned[j:j + 1])[0]
+                except Exception as e:  # noqa: BLE001
+                    errors[j] = e
         pen.update(tok)
-        return tok, [s.append(t) for s, t in zip(states, tok.tolist())]
+        pieces = []
+        for j, (st, t) in enumerate(zip(states, tok.tolist())):
+            piece = ""
+            if j not in errors:
+                try:
+                    piece = st.append(t)
+                except Exception as e:  # noqa: BLE001 - e.g. a failing stop-string filter
+                    errors[j] = e
+            if j in errors and st.finish_reason is None:
+                st.finish_reason = "error"
+            pieces.append(piece)
+        return tok, pieces, errors
 
     def remove(self, i: int) -> None:
         """Take row i out: the last row moves into its cache row, so rows stay 0..n-1."""

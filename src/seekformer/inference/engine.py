@@ -14,8 +14,15 @@ decode step is one forward of n tokens over the row view [0, n). A `step()`:
      generator, penalties and stop conditions),
   3. admits waiting requests into free rows: prompts of similar lengths are prefilled together (left
      padded, one forward) and their first tokens chosen (so a new request yields its first event in the
-     step that admits it).
-Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_tokens), "cancelled".
+     step that admits it). A prompt longer than `prefill_chunk` tokens is prefilled in chunks of that
+     size, one chunk per step, in the last cache row (then moved next to the running rows), so running
+     requests keep decoding while it is encoded (chunked prefill); prompt tokens prefilled per step are
+     bounded by about `prefill_chunk`.
+Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_tokens), "cancelled", "error".
+
+Failure isolation: an exception while serving one request (its sampling setup, its stop strings, its
+sampling) ends only that request, with an event whose finish_reason is "error" and `error` the exception;
+a failing prefill forward ends the requests of that prefill, a failing decode forward the running ones.
 
 Thread safety: `add_request` and `cancel` may be called from any thread (they only touch a locked
 queue); `step()` must be driven by one thread (a second concurrent call blocks until the first returns).
@@ -40,6 +47,7 @@ from .stopping import SequenceState, stop_ids
 PREFILL_PAD_FACTOR = 1.5
 PREFILL_PAD_SLACK = 32
 PREFILL_MAX_TOKENS = 4096
+PREFILL_CHUNK = 512  # prompt tokens prefilled per step; longer prompts are prefilled in chunks of this size
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Request:
     params: SamplingParams
     state: SequenceState | None = None
     generator: torch.Generator | None = None
+    prefilled: int = 0  # prompt tokens already in the cache (chunked prefill)
 
 
 @dataclass
@@ -68,7 +77,8 @@ class TokenEvent:
     index: int = 0  # position of the token among the request's generated tokens
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the request's last event
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error" on the request's last event
+    error: Exception | None = None  # what ended the request, when finish_reason is "error"
 
     @property
     def finished(self) -> bool:
@@ -90,12 +100,14 @@ class Engine:
     """Continuous batching over one preallocated KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_length: int | None = None,
-                 cache_mode: str = "latent") -> None:
+                 cache_mode: str = "latent", prefill_chunk: int = PREFILL_CHUNK) -> None:
         ctx = model.config.max_position_embeddings
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
         self.max_length = min(int(max_length or ctx), ctx)
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self._chunked: Request | None = None  # the prompt being prefilled in chunks (in the last cache row)
         v = model.config.vocab_size
         self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length, cache_mode),
                                  PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True))
@@ -126,7 +138,7 @@ class Engine:
             raise GenerationError("stop strings need an engine with a tokenizer")
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            if any(r.id == rid for r in list(self._waiting) + self.running):
+            if any(r.id == rid for r in self._all()):
                 raise GenerationError(f"request id {rid!r} is already in use")
             self._waiting.append(Request(rid, ids, params))
         return rid
@@ -134,14 +146,18 @@ class Engine:
     def cancel(self, request_id: str) -> bool:
         """Ask to end a request at the next step (thread-safe); False if it is unknown or finished."""
         with self._lock:
-            known = any(r.id == request_id for r in list(self._waiting) + self.running)
+            known = any(r.id == request_id for r in self._all())
             if known:
                 self._cancelled.add(request_id)
             return known
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.running or self._waiting)
+            return bool(self.running or self._waiting or self._chunked is not None)
+
+    def _all(self) -> list[Request]:
+        """Every request the engine holds (waiting, being prefilled in chunks, running)."""
+        return list(self._waiting) + self.running + ([self._chunked] if self._chunked is not None else [])
 
     @property
     def running(self) -> list[Request]:
@@ -202,7 +218,17 @@ class Engine:
             if req.id in cancelled:
                 events.append(self._end(req, "cancelled"))
                 self._remove_row(i)
+        if self._chunked is not None and self._chunked.id in cancelled:
+            events.append(self._end(self._chunked, "cancelled"))
+            self._drop_chunked()
         return events
+
+    def _failed(self, req: Request, error: Exception) -> TokenEvent:
+        """The last event of a request that raised `error` (it leaves the engine; the others go on)."""
+        if req.state is not None and req.state.finish_reason is None:
+            req.state.finish_reason = "error"
+        index = len(req.state.tokens) if req.state is not None else 0
+        return TokenEvent(req.id, None, "", index, finish_reason="error", error=error)
 
     def _end(self, req: Request, reason: str) -> TokenEvent:
         text = req.state.finish(reason)
@@ -213,9 +239,10 @@ class Engine:
         self.batch.remove(i)
 
     def _choose(self, logits: torch.Tensor, lo: int, hi: int) -> list[TokenEvent]:
-        """Pick tokens for rows [lo, hi) from logits [n,V] (the decode batch's rule); emit events with logprobs."""
+        """Pick tokens for rows [lo, hi) from logits [n,V] (the decode batch's rule); emit events with logprobs.
+        A row whose sampling or stop handling raises ends alone (finish_reason "error")."""
         reqs = self.running[lo:hi]
-        tok, pieces = self.batch.choose(logits, lo, hi)
+        tok, pieces, errors = self.batch.choose(logits, lo, hi, isolate=True)
         want = [r.params.logprobs for r in reqs]
         lp = top_v = top_i = None
         if any(w is not None for w in want):
@@ -223,6 +250,9 @@ class Engine:
             lp, top_v, top_i = lp.tolist(), top_v.tolist(), top_i.tolist()
         events = []
         for j, (req, t, piece) in enumerate(zip(reqs, tok.tolist(), pieces)):
+            if j in errors:
+                events.append(self._failed(req, errors[j]))
+                continue
             ev = TokenEvent(req.id, t, piece, len(req.state.tokens) - 1, finish_reason=req.state.finish_reason)
             if want[j] is not None:
                 ev.logprob = lp[j]
@@ -231,51 +261,140 @@ class Engine:
         return events
 
     def _decode(self) -> list[TokenEvent]:
-        """One decoding step of every running request."""
-        events = self._choose(self.batch.decode(), 0, len(self.running))
+        """One decoding step of every running request (a failing forward ends the running requests only)."""
+        try:
+            logits = self.batch.decode()
+        except Exception as e:  # noqa: BLE001 - the batch forward failed: it ends the running requests only
+            events = [self._failed(r, e) for r in self.running]
+            self.batch.retire()
+            return events
+        events = self._choose(logits, 0, len(self.running))
         self.batch.retire()
         return events
 
     def _admit(self) -> list[TokenEvent]:
-        events = []
-        while len(self.running) < self.max_batch_size:
-            batch = self._take_prefill_batch(self.max_batch_size - len(self.running))
+        """Chunked prefill (one chunk of the long prompt in progress), then batched prefills of short prompts,
+        about `prefill_chunk` prompt tokens in all (at least one batch while rows are free)."""
+        events, budget = [], self.prefill_chunk
+        if self._chunked is None:
+            events += self._start_chunked()
+        if self._chunked is not None:
+            events += self._prefill_next_chunk()
+            budget = 0
+        first = True
+        while self._free_rows() > 0 and (budget > 0 or first):
+            batch = self._take_prefill_batch(self._free_rows(), max(budget, 1) if not first else self.prefill_chunk)
             if not batch:
                 break
+            first = False
+            budget -= max(len(r.prompt_ids) for r in batch) * len(batch)
             events += self._prefill(batch)
         self.batch.retire()
         return events
 
-    def _take_prefill_batch(self, free: int) -> list[Request]:
-        """Pop up to `free` waiting requests (FIFO) to prefill together, left-padded to the longest.
+    def _free_rows(self) -> int:
+        return self.max_batch_size - len(self.running) - (self._chunked is not None)
+
+    def _start_chunked(self) -> list[TokenEvent]:
+        """Take the first waiting prompt longer than `prefill_chunk` into the last cache row, if it is free."""
+        if self._free_rows() < 1:
+            return []
+        with self._lock:
+            req = next((r for r in self._waiting if len(r.prompt_ids) > self.prefill_chunk), None)
+            if req is None:
+                return []
+            self._waiting.remove(req)
+        try:
+            self._setup(req)
+        except Exception as e:  # noqa: BLE001 - this request's setup failed: it ends alone
+            return [self._failed(req, e)]
+        self.cache.reset_rows([self.max_batch_size - 1])
+        req.prefilled = 0
+        self._chunked = req
+        return []
+
+    def _setup(self, req: Request) -> None:
+        """A request's decoding state and generator (raises for bad per-request settings)."""
+        req.state = SequenceState(req.params, stop_ids(req.params, self.model.config.eos_token_id), self.tokenizer)
+        req.generator = make_generator(req.params.seed, self.model.device)
+
+    def _drop_chunked(self) -> None:
+        self.cache.reset_rows([self.max_batch_size - 1])
+        self._chunked = None
+
+    def _prefill_next_chunk(self) -> list[TokenEvent]:
+        """Encode the next `prefill_chunk` tokens of the chunked prompt; after its last chunk the row joins
+        the running rows and the request's first token is chosen."""
+        req, r = self._chunked, self.max_batch_size - 1
+        try:
+            end = min(req.prefilled + self.prefill_chunk, len(req.prompt_ids))
+            ids = torch.tensor([req.prompt_ids[req.prefilled:end]], device=self.model.device)
+            logits = self.model(ids, cache=self.cache.rows(r, r + 1), logits_to_keep=1).logits[:, -1]
+        except Exception as e:  # noqa: BLE001 - ends this request only
+            self._drop_chunked()
+            return [self._failed(req, e)]
+        self.prefill_forwards += 1
+        req.prefilled = end
+        if end < len(req.prompt_ids):
+            return []
+        n = len(self.running)
+        if n != r:
+            self.cache.move_row(r, n)
+        self._chunked = None
+        if n != r:
+            self.cache.reset_rows([r])
+        self.batch.penalties.reset_row(n, req.prompt_ids)
+        self.prefilled_requests += 1
+        self.running.append(req)
+        return self._choose(logits, n, n + 1)
+
+    def _take_prefill_batch(self, free: int, max_tokens: int = PREFILL_MAX_TOKENS) -> list[Request]:
+        """Take up to `free` waiting requests (FIFO, skipping prompts left for chunked prefill) to prefill
+        together, left-padded to the longest.
 
         A request joins while the padding stays small (padded tokens <= PREFILL_PAD_FACTOR x real tokens
-        + PREFILL_PAD_SLACK), the batch stays under PREFILL_MAX_TOKENS padded tokens, and every row still
-        fits the cache (pad slots occupy cache slots: padded length + max_new_tokens <= max_length).
+        + PREFILL_PAD_SLACK), the batch stays under min(PREFILL_MAX_TOKENS, max_tokens) padded tokens, and
+        every row still fits the cache (pad slots occupy cache slots: padded length + max_new_tokens <=
+        max_length).
         """
         batch: list[Request] = []
+        limit = min(PREFILL_MAX_TOKENS, max_tokens)
         with self._lock:
-            while self._waiting and len(batch) < free:
-                nxt = self._waiting[0]
-                if batch:
-                    group = batch + [nxt]
-                    longest = max(len(r.prompt_ids) for r in group)
-                    padded, real = longest * len(group), sum(len(r.prompt_ids) for r in group)
-                    if (padded > PREFILL_PAD_FACTOR * real + PREFILL_PAD_SLACK or padded > PREFILL_MAX_TOKENS
-                            or any(longest + r.params.max_new_tokens > self.max_length for r in group)):
-                        break
-                batch.append(self._waiting.popleft())
+            for nxt in self._waiting:
+                if len(batch) >= free:
+                    break
+                if len(nxt.prompt_ids) > self.prefill_chunk:
+                    continue
+                group = batch + [nxt]
+                longest = max(len(r.prompt_ids) for r in group)
+                padded, real = longest * len(group), sum(len(r.prompt_ids) for r in group)
+                if padded > limit or (batch and (padded > PREFILL_PAD_FACTOR * real + PREFILL_PAD_SLACK or any(
+                        longest + r.params.max_new_tokens > self.max_length for r in group))):
+                    break
+                batch.append(nxt)
+            taken = {id(r) for r in batch}
+            self._waiting = deque(r for r in self._waiting if id(r) not in taken)
         return batch
 
     def _prefill(self, batch: list[Request]) -> list[TokenEvent]:
         """Encode the prompts of `batch` into fresh rows [n, n+k) in one forward; choose their first tokens."""
+        events, ready = [], []
         for req in batch:
-            req.state = SequenceState(req.params, stop_ids(req.params, self.model.config.eos_token_id),
-                                      self.tokenizer)
-            req.generator = make_generator(req.params.seed, self.model.device)
-        lo, hi = self.batch.admit(batch, [r.prompt_ids for r in batch])
-        ids, mask = prepare_inputs(self.model, [r.prompt_ids for r in batch])  # left-padded, with its mask
-        logits = self.batch.prefill(lo, hi, ids, mask)
+            try:
+                self._setup(req)
+                ready.append(req)
+            except Exception as e:  # noqa: BLE001 - this request's setup failed: it ends alone
+                events.append(self._failed(req, e))
+        if not ready:
+            return events
+        lo, hi = self.batch.admit(ready, [r.prompt_ids for r in ready])
+        try:
+            ids, mask = prepare_inputs(self.model, [r.prompt_ids for r in ready])  # left-padded, with its mask
+            logits = self.batch.prefill(lo, hi, ids, mask)
+        except Exception as e:  # noqa: BLE001 - the prefill forward failed: it ends this batch only
+            for i in reversed(range(lo, hi)):
+                self.batch.remove(i)
+            return events + [self._failed(r, e) for r in ready]
         self.prefill_forwards += 1
-        self.prefilled_requests += len(batch)
-        return self._choose(logits, lo, hi)
+        self.prefilled_requests += len(ready)
+        return events + self._choose(logits, lo, hi)

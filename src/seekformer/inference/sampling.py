@@ -96,6 +96,7 @@ class SamplingParams:
         need(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}")
         need(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        need(self.seed is None or -(2 ** 63) <= int(self.seed) < 2 ** 64, f"seed must fit in 64 bits, got {self.seed}")
         if vocab_size is not None:
             need(all(0 <= int(i) < vocab_size for i in self.stop_token_ids),
                  f"stop_token_ids must be in [0, {vocab_size})")

@@ -6,10 +6,16 @@
     backend.close()                                         # finishes in-flight work, then stops
 
 Every HTTP request becomes one or more sequences (prompts x n). The worker thread owns the model: it
-scores prompts when echo logprobs are asked (one batched forward), adds the sequences to
-`seekformer.inference.engine.Engine` and calls `engine.step()` while anything runs, so sequences of
-concurrent requests share each decode step (they are batched, not serialised). Events travel back to
-the request's asyncio queue with `loop.call_soon_threadsafe`.
+adds the sequences to `seekformer.inference.engine.Engine` and calls `engine.step()` while anything runs,
+so sequences of concurrent requests share each decode step (they are batched, not serialised; long
+prompts are prefilled in chunks between steps). Prompts to score (echo + logprobs) and inputs to embed
+are `PromptWork`: one bounded round of it (about `prefill_chunk` tokens, requests taking turns) runs
+before each engine step, so neither blocks the streams that are decoding. Events travel back to the
+request's asyncio queue with `loop.call_soon_threadsafe`.
+
+Isolation: a failure while serving one sequence (its sampling setup, stop strings, scoring) ends that
+sequence with an ("error", ...) item; the other requests go on. Only an unexpected failure of the engine
+itself (a bug) ends every sequence in flight.
 
 Admission: at most `max_batch_size` sequences decode at once and at most `max_queue` more wait; a
 request that would exceed that is refused (QueueFull, HTTP 429) instead of queueing without bound.
@@ -18,20 +24,49 @@ request that would exceed that is refused (QueueFull, HTTP 429) instead of queue
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import logging
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
+from .prompt_work import PromptJob, PromptWork
+
+log = logging.getLogger("seekformer.serving")
+TRIM_EVERY_TOKENS = 65536  # prompt tokens of scoring/embedding work after which freed memory goes back to the OS
+_trim_lock = threading.Lock()
+_last_trim = [0.0]
+
+
+def release_memory(min_interval: float = 1.0) -> bool:
+    """Give freed heap memory back to the OS (glibc malloc_trim), at most once per `min_interval` seconds;
+    False where there is no glibc. Big requests leave large free blocks that glibc would otherwise keep."""
+    with _trim_lock:
+        now = time.monotonic()
+        if now - _last_trim[0] < min_interval:
+            return False
+        _last_trim[0] = now
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _deliver(items: list[tuple[asyncio.Queue, tuple]]) -> None:
     """Runs on the event loop: hand each item to its request's queue."""
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _log_failure(error: Exception | None) -> None:
+    """One line for an unexpected failure of one sequence (user mistakes are 4xx answers, not logged)."""
+    from ..errors import SeekformerError
+
+    if not isinstance(error, (SeekformerError, ShuttingDown)):
+        log.error("a sequence failed (the others go on): %s: %s", type(error).__name__, error,
+                  exc_info=error if log.isEnabledFor(logging.DEBUG) else None)
 
 
 class QueueFull(Exception):
@@ -45,19 +80,21 @@ class ShuttingDown(Exception):
 @dataclass
 class Sequence:
     """One sequence to generate: prompt ids, sampling params, and `prompt_logprobs` (None: none; k >= 0:
-    score the prompt tokens and return the top-k alternatives at each position, for echo)."""
+    score the prompt tokens and return the top-k alternatives at each position, for echo). With `embed`
+    ("mean" | "last") the prompt is embedded instead (pooled final hidden states; nothing is generated)."""
 
     prompt_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None = None
     prompt_logprobs: int | None = None
+    embed: str | None = None
 
 
 class Submission:
     """The sequences of one HTTP request and the queue their events arrive on (async iterator).
 
     Items are (kind, choice, payload): ("prompt", i, TokenScores), ("token", i, engine TokenEvent; the
-    last one of a sequence has `finish_reason` set) or ("error", i, exception). Iteration ends once
-    every sequence has finished or failed.
+    last one of a sequence has `finish_reason` set), ("embedding", i, tensor [D]; ends the sequence) or
+    ("error", i, exception). Iteration ends once every sequence has finished or failed.
     """
 
     def __init__(self, backend: Backend, sequences: list[Sequence], loop: asyncio.AbstractEventLoop) -> None:
@@ -98,7 +135,7 @@ class Submission:
                     self.first_token_seconds = time.perf_counter() - self.start
                     if self.backend.on_first_token is not None:
                         self.backend.on_first_token(self.first_token_seconds)
-                if kind == "error" or (kind == "token" and payload.finish_reason is not None):
+                if kind in ("error", "embedding") or (kind == "token" and payload.finish_reason is not None):
                     self._open -= 1
             yield items
 
@@ -112,15 +149,19 @@ class Submission:
 class Backend:
     """Owns the model, the engine and the worker thread (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256) -> None:
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
+                 prefill_chunk: int = 512) -> None:
         from ..inference.engine import Engine
 
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
         self.max_queue = int(max_queue)
+        self.prefill_chunk = int(prefill_chunk)
         self._engine_cls = Engine
-        self.engine = Engine(model, tokenizer, max_batch_size=self.max_batch_size)
+        self.engine = self._new_engine()
+        self.work = PromptWork(model, self.prefill_chunk)
+        self._trimmed_at = 0
         self._cond = threading.Condition()
         self._inbox: list[tuple[Submission, int]] = []
         self._routes: dict[str, tuple[Submission, int]] = {}
@@ -193,52 +234,83 @@ class Backend:
         with self._cond:
             self._outstanding -= n
 
+    def _new_engine(self):
+        return self._engine_cls(self.model, self.tokenizer, max_batch_size=self.max_batch_size,
+                                prefill_chunk=self.prefill_chunk)
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._inbox and not self.engine.has_work() and not self._closing:
+                while not self._inbox and not self.engine.has_work() and not self.work and not self._closing:
                     self._cond.wait()
-                if self._closing and not self._inbox and not self.engine.has_work():
+                if self._closing and not self._inbox and not self.engine.has_work() and not self.work:
                     return
                 new, self._inbox = self._inbox, []
+            self._admit(new)
+            if self.work:
+                self._prompt_round()
             try:
-                self._admit(new)
                 if self.engine.has_work():
                     events = self.engine.step()
                     self.peak_running = max(self.peak_running, self.engine.num_running)
                     self._dispatch(events)
             except Exception as e:  # noqa: BLE001 - a bug must not kill the server: fail the requests in flight
-                traceback.print_exc()
+                log.exception("the decode engine failed; ending the %d sequences in flight", len(self._routes))
                 self._fail_all(e)
 
-    def _admit(self, new: list[tuple[Submission, int]]) -> None:
-        from ..inference.scoring import score_tokens
+    def _fail(self, sub: Submission, i: int, error: Exception) -> None:
+        _log_failure(error)
+        sub.push(("error", i, error))
+        self._finish()
 
-        live = []
+    def _admit(self, new: list[tuple[Submission, int]]) -> None:
+        """Sequences to score or embed join the prompt work; the others join the engine."""
         for sub, i in new:
+            seq = sub.sequences[i]
             if sub.cancelled:
-                sub.push(("error", i, ShuttingDown("cancelled")))
+                self._fail(sub, i, ShuttingDown("cancelled"))
+            elif seq.embed is not None:
+                self.work.add(PromptJob(sub, i, seq.prompt_ids, "embed", pooling=seq.embed))
+            elif seq.prompt_logprobs is not None:
+                self.work.add(PromptJob(sub, i, seq.prompt_ids, "score", top_n=seq.prompt_logprobs))
+            else:
+                self._add_to_engine(sub, i)
+
+    def _add_to_engine(self, sub: Submission, i: int) -> None:
+        seq = sub.sequences[i]
+        try:
+            rid = self.engine.add_request(seq.prompt_ids, seq.params)
+        except Exception as e:  # noqa: BLE001 - a bad sequence ends alone (GenerationError: a 400)
+            self._fail(sub, i, e)
+            return
+        sub.engine_ids[i] = rid
+        self._routes[rid] = (sub, i)
+        if sub.cancelled:
+            self.engine.cancel(rid)
+
+    def _prompt_round(self) -> None:
+        """One round of scoring / embedding (see PromptWork); scored sequences then go on to generate."""
+        for job in self.work.drop_cancelled():
+            self._fail(job.sub, job.choice, ShuttingDown("cancelled"))
+        try:
+            results = self.work.run_round()
+        except Exception as e:  # noqa: BLE001 - a bug in the prompt work: end the jobs it held
+            log.exception("prompt scoring failed")
+            results = []
+            for key in list(self.work._queues):
+                results += [(job, e) for job in self.work._queues.pop(key)]
+        for job, result in results:
+            if isinstance(result, Exception):
+                self._fail(job.sub, job.choice, result)
+            elif job.kind == "embed":
+                job.sub.push(("embedding", job.choice, result))
                 self._finish()
             else:
-                live.append((sub, i))
-        scored = [(sub, i) for sub, i in live if sub.sequences[i].prompt_logprobs is not None]
-        if scored:
-            top = max(1, max(sub.sequences[i].prompt_logprobs for sub, i in scored))
-            scores = score_tokens(self.model, [sub.sequences[i].prompt_ids for sub, i in scored], top_n=top)
-            for (sub, i), s in zip(scored, scores):
-                sub.push(("prompt", i, s))
-        for sub, i in live:
-            seq = sub.sequences[i]
-            try:
-                rid = self.engine.add_request(seq.prompt_ids, seq.params)
-            except SeekformerError as e:
-                sub.push(("error", i, e))
-                self._finish()
-                continue
-            sub.engine_ids[i] = rid
-            self._routes[rid] = (sub, i)
-            if sub.cancelled:
-                self.engine.cancel(rid)
+                job.sub.push(("prompt", job.choice, result))
+                self._add_to_engine(job.sub, job.choice)
+        if self.work.tokens_done - self._trimmed_at >= TRIM_EVERY_TOKENS and not self.work:
+            self._trimmed_at = self.work.tokens_done
+            release_memory()
 
     def _dispatch(self, events) -> None:
         """Route a step's events to their requests: one event-loop wake-up per step, not per token."""
@@ -251,7 +323,11 @@ class Backend:
             sub, i = route
             if ev.token_id is not None:
                 generated += 1
-            batches.setdefault(sub.loop, []).append((sub.queue, ("token", i, ev)))
+            item = ("token", i, ev)
+            if ev.finish_reason == "error":
+                _log_failure(ev.error)
+                item = ("error", i, ev.error)
+            batches.setdefault(sub.loop, []).append((sub.queue, item))
             if ev.finish_reason is not None:
                 del self._routes[ev.request_id]
                 self._finish()
@@ -269,4 +345,4 @@ class Backend:
             sub.push(("error", i, error))
         self._finish(len(self._routes))
         self._routes.clear()
-        self.engine = self._engine_cls(self.model, self.tokenizer, max_batch_size=self.max_batch_size)
+        self.engine = self._new_engine()

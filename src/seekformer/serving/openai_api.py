@@ -1,18 +1,27 @@
-"""/v1/completions and /v1/chat/completions: request -> sequences for the backend -> OpenAI responses.
+"""/v1/completions, /v1/chat/completions, /v1/embeddings: request -> sequences for the backend -> OpenAI
+responses.
 
 `OpenAIHandlers` turns a validated request into `Sequence`s (one per prompt and per `n`), submits them
 and builds either one JSON response or a stream of server-sent events (chunks, then `[DONE]`). It checks
 everything a user can get wrong before any work starts: the model name, empty or too long prompts,
 `max_tokens` < 1 or beyond the context, token ids outside the vocabulary, unsupported parameters.
+
+Cheap checks come first: the number of sequences, then the prompt length in characters (a text longer
+than `context x longest token` characters cannot fit the context, whatever it tokenizes to), and only
+then tokenization, which runs in a worker thread so the event loop (and /health) keeps answering. A
+non-streaming request whose client disconnects is cancelled, as a stream is.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
+
+import anyio
 
 from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
@@ -21,6 +30,12 @@ from .backend import Backend, QueueFull, Sequence, ShuttingDown
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 
 CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
+TOKENIZE_THREADS = 4  # tokenizations running at once (off the event loop)
+
+
+class JSONText(str):
+    """A response body already serialised to JSON (large answers are built off the event loop)."""
 
 
 @dataclass
@@ -33,6 +48,7 @@ class _Choice:
     top: list[list[tuple[int, float]] | None] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_scores: object = None
+    embedding: object = None
 
     def add(self, ev) -> None:
         if ev.token_id is not None:
@@ -81,7 +97,41 @@ class OpenAIHandlers:
         self.context = cfg.max_position_embeddings
         self.vocab = cfg.vocab_size
         self.end_of_turn = getattr(tokenizer, "special_token_ids", {}).get(END_OF_TURN)
+        self.hidden_size = cfg.hidden_size
         self._text_cache: dict[int, str] = {}
+        self.max_prompt_chars = self.context * self._longest_token()
+        self._tokenize_limiter = anyio.CapacityLimiter(TOKENIZE_THREADS)
+
+    def _longest_token(self) -> int:
+        """Characters of the longest token (special tokens included): a text of more than context x this
+        many characters has more tokens than the context holds."""
+        if hasattr(self.tok, "token_bytes"):
+            longest = max(len(self.tok.token_bytes(i)) for i in range(self.vocab))
+        else:
+            longest = 64
+        specials = getattr(self.tok, "special_token_ids", {})
+        return max([longest, 1] + [len(name) for name in specials])
+
+    # ------------------------------------------------------------------ tokenizing (off the event loop)
+    def _check_chars(self, texts, param: str) -> None:
+        n = sum(len(t) for t in texts)
+        if n > self.max_prompt_chars:
+            raise bad_request(f"the prompt is {n} characters, more than the model context ({self.context} tokens) "
+                              "can hold: shorten it", param, "context_length_exceeded")
+
+    async def in_thread(self, fn, *args):
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self._tokenize_limiter)
+
+    async def encode_texts(self, texts: list[str], param: str = "prompt", **kw) -> list[list[int]]:
+        """Token ids of each text, after the character bound, in a worker thread."""
+        for t in texts:
+            self._check_chars([t], param)
+        return await self.in_thread(lambda: [self.tok.encode(t, **kw) for t in texts])
+
+    def _check_count(self, n: int) -> None:
+        if n > self.backend.capacity:
+            raise bad_request(f"the request asks for {n} sequences (prompts x n); this server takes at most "
+                              f"{self.backend.capacity} at once", "n")
 
     # ------------------------------------------------------------------ checks and inputs
     def check_model(self, name: str) -> None:
@@ -120,9 +170,7 @@ class OpenAIHandlers:
             raise bad_request(str(e)) from None
 
     def _submit(self, seqs: list[Sequence], prompt_tokens: int):
-        if len(seqs) > self.backend.capacity:
-            raise bad_request(f"the request asks for {len(seqs)} sequences (prompts x n); this server takes at most "
-                              f"{self.backend.capacity} at once", "n")
+        self._check_count(len(seqs))
         try:
             sub = self.backend.submit(seqs)
         except QueueFull as e:
@@ -136,7 +184,7 @@ class OpenAIHandlers:
         return sub
 
     def _seeded(self, params: SamplingParams, j: int) -> SamplingParams:
-        return params if params.seed is None or j == 0 else params.replace(seed=params.seed + j)
+        return params if params.seed is None or j == 0 else params.replace(seed=(params.seed + j) % 2 ** 64)
 
     # ------------------------------------------------------------------ token text
     def token_text(self, token_id: int) -> str:
@@ -160,14 +208,15 @@ class OpenAIHandlers:
         return list(self.token_text(token_id).encode("utf-8"))
 
     # ------------------------------------------------------------------ /v1/completions
-    async def completions(self, req: CompletionRequest):
+    async def completions(self, req: CompletionRequest, is_disconnected=None):
         self.check_model(req.model)
         req.check_unsupported()
         stop, include_usage = req.stop_list(), req.include_usage()
         p = req.prompt
+        self._check_count((1 if isinstance(p, str) or (p and isinstance(p[0], int)) else len(p)) * req.n)
         if isinstance(p, str) or (p and isinstance(p[0], str)):
             texts = [p] if isinstance(p, str) else list(p)
-            prompts = [self.tok.encode(t) for t in texts]
+            prompts = await self.encode_texts(texts)
         else:
             prompts = [list(p)] if p and isinstance(p[0], int) else [list(x) for x in p]
             texts = None
@@ -176,8 +225,9 @@ class OpenAIHandlers:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for ids in prompts:
             self._check_prompt(ids, max_tokens, "prompt")
-        if texts is None:
-            texts = [self.tok.decode(ids, skip_special_tokens=False) for ids in prompts]
+        if texts is None and req.echo:
+            texts = await self.in_thread(lambda: [self.tok.decode(ids, skip_special_tokens=False)
+                                                   for ids in prompts])
         params = self._params(req, max_tokens, req.logprobs, stop)
         echo_lp = req.logprobs if req.echo and req.logprobs is not None else None
         seqs = [Sequence(ids, self._seeded(params, j), echo_lp) for ids in prompts for j in range(req.n)]
@@ -187,14 +237,20 @@ class OpenAIHandlers:
         echo = [texts[i // req.n] if req.echo else "" for i in range(len(seqs))]
         if req.stream:
             return self._stream_completion(sub, rid, created, echo, req.logprobs, prompt_tokens, include_usage)
-        choices = await self._collect(sub)
-        out = []
-        for i, c in enumerate(choices):
-            lp = self._completion_logprobs(c, sub.sequences[i], echo[i], req.logprobs) if req.logprobs is not None \
-                else None
-            out.append({"index": i, "text": echo[i] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage(prompt_tokens, choices)}
+        choices = await self._collect(sub, is_disconnected)
+
+        def build() -> dict:
+            out = []
+            for i, c in enumerate(choices):
+                lp = self._completion_logprobs(c, sub.sequences[i], echo[i], req.logprobs) \
+                    if req.logprobs is not None else None
+                out.append({"index": i, "text": echo[i] + c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": out, "usage": self._usage(prompt_tokens, choices)}
+
+        if req.logprobs is None:
+            return build()
+        return JSONText(await self.in_thread(lambda: json.dumps(build())))  # big: built off the event loop
 
     def _completion_logprobs(self, c: _Choice, seq: Sequence, echo: str, top_n: int,
                              offsets: _Offsets | None = None) -> dict:
@@ -268,7 +324,7 @@ class OpenAIHandlers:
             sub.cancel()
 
     # ------------------------------------------------------------------ /v1/chat/completions
-    async def chat(self, req: ChatCompletionRequest):
+    async def chat(self, req: ChatCompletionRequest, is_disconnected=None):
         self.check_model(req.model)
         req.check_unsupported()
         stop, include_usage = req.stop_list(), req.include_usage()
@@ -279,7 +335,10 @@ class OpenAIHandlers:
                 raise bad_request(f"messages[{k}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
                                   f"messages.{k}.role")
             messages.append({"role": role, "content": m.text()})
-        ids = self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True))
+        self._check_count(req.n)
+        self._check_chars([m["content"] for m in messages], "messages")
+        ids = await self.in_thread(
+            lambda: self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True)))
         limit = req.limit()
         max_tokens = self.context - len(ids) if limit is None else limit
         self._check_prompt(ids, max_tokens, "messages")
@@ -291,7 +350,7 @@ class OpenAIHandlers:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return self._stream_chat(sub, rid, created, top_n, len(ids), include_usage)
-        choices = await self._collect(sub)
+        choices = await self._collect(sub, is_disconnected)
         out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": self._chat_logprobs(c.tokens, c.logprobs, c.top, top_n) if top_n is not None else None,
                 "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
@@ -338,19 +397,77 @@ class OpenAIHandlers:
             sub.cancel()
 
     # ------------------------------------------------------------------ shared
-    async def _collect(self, sub) -> list[_Choice]:
+    async def _collect(self, sub, is_disconnected=None) -> list[_Choice]:
+        """Every item of a non-streaming request; `is_disconnected` (async, the HTTP request's) is polled
+        meanwhile and cancels the sequences when the client has gone."""
         choices = [_Choice() for _ in sub.sequences]
+        error: APIError | None = None
+
+        async def watch():
+            while not await is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_SECONDS)
+            sub.cancel()
+
         try:
-            async for kind, i, payload in sub:
-                if kind == "error":
-                    raise self._as_api_error(payload)
-                if kind == "prompt":
-                    choices[i].prompt_scores = payload
-                else:
-                    choices[i].add(payload)
+            async with anyio.create_task_group() as tg:
+                if is_disconnected is not None:
+                    tg.start_soon(watch)
+                async for kind, i, payload in sub:
+                    if kind == "error":
+                        error = self._as_api_error(payload)
+                        break
+                    if kind == "prompt":
+                        choices[i].prompt_scores = payload
+                    elif kind == "embedding":
+                        choices[i].embedding = payload
+                    else:
+                        choices[i].add(payload)
+                tg.cancel_scope.cancel()
         finally:
             sub.cancel()
+        if error is not None:
+            raise error
         return choices
+
+    # ------------------------------------------------------------------ /v1/embeddings
+    async def embeddings(self, req, is_disconnected=None) -> dict:
+        """OpenAI embeddings: the final hidden states of each input, mean-pooled (or the last token's)."""
+        self.check_model(req.model)
+        if req.dimensions is not None and req.dimensions != self.hidden_size:
+            raise bad_request(f"this model's embeddings have {self.hidden_size} dimensions; dimensions="
+                              f"{req.dimensions} is not supported", "dimensions", "unsupported_parameter")
+        x = req.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            x = [x]
+        if not x:
+            raise bad_request("the input is empty: give a string, a list of strings or token ids", "input")
+        self._check_count(len(x))
+        if isinstance(x[0], str):
+            prompts = await self.encode_texts(list(x), "input")
+        else:
+            prompts = [list(ids) for ids in x]
+        for ids in prompts:
+            if not ids:
+                raise bad_request("an input is empty: give at least one token", "input")
+            if any(i < 0 or i >= self.vocab for i in ids):
+                raise bad_request(f"input token ids must be in [0, {self.vocab})", "input")
+            if len(ids) > self.context:
+                raise bad_request(f"an input is {len(ids)} tokens but the model context is {self.context}: "
+                                  "shorten it", "input", "context_length_exceeded")
+        total = sum(map(len, prompts))
+        sub = self._submit([Sequence(ids, embed=req.pooling) for ids in prompts], total)
+        choices = await self._collect(sub, is_disconnected)
+
+        def build() -> str:
+            data = []
+            for i, c in enumerate(choices):
+                vec = c.embedding.numpy().astype("<f4")
+                emb = base64.b64encode(vec.tobytes()).decode() if req.encoding_format == "base64" else vec.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": emb})
+            return json.dumps({"object": "list", "data": data, "model": self.model_name,
+                               "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+        return JSONText(await self.in_thread(build))
 
     def _usage(self, prompt_tokens: int, choices: list[_Choice]) -> dict:
         completion = sum(len(c.tokens) for c in choices)

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 MAX_STOP_STRINGS = 16
 MAX_N = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_INT32 = 2 ** 31 - 1
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 64 - 1  # what a torch.Generator takes (64 bits)
 
 
 class APIError(Exception):
@@ -39,14 +42,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 class _Request(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: StrictStr
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: StrictInt = Field(1, ge=1, le=MAX_N)
     stop: Union[StrictStr, list[StrictStr], None] = None
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -54,12 +57,12 @@ class _Request(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
     # vLLM extras
-    top_k: StrictInt | None = Field(None, ge=-1)
+    top_k: StrictInt | None = Field(None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_tokens: StrictInt = Field(0, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    min_tokens: StrictInt = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: StrictBool = False
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -84,7 +87,7 @@ class CompletionRequest(_Request):
     """POST /v1/completions."""
 
     prompt: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
-    max_tokens: StrictInt | None = 16
+    max_tokens: StrictInt | None = Field(16, le=MAX_INT32)
     logprobs: StrictInt | None = Field(None, ge=0, le=20)
     echo: StrictBool = False
     best_of: StrictInt | None = None
@@ -99,7 +102,7 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     type: Literal["text"]
     text: StrictStr
@@ -124,8 +127,8 @@ class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(None, le=MAX_INT32)
+    max_completion_tokens: StrictInt | None = Field(None, le=MAX_INT32)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
@@ -165,3 +168,17 @@ class DetokenizeRequest(BaseModel):
 
     tokens: list[StrictInt]
     model: StrictStr | None = None
+
+
+class EmbeddingRequest(BaseModel):
+    """POST /v1/embeddings. `pooling` (an extension): "mean" over the input's tokens (default) or the
+    "last" token's final hidden state."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: StrictStr
+    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1, le=MAX_INT32)
+    pooling: Literal["mean", "last"] = "mean"
+    user: StrictStr | None = None

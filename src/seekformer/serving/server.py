@@ -14,6 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+from ..errors import SeekformerError
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
+SERVE_EXTRA_HINT = 'pip install -e ".[serve]" (from a clone; or pip install "seekformer[serve]")'
+
+
 def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
     """(model, tokenizer) of a model directory: `seekformer.models.loading.load_model_and_tokenizer`."""
     from ..models.loading import load_model_and_tokenizer
@@ -35,21 +41,62 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
                           lifespan="on")
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), as uvicorn would open it; SeekformerError (one line) when the
+    address is taken or cannot be used."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        reason = "is already in use (another server?): stop it or choose another --port" \
+            if e.errno in (98, 48, 10048) else f"cannot be used: {e.strerror or e}"
+        raise SeekformerError(f"cannot serve on {host}:{port}: the address {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def require_serve_extra() -> None:
+    """SeekformerError naming the install command when the `serve` extra's packages are missing."""
+    import importlib
+
+    for name in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SeekformerError(f"serving needs the 'serve' extra ({name} is not installed): "
+                                  f"{SERVE_EXTRA_HINT}") from None
+
+
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
-          dtype: str | None = None, log_level: str = "info") -> None:
-    """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
+          dtype: str | None = None, log_level: str = "info", max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
+          cors_origins: list[str] | None = None, prefill_chunk: int = 512) -> None:
+    """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
+
+    `max_body_bytes` None: no body limit. Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port
+    is bound before the model loads and before "serving ..." is printed."""
+    require_serve_extra()
     import uvicorn
 
     from .app import ServerConfig, create_app
 
-    model, tok = load_model_dir(model_dir, device, dtype)
-    name = model_name or Path(model_dir).resolve().name
-    print(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
-          + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
-    app = create_app(model, tok, ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size,
-                                              max_queue=max_queue))
-    uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()
+    sock = bind_socket(host, port)
+    try:
+        model, tok = load_model_dir(model_dir, device, dtype)
+        name = model_name or Path(model_dir).resolve().name
+        config = ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
+                              max_body_bytes=max_body_bytes,
+                              cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk)
+        app = create_app(model, tok, config)
+        print(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
+              + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+        uvicorn.Server(uvicorn_config(app, host, port, log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class ServerThread:
