@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
-from ..tokenizer import END_OF_TURN
 from .backend import Backend, QueueFull, Sequence, ShuttingDown
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
 
@@ -80,7 +79,7 @@ class OpenAIHandlers:
         cfg = backend.model.config
         self.context = cfg.max_position_embeddings
         self.vocab = cfg.vocab_size
-        self.end_of_turn = getattr(tokenizer, "special_token_ids", {}).get(END_OF_TURN)
+        self.end_of_turn = tuple(getattr(tokenizer, "end_of_turn_token_ids", ()))
         self._text_cache: dict[int, str] = {}
 
     # ------------------------------------------------------------------ checks and inputs
@@ -279,13 +278,12 @@ class OpenAIHandlers:
                 raise bad_request(f"messages[{k}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
                                   f"messages.{k}.role")
             messages.append({"role": role, "content": m.text()})
-        ids = self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True))
+        ids = self._chat_prompt_ids(messages)
         limit = req.limit()
         max_tokens = self.context - len(ids) if limit is None else limit
         self._check_prompt(ids, max_tokens, "messages")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        extra = (self.end_of_turn,) if self.end_of_turn is not None else ()
-        params = self._params(req, max_tokens, top_n, stop, extra)
+        params = self._params(req, max_tokens, top_n, stop, self.end_of_turn)
         seqs = [Sequence(ids, self._seeded(params, j)) for j in range(req.n)]
         sub = self._submit(seqs, len(ids) * req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -297,6 +295,13 @@ class OpenAIHandlers:
                 "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(len(ids), choices)}
+
+    def _chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The conversation rendered with the tokenizer's chat template; template errors are 400s."""
+        try:
+            return self.tok.chat_ids(messages, add_generation_prompt=True, tools=tools)
+        except SeekformerError as e:
+            raise bad_request(str(e), "messages") from None
 
     def _chat_logprobs(self, tokens, logprobs, tops, top_n) -> dict:
         def entry(tid, lp):
