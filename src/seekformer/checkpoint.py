@@ -241,21 +241,49 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_s
                                                    indent=2, sort_keys=True))
 
 
-def generation_config(cfg: SeekConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-            "do_sample": False, "_from_model_config": True}
+def generation_config(cfg: SeekConfig, stop_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """generation_config.json: eos_token_id lists the config's eos and every end-of-turn token (so
+    transformers and vLLM stop where seekformer does)."""
+    eos = list(dict.fromkeys(i for i in ((cfg.eos_token_id,) + tuple(stop_token_ids)) if i is not None))
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": cfg.pad_token_id, "do_sample": False, "_from_model_config": True}
+
+
+def _tokenizer_stop_ids(extra_files: dict[str, bytes | str]) -> tuple[int, ...]:
+    """eos + end-of-turn ids of the tokenizer among `extra_files` (() without one)."""
+    from .tokenizer import CONFIG_FILE, TOKENIZER_FILE, SeekTokenizer
+
+    if TOKENIZER_FILE not in extra_files:
+        return ()
+    with tempfile.TemporaryDirectory() as d:
+        for name in (TOKENIZER_FILE, CONFIG_FILE):
+            if name in extra_files:
+                data = extra_files[name]
+                (Path(d) / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        return SeekTokenizer.load(d).stop_token_ids
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: int | str = "2GB",
                dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
-    """Atomically write `model` as a Hugging Face model directory (plus `extra_files`, e.g. a tokenizer)."""
+    """Atomically write `model` as a Hugging Face model directory (plus `extra_files`, e.g. a tokenizer).
+
+    A model card (README.md) is written unless `extra_files` has one: its metadata comes from a
+    `recipe.yaml` among `extra_files` and the last values in PATH/metrics.jsonl."""
+    from .model_card import CARD_FILE, model_card, read_last_metrics
+
     tensors = to_disk_state_dict(model, dtype)
+    extra_files = dict(extra_files or {})
+    stops = _tokenizer_stop_ids(extra_files)
+    if CARD_FILE not in extra_files:
+        recipe = extra_files.get("recipe.yaml")
+        extra_files[CARD_FILE] = model_card(model.config, recipe.decode() if isinstance(recipe, bytes) else recipe,
+                                            read_last_metrics(path))
     with atomic_directory(path) as tmp:
         cfg_dict = model.config.to_dict()
         if dtype is not None:
             cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(model.config, stops), indent=2) + "\n")
         for name, data in (extra_files or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -323,9 +323,10 @@ class SeekTokenizer:
                 for i in range(self.vocab_size)
             ]
         token_id = int(token_id)
-        if not 0 <= token_id < len(self._token_bytes):
-            raise TokenizerError(f"token id {token_id} is outside the vocabulary [0, {len(self._token_bytes)})")
-        return self._token_bytes[token_id]
+        if token_id < 0:
+            raise TokenizerError(f"token id {token_id} is negative")
+        # ids past the tokenizer's vocabulary (a model's padded embedding rows) decode to nothing, as in transformers
+        return self._token_bytes[token_id] if token_id < len(self._token_bytes) else b""
 
     # ------------------------------------------------------------------ chat
     @property
