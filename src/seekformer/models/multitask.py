@@ -93,11 +93,11 @@ def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
         return TokenHead(d, len(task["labels"]), drop)
     if kind == "qa":
         return TokenHead(d, 2, drop)
-    if kind == "generation":
+    if kind in ("generation", "chat"):
         return None
     from ..errors import TaskError
 
-    raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa or generation")
+    raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa, generation or chat")
 
 
 def best_spans(start_BT: torch.Tensor, end_BT: torch.Tensor, span_mask_BT: torch.Tensor,
@@ -162,7 +162,7 @@ class SeekForMultiTask(nn.Module):
         hidden = self.lm.model(input_ids, mask)
         aux = self._aux_loss() if self.training else None
         kind, loss = spec["type"], None
-        if kind == "generation":
+        if kind in ("generation", "chat"):
             logits = self.lm.lm_head(hidden)
             if labels is not None:
                 loss = shifted_cross_entropy(logits, labels)
