@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -62,8 +62,8 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
     model, tok = load_model_dir(model_dir, device, dtype)
     name = model_name or Path(model_dir).resolve().name
-    print(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
-          + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    logging.getLogger(__name__).info(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
+                                     + (" (API key required)" if api_key else ""))
     app = create_app(model, tok, ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size,
                                               max_queue=max_queue))
     uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()
