@@ -82,3 +82,28 @@ def test_generation_config_lists_end_of_turn_and_model_card(tmp_path):
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text())["eos_token_id"] == 2
     assert yaml.safe_load((tmp_path / "plain" / "README.md").read_text().split("---")[1])["library_name"] == \
         "transformers"
+
+
+def test_hub_id_from_the_local_cache_and_a_clear_offline_error(deepseek_dir, tmp_path, monkeypatch):
+    """`from_pretrained("owner/name")` goes through huggingface_hub.snapshot_download: a cached snapshot loads
+    offline; an id that is neither local nor cached is one clear CheckpointError."""
+    import shutil
+
+    hub = pytest.importorskip("huggingface_hub")
+    from seekformer.errors import CheckpointError
+
+    cache = tmp_path / "hub"
+    commit = "0" * 40
+    snap = cache / "models--deepseek-like--tiny-v3" / "snapshots" / commit
+    shutil.copytree(deepseek_dir, snap)
+    (cache / "models--deepseek-like--tiny-v3" / "refs").mkdir()
+    (cache / "models--deepseek-like--tiny-v3" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    model, tok = load_model_and_tokenizer("deepseek-like/tiny-v3")
+    assert tok.eos_token == EOS and model.config.vocab_size == 640
+    assert SeekForCausalLM.from_pretrained("deepseek-like/tiny-v3").config.hidden_size == 64
+    with pytest.raises(CheckpointError, match="cannot be fetched from the Hugging Face hub: it is not in the local "
+                                              "cache"):
+        load_model_and_tokenizer("nobody/missing-model")

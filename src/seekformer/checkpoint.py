@@ -327,8 +327,35 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_model_dir(path: str | os.PathLike) -> Path:
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.md", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local directory as is; a Hugging Face hub id ("owner/name") that is not a local path is fetched
+    (or found in the local cache when offline) with `huggingface_hub.snapshot_download`."""
     p = Path(path)
+    if p.exists() or not _HUB_ID_RE.match(str(path)):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{path} is not a local directory; to fetch it from the Hugging Face hub install "
+                              "huggingface_hub (pip install 'seekformer[hf]')") from None
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo, network: one clear line
+        kind = type(e).__name__
+        hint = ("it is not in the local cache and the hub cannot be reached (offline?); download it where there "
+                f"is network (`hf download {path}`) or pass a local directory") if "LocalEntryNotFound" in kind \
+            or "Offline" in kind or "Connect" in kind else f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"model directory {path} does not exist locally and cannot be fetched from the "
+                              f"Hugging Face hub: {hint}") from None
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """The model directory `path` (a local directory, or a hub id: see resolve_model_dir), checked."""
+    p = resolve_model_dir(path)
     if not p.exists():
         raise CheckpointError(f"model directory {p} does not exist")
     if not p.is_dir():
