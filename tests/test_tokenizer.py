@@ -89,8 +89,9 @@ def test_token_bytes_split_utf8(tok):
     ids = tok.encode("🤖")  # a 4-byte character the small vocabulary has no merge for
     assert len(ids) > 1 and all(len(tok.token_bytes(i)) < 4 for i in ids)
     assert tok.token_bytes(tok.bos_token_id) == b"<|begin_of_text|>"
+    assert tok.token_bytes(tok.vocab_size) == b""  # a model's padded embedding rows decode to nothing
     with pytest.raises(TokenizerError):
-        tok.token_bytes(tok.vocab_size)
+        tok.token_bytes(-1)
 
 
 def test_chat_template(tok):
@@ -203,21 +204,34 @@ def test_transformers_chat_template_with_tools_identical(tok, hf_tok, gen):
     assert '<|assistant|>{"name": "add", "arguments": {"a": 2, "b": 2}}<|end_of_turn|><|tool|>4' in text
 
 
-def test_the_template_lives_only_in_the_config(tok, saved, tmp_path):
+def edited(directory, tmp_path, **changes):
+    """A copy of a tokenizer directory whose tokenizer_config.json has `changes` (value DROP: key removed)."""
     import shutil
 
-    d = tmp_path / "t"
-    shutil.copytree(saved, d)
+    d = tmp_path / "edited"
+    if not d.exists():
+        shutil.copytree(directory, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
-                           "{% if add_generation_prompt %}[assistant] {% endif %}"
+    for k, v in changes.items():
+        if v is DROP:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    other = SeekTokenizer.load(d)
+    return d
+
+
+DROP = object()
+
+
+def test_the_template_lives_only_in_the_config(tok, saved, tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    other = SeekTokenizer.load(edited(saved, tmp_path, chat_template=template))
     assert other.apply_chat_template(MESSAGES[:2]) == "[system] You are terse.\n[user] Héllo 🤖, what is 2+2?\n" \
                                                       "[assistant] "
     assert other.end_of_turn_token_ids == ()
-    del cfg["chat_template"]
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    d = edited(saved, tmp_path, chat_template=DROP)
     with pytest.raises(TokenizerError, match="no chat template: add a \"chat_template\""):
         SeekTokenizer.load(d).chat_ids(MESSAGES)
     (d / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")  # transformers' own file
@@ -225,19 +239,11 @@ def test_the_template_lives_only_in_the_config(tok, saved, tmp_path):
 
 
 def test_template_sandboxed(tok, saved, tmp_path):
-    import shutil
-
-    d = tmp_path / "t"
-    shutil.copytree(saved, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{{ messages.__class__.__mro__ }}"
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    d = edited(saved, tmp_path, chat_template="{{ messages.__class__.__mro__ }}")
     with pytest.raises(TokenizerError, match="refused"):
         SeekTokenizer.load(d).apply_chat_template(MESSAGES)
-    cfg["chat_template"] = "{% if %}"
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TokenizerError, match="does not compile"):
-        SeekTokenizer.load(d).apply_chat_template(MESSAGES)
+        SeekTokenizer.load(edited(d, tmp_path, chat_template="{% if %}")).apply_chat_template(MESSAGES)
 
 
 # ---------------------------------------------------------------------- a DeepSeek-V3-like directory
@@ -284,20 +290,10 @@ def test_deepseek_chat_ids_equal_transformers(deepseek_dir, gen):
 
 
 def test_config_names_a_token_the_vocabulary_lacks(deepseek_dir, tmp_path):
-    import shutil
-
-    d = tmp_path / "t"
-    shutil.copytree(deepseek_dir, d)
-    cfg = json.loads((d / "tokenizer_config.json").read_text())
-    cfg["eos_token"] = "<|nope|>"
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TokenizerError, match="names eos_token '<|nope|>'"):
-        SeekTokenizer.load(d)
-    cfg["eos_token"] = None
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        SeekTokenizer.load(edited(deepseek_dir, tmp_path, eos_token="<|nope|>"))
     with pytest.raises(TokenizerError, match="no eos_token"):
-        SeekTokenizer.load(d)
-    cfg["eos_token"] = "<|new_eos|>"
-    cfg["added_tokens_decoder"] = {"700": {"content": "<|new_eos|>", "special": True}}
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        SeekTokenizer.load(edited(deepseek_dir, tmp_path, eos_token=None))
+    d = edited(deepseek_dir, tmp_path, eos_token="<|new_eos|>",
+               added_tokens_decoder={"700": {"content": "<|new_eos|>", "special": True}})
     assert SeekTokenizer.load(d).eos_token_id == SeekTokenizer.load(d).vocab_size - 1
