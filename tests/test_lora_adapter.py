@@ -67,3 +67,30 @@ def test_peft_adapter_applies_in_transformers_with_the_merged_logits(tmp_path):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     with torch.no_grad(), pm.disable_adapter():
         assert not torch.allclose(pm(input_ids=x).logits, want, atol=1e-3)  # the adapters do change the model
+
+
+def test_adapter_folds_into_a_served_model(tmp_path):
+    """load_model_dir(BASE, adapter=DIR) -- what `seekformer serve BASE --lora NAME=DIR` serves -- equals the
+    fine-tune's merged model; a directory without an adapter is a clear error."""
+    from seekformer.errors import CheckpointError
+    from seekformer.serving.server import load_model_dir
+    from seekformer.tokenizer import SeekTokenizer
+
+    cfg = tiny_config(vocab_size=300)
+    tok = SeekTokenizer.train(texts=["the cat sat on the mat. " * 20], vocab_size=300, min_frequency=1)
+    lm = SeekForCausalLM(cfg)
+    lm.reset_parameters(seed=0)
+    save_model(lm, tmp_path / "base", extra_files=tok.files())
+    model = SeekForMultiTask(SeekForCausalLM.from_pretrained(tmp_path / "base"), [{"name": "g", "type": "generation"}])
+    model.add_lora(r=4, alpha=8)
+    torch.manual_seed(2)
+    for n, p in model.lm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "out", tokenizer=tok)
+    served, _ = load_model_dir(tmp_path / "base", adapter=tmp_path / "out")
+    x = torch.randint(0, 300, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(served(x).logits, SeekForCausalLM.from_pretrained(tmp_path / "out")(x).logits, atol=1e-5)
+    with pytest.raises(CheckpointError, match="holds no peft adapter"):
+        load_model_dir(tmp_path / "base", adapter=tmp_path / "base")

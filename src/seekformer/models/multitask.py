@@ -347,6 +347,41 @@ def lora_config(lm: nn.Module, r: int, alpha: float, dropout: float, targets) ->
                       target_parameters=weights + sorted(experts) or None, bias="none")
 
 
+def apply_adapter(lm: SeekForCausalLM, adapter_dir: str | os.PathLike) -> SeekForCausalLM:
+    """`lm` with a peft LoRA adapter folded in: `adapter_dir` holds adapter_config.json and
+    adapter_model.safetensors (a seekformer fine-tune's OUT/adapter, or OUT itself)."""
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+
+    d = Path(adapter_dir)
+    if (d / ADAPTER_DIR / "adapter_config.json").is_file():
+        d = d / ADAPTER_DIR
+    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{adapter_dir} holds no peft adapter (adapter_config.json + adapter_model.safetensors); "
+                              "pass the adapter/ directory of a `train.method: lora` fine-tune")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise CheckpointError("adapters need peft: pip install 'seekformer[lora]'") from None
+    try:
+        cfg = LoraConfig.from_pretrained(str(d))
+        state = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - peft / safetensors raise many types for a corrupt file
+        raise CheckpointError(f"cannot read the adapter in {d} ({type(e).__name__}: {e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inject_adapter_in_model(cfg, lm.model)
+    ours = {n for n, _ in lm.named_parameters() if "lora_" in n}
+    mapped = {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k.removeprefix("base_model.model.")): v for k, v in state.items()}
+    missing, unexpected = ours - set(mapped), set(mapped) - ours
+    if missing or unexpected:
+        raise CheckpointError(f"the adapter in {d} does not fit this model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    lm.load_state_dict(mapped, strict=False)
+    return SeekForMultiTask(lm, []).merged_trunk().eval()
+
+
 def _recipe_base(recipe_yaml: Any) -> str | None:
     """The `base` of a fine-tuning recipe's YAML text (None when absent)."""
     import yaml

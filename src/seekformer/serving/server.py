@@ -22,8 +22,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
-    """(model, tokenizer) of a model directory; CheckpointError when it has no tokenizer."""
+def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
+                   adapter: str | os.PathLike | None = None):
+    """(model, tokenizer) of a model directory (with a peft LoRA `adapter` folded in); CheckpointError when it
+    has no tokenizer."""
     from ..checkpoint import check_model_dir
     from ..models.causal_lm import SeekForCausalLM
     from ..tokenizer import TOKENIZER_FILE, SeekTokenizer
@@ -35,6 +37,10 @@ def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     model = SeekForCausalLM.from_pretrained(path, device=device, dtype=DTYPES.get(dtype) if dtype else None)
+    if adapter is not None:
+        from ..models.multitask import apply_adapter
+
+        model = apply_adapter(model, adapter)
     return model.eval(), SeekTokenizer.load(path)
 
 
@@ -54,14 +60,14 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
-          dtype: str | None = None, log_level: str = "info") -> None:
+          dtype: str | None = None, log_level: str = "info", lora: tuple[str, str] | None = None) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
     import uvicorn
 
     from .app import ServerConfig, create_app
 
-    model, tok = load_model_dir(model_dir, device, dtype)
-    name = model_name or Path(model_dir).resolve().name
+    model, tok = load_model_dir(model_dir, device, dtype, adapter=lora[1] if lora else None)
+    name = model_name or (lora[0] if lora else Path(model_dir).resolve().name)
     logging.getLogger(__name__).info(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
                                      + (" (API key required)" if api_key else ""))
     app = create_app(model, tok, ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size,
