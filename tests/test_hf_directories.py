@@ -107,3 +107,16 @@ def test_hub_id_from_the_local_cache_and_a_clear_offline_error(deepseek_dir, tmp
     with pytest.raises(CheckpointError, match="cannot be fetched from the Hugging Face hub: it is not in the local "
                                               "cache"):
         load_model_and_tokenizer("nobody/missing-model")
+
+
+def test_chat_without_a_template_is_one_clear_line(deepseek_dir, tmp_path, capsys):
+    import shutil
+
+    from .test_finetune_cli import user_error
+
+    d = tmp_path / "no-template"
+    shutil.copytree(deepseek_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    user_error(capsys, ["chat", str(d)], 'no chat template: add a "chat_template" (Jinja) to tokenizer_config.json')
