@@ -65,7 +65,8 @@ def test_generation_config_lists_end_of_turn_and_model_card(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text(json.dumps({"step": 5, "val_loss": 2.5, "val_ppl": 12.2}) + "\n")
     recipe = "base: /models/base-model\ntasks:\n- name: qa\n  type: chat\n  train: data/qa.jsonl\n"
-    save_model(model, out, extra_files={**tok.files(), "recipe.yaml": recipe})
+    results = {"steps": 5, "validation": {"qa": {"chrf": 71.5, "exact_match": 0.5, "examples": 8}}}
+    save_model(model, out, extra_files={**tok.files(), "recipe.yaml": recipe, "results.json": json.dumps(results)})
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [2, tok.end_of_turn_token_id]
     transformers = pytest.importorskip("transformers")
@@ -75,8 +76,8 @@ def test_generation_config_lists_end_of_turn_and_model_card(tmp_path):
 
     meta = yaml.safe_load(card.split("---")[1])
     assert meta["base_model"] == "/models/base-model" and meta["datasets"] == ["qa.jsonl"]
-    assert meta["metrics"] == ["loss", "ppl"] and meta["license"] == "other"
-    assert "| val_loss | 2.5 |" in card
+    assert meta["metrics"] == ["chrf", "exact_match", "loss", "ppl"] and meta["license"] == "other"
+    assert "| val_loss | 2.5 |" in card and "| validation/qa/chrf | 71.5 |" in card
     # a plain save (no tokenizer, no recipe) still writes a card and a single eos
     save_model(model, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "generation_config.json").read_text())["eos_token_id"] == 2

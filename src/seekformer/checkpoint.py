@@ -269,15 +269,20 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: 
 
     A model card (README.md) is written unless `extra_files` has one: its metadata comes from a
     `recipe.yaml` among `extra_files` and the last values in PATH/metrics.jsonl."""
-    from .model_card import CARD_FILE, model_card, read_last_metrics
+    from .model_card import CARD_FILE, flatten_metrics, model_card, read_last_metrics
 
     tensors = to_disk_state_dict(model, dtype)
     extra_files = dict(extra_files or {})
     stops = _tokenizer_stop_ids(extra_files)
     if CARD_FILE not in extra_files:
         recipe = extra_files.get("recipe.yaml")
+        metrics = read_last_metrics(path)
+        if isinstance(extra_files.get("results.json"), (str, bytes)):  # a fine-tune's final evaluation
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                metrics.update({k: v for k, v in flatten_metrics(json.loads(extra_files["results.json"])).items()
+                                if k.startswith(("validation/", "test/")) and not k.endswith("/examples")})
         extra_files[CARD_FILE] = model_card(model.config, recipe.decode() if isinstance(recipe, bytes) else recipe,
-                                            read_last_metrics(path))
+                                            metrics)
     with atomic_directory(path) as tmp:
         cfg_dict = model.config.to_dict()
         if dtype is not None:

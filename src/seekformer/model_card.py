@@ -59,6 +59,17 @@ def read_last_metrics(directory: str | os.PathLike) -> dict[str, float]:
     return found
 
 
+def flatten_metrics(results: Any, prefix: str = "") -> dict[str, float]:
+    """Numbers of a nested results dict (e.g. a fine-tune's results.json) as {"a/b/c": value}."""
+    out: dict[str, float] = {}
+    if isinstance(results, dict):
+        for k, v in results.items():
+            out.update(flatten_metrics(v, f"{prefix}{k}/"))
+    elif isinstance(results, (int, float)) and not isinstance(results, bool) and math.isfinite(results):
+        out[prefix.rstrip("/")] = float(results)
+    return out
+
+
 def _yaml_list(key: str, values: list[str]) -> list[str]:
     return [f"{key}:"] + [f"- {json.dumps(v, ensure_ascii=False)}" for v in values] if values else []
 
