@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from seekformer.errors import DataError, SeekformerError, TokenizerError
-from seekformer.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, SeekTokenizer, train_tokenizer_cli
+from seekformer.tokenizer import SEEK_CHAT_TEMPLATE, SPECIAL_TOKENS, SeekTokenizer, train_tokenizer_cli
 
 TEXTS = [
     "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse.",
@@ -89,8 +89,9 @@ def test_token_bytes_split_utf8(tok):
     ids = tok.encode("🤖")  # a 4-byte character the small vocabulary has no merge for
     assert len(ids) > 1 and all(len(tok.token_bytes(i)) < 4 for i in ids)
     assert tok.token_bytes(tok.bos_token_id) == b"<|begin_of_text|>"
+    assert tok.token_bytes(tok.vocab_size) == b""  # a model's padded embedding rows decode to nothing
     with pytest.raises(TokenizerError):
-        tok.token_bytes(tok.vocab_size)
+        tok.token_bytes(-1)
 
 
 def test_chat_template(tok):
@@ -100,10 +101,12 @@ def test_chat_template(tok):
     assert tok.apply_chat_template(MESSAGES, add_generation_prompt=False) == text[: -len("<|assistant|>")]
     ids = tok.encode(text)
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.special_token_ids["<|assistant|>"]
-    with pytest.raises(TokenizerError):
-        tok.apply_chat_template([{"role": "tool", "content": "x"}])
+    with pytest.raises(TokenizerError, match="chat roles must be"):
+        tok.apply_chat_template([{"role": "robot", "content": "x"}])
     with pytest.raises(TokenizerError):
         tok.apply_chat_template([{"role": "user"}])
+    assert tok.end_of_turn_token_ids == (tok.special_token_ids["<|end_of_turn|>"],) == (tok.end_of_turn_token_id,)
+    assert tok.stop_token_ids == (tok.eos_token_id, tok.end_of_turn_token_id)
 
 
 def test_save_load(tok, saved):
@@ -111,7 +114,7 @@ def test_save_load(tok, saved):
                                                       "tokenizer_config.json"]
     assert set(tok.files()) == {p.name for p in saved.iterdir()}
     cfg = json.loads((saved / "tokenizer_config.json").read_text())
-    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["chat_template"] == CHAT_TEMPLATE
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast" and cfg["chat_template"] == SEEK_CHAT_TEMPLATE
     assert (cfg["bos_token"], cfg["eos_token"], cfg["pad_token"]) == tuple(SPECIAL_TOKENS[1:3]) + (SPECIAL_TOKENS[0],)
     loaded = SeekTokenizer.load(saved)
     assert loaded.fingerprint == tok.fingerprint
@@ -179,3 +182,118 @@ def test_train_tokenizer_cli(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(DataError, match=r"bad\.jsonl, line 2"):  # raised inside the rust trainer's iterator
         SeekTokenizer.train(files=[tmp_path / "bad.jsonl"], vocab_size=300)
+
+
+TOOL_MESSAGES = MESSAGES + [
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+]
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                            "parameters": {"type": "object", "properties": {
+                                                "a": {"type": "number"}, "b": {"type": "number"}}}}}]
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_transformers_chat_template_with_tools_identical(tok, hf_tok, gen):
+    expected = tok.chat_ids(TOOL_MESSAGES, add_generation_prompt=gen, tools=TOOLS)
+    hf_ids = hf_tok.apply_chat_template(TOOL_MESSAGES, tools=TOOLS, tokenize=True, add_generation_prompt=gen,
+                                        return_dict=False)
+    assert list(hf_ids) == expected
+    text = tok.decode(expected, skip_special_tokens=False)
+    assert '<|assistant|>{"name": "add", "arguments": {"a": 2, "b": 2}}<|end_of_turn|><|tool|>4' in text
+
+
+def edited(directory, tmp_path, **changes):
+    """A copy of a tokenizer directory whose tokenizer_config.json has `changes` (value DROP: key removed)."""
+    import shutil
+
+    d = tmp_path / "edited"
+    if not d.exists():
+        shutil.copytree(directory, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    for k, v in changes.items():
+        if v is DROP:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+DROP = object()
+
+
+def test_the_template_lives_only_in_the_config(tok, saved, tmp_path):
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    other = SeekTokenizer.load(edited(saved, tmp_path, chat_template=template))
+    assert other.apply_chat_template(MESSAGES[:2]) == "[system] You are terse.\n[user] Héllo 🤖, what is 2+2?\n" \
+                                                      "[assistant] "
+    assert other.end_of_turn_token_ids == ()
+    d = edited(saved, tmp_path, chat_template=DROP)
+    with pytest.raises(TokenizerError, match="no chat template: add a \"chat_template\""):
+        SeekTokenizer.load(d).chat_ids(MESSAGES)
+    (d / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")  # transformers' own file
+    assert SeekTokenizer.load(d).apply_chat_template(MESSAGES) == "<|begin_of_text|>You are terse."
+
+
+def test_template_sandboxed(tok, saved, tmp_path):
+    d = edited(saved, tmp_path, chat_template="{{ messages.__class__.__mro__ }}")
+    with pytest.raises(TokenizerError, match="refused"):
+        SeekTokenizer.load(d).apply_chat_template(MESSAGES)
+    with pytest.raises(TokenizerError, match="does not compile"):
+        SeekTokenizer.load(edited(d, tmp_path, chat_template="{% if %}")).apply_chat_template(MESSAGES)
+
+
+# ---------------------------------------------------------------------- a DeepSeek-V3-like directory
+@pytest.fixture(scope="module")
+def deepseek_dir(tmp_path_factory):
+    from tests.deepseek_like import write_tokenizer
+
+    d = tmp_path_factory.mktemp("deepseek")
+    write_tokenizer(d, TEXTS)
+    return d
+
+
+def test_deepseek_tokenizer_by_name(deepseek_dir):
+    from tests.deepseek_like import BOS, EOS
+
+    tok = SeekTokenizer.load(deepseek_dir)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (BOS, EOS, EOS)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 1)
+    assert tok.end_of_turn_token_ids == (1,) and tok.stop_token_ids == (1,)
+    assert tok.model_max_length == 131072
+    assert (tok.user_token_id, tok.end_of_turn_token_id) == (None, 1)
+    assert tok.decode(tok.encode(TEXTS[1], add_bos=True)) == TEXTS[1]
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_deepseek_chat_ids_equal_transformers(deepseek_dir, gen):
+    transformers = pytest.importorskip("transformers")
+    from tests.deepseek_like import LATE_TOKENS
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(deepseek_dir))
+    tok = SeekTokenizer.load(deepseek_dir)
+    for messages in (MESSAGES, MESSAGES[1:], TOOL_MESSAGES):
+        expected = hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=True, return_dict=False)
+        assert tok.chat_ids(messages, add_generation_prompt=gen) == list(expected)
+    assert "<｜tool▁sep｜>add" in tok.decode(tok.chat_ids(TOOL_MESSAGES), skip_special_tokens=False)
+    assert hf.encode(TEXTS[2]) == tok.encode(TEXTS[2], add_bos=True)
+    assert tok.token_to_id(LATE_TOKENS[3][0]) == hf.convert_tokens_to_ids(LATE_TOKENS[3][0])
+    # a re-saved directory (seekformer fine-tune output) still loads the same in both
+    out = deepseek_dir.parent / "resaved"
+    tok.save(out)
+    again = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert again.apply_chat_template(MESSAGES, add_generation_prompt=gen, tokenize=True, return_dict=False) == \
+        SeekTokenizer.load(out).chat_ids(MESSAGES, add_generation_prompt=gen)
+
+
+def test_config_names_a_token_the_vocabulary_lacks(deepseek_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="names eos_token '<|nope|>'"):
+        SeekTokenizer.load(edited(deepseek_dir, tmp_path, eos_token="<|nope|>"))
+    with pytest.raises(TokenizerError, match="no eos_token"):
+        SeekTokenizer.load(edited(deepseek_dir, tmp_path, eos_token=None))
+    d = edited(deepseek_dir, tmp_path, eos_token="<|new_eos|>",
+               added_tokens_decoder={"700": {"content": "<|new_eos|>", "special": True}})
+    assert SeekTokenizer.load(d).eos_token_id == SeekTokenizer.load(d).vocab_size - 1

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -178,21 +179,56 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], max_shard_s
                                                    indent=2, sort_keys=True))
 
 
-def generation_config(cfg: SeekConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-            "do_sample": False, "_from_model_config": True}
+def generation_config(cfg: SeekConfig, stop_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """generation_config.json: eos_token_id lists the config's eos and every end-of-turn token (so
+    transformers and vLLM stop where seekformer does)."""
+    eos = list(dict.fromkeys(i for i in ((cfg.eos_token_id,) + tuple(stop_token_ids)) if i is not None))
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": cfg.pad_token_id, "do_sample": False, "_from_model_config": True}
+
+
+def _tokenizer_stop_ids(extra_files: dict[str, bytes | str]) -> tuple[int, ...]:
+    """eos + end-of-turn ids of the tokenizer among `extra_files` (() without one)."""
+    from .tokenizer import CONFIG_FILE, TOKENIZER_FILE, SeekTokenizer
+
+    if TOKENIZER_FILE not in extra_files:
+        return ()
+    with tempfile.TemporaryDirectory() as d:
+        for name in (TOKENIZER_FILE, CONFIG_FILE):
+            if name in extra_files:
+                data = extra_files[name]
+                (Path(d) / name).write_bytes(data.encode() if isinstance(data, str) else data)
+        return SeekTokenizer.load(d).stop_token_ids
 
 
 def write_model_files(model: torch.nn.Module, directory: Path, max_shard_size: int | str = "2GB",
-                      dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
-    """Write `model` (config, generation config, weights) and `extra_files` into an (empty, temporary) directory."""
+                      dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None,
+                      card_dir: Path | None = None) -> None:
+    """Write `model` (config, generation config, weights) and `extra_files` into an (empty, temporary) directory.
+
+    A model card (README.md) is written unless `extra_files` has one: its metadata comes from a
+    `recipe.yaml` among `extra_files` and the last values in `card_dir`/metrics.jsonl (default: none)."""
+    from .model_card import CARD_FILE, flatten_metrics, model_card, read_last_metrics
+
     tensors = to_disk_state_dict(model, dtype)
+    extra_files = dict(extra_files or {})
+    stops = _tokenizer_stop_ids(extra_files)
+    if CARD_FILE not in extra_files:
+        recipe = extra_files.get("recipe.yaml")
+        metrics = read_last_metrics(card_dir) if card_dir is not None else {}
+        if isinstance(extra_files.get("results.json"), (str, bytes)):  # a fine-tune's final evaluation
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                metrics.update({k: v for k, v in flatten_metrics(json.loads(extra_files["results.json"])).items()
+                                if k.startswith(("validation/", "test/")) and not k.endswith("/examples")})
+        extra_files[CARD_FILE] = model_card(model.config, recipe.decode() if isinstance(recipe, bytes) else recipe,
+                                            metrics)
     cfg_dict = model.config.to_dict()
     if dtype is not None:
         cfg_dict["torch_dtype"] = str(dtype).replace("torch.", "")
     (directory / "config.json").write_text(json.dumps(cfg_dict, indent=2, sort_keys=True) + "\n")
-    (directory / "generation_config.json").write_text(json.dumps(generation_config(model.config), indent=2) + "\n")
-    for name, data in (extra_files or {}).items():
+    (directory / "generation_config.json").write_text(json.dumps(generation_config(model.config, stops), indent=2)
+                                                       + "\n")
+    for name, data in extra_files.items():
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -203,7 +239,7 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, max_shard_size: 
                dtype: torch.dtype | None = None, extra_files: dict[str, bytes | str] | None = None) -> None:
     """Atomically write `model` as a Hugging Face model directory (plus `extra_files`, e.g. a tokenizer)."""
     with atomic_directory(path) as tmp:
-        write_model_files(model, tmp, max_shard_size, dtype, extra_files)
+        write_model_files(model, tmp, max_shard_size, dtype, extra_files, card_dir=Path(path))
 
 
 # ====================================================================== load
@@ -242,8 +278,35 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_model_dir(path: str | os.PathLike) -> Path:
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.md", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A local directory as is; a Hugging Face hub id ("owner/name") that is not a local path is fetched
+    (or found in the local cache when offline) with `huggingface_hub.snapshot_download`."""
     p = Path(path)
+    if p.exists() or not _HUB_ID_RE.match(str(path)):
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"{path} is not a local directory; to fetch it from the Hugging Face hub install "
+                              "huggingface_hub (pip install 'seekformer[hf]')") from None
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo, network: one clear line
+        kind = type(e).__name__
+        hint = ("it is not in the local cache and the hub cannot be reached (offline?); download it where there "
+                f"is network (`hf download {path}`) or pass a local directory") if "LocalEntryNotFound" in kind \
+            or "Offline" in kind or "Connect" in kind else f"{kind}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise CheckpointError(f"model directory {path} does not exist locally and cannot be fetched from the "
+                              f"Hugging Face hub: {hint}") from None
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """The model directory `path` (a local directory, or a hub id: see resolve_model_dir), checked."""
+    p = resolve_model_dir(path)
     if not p.exists():
         raise CheckpointError(f"model directory {p} does not exist")
     if not p.is_dir():

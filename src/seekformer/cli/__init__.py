@@ -29,9 +29,35 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"seekformer {__version__}")
+        raise typer.Exit()
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """Library messages (the `seekformer` logger) go to stderr: INFO, or WARNING and up with --quiet."""
+    import logging
+
+    logger = logging.getLogger("seekformer")
+    if not any(getattr(h, "_seekformer_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._seekformer_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors from the library."),
+) -> None:
     """Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers."""
+    configure_logging(quiet)
 
 
 @app.command("version")

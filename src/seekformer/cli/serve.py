@@ -34,6 +34,8 @@ def register(app: typer.Typer) -> None:
                                                         "call the API (repeatable; '*' for any)."),
         prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=16, help="Prompt tokens encoded between "
                                           "two decode steps (long prompts and scoring go in chunks)."),
+        lora: Optional[str] = typer.Option(None, "--lora", help="NAME=DIR: serve MODEL_DIR with the peft LoRA "
+                                           "adapter in DIR folded in, as model NAME."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -54,6 +56,13 @@ def register(app: typer.Typer) -> None:
             torch.set_num_threads(threads)
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
+        adapter = None
+        if lora is not None:
+            name, sep, path = lora.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise SeekformerError(f"--lora takes NAME=DIR (a model name and an adapter directory), got {lora!r}")
+            adapter = (name.strip(), path.strip())
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
               max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
-              max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk)
+              max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk,
+              lora=adapter)

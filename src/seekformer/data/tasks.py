@@ -3,15 +3,20 @@
 A task is declared in a fine-tuning recipe:
 
     - name: topic
-      type: classification        # classification | tagging | qa | generation
+      type: classification        # classification | tagging | qa | generation | chat
       train: train.jsonl          # .jsonl[.gz], .json, .csv/.tsv, builtin:NAME[:SPLIT], hf:NAME[:CONFIG]:SPLIT
       validation: val.jsonl       # optional (a builtin task brings its own validation and test splits)
       fields: {text: sentence}    # optional renames of the type's fields (defaults in FIELDS)
       labels: [a, b, c]           # optional; inferred from the training split when absent
 
 Records are dicts. Default field names per type: classification {text, label}; tagging {tokens, tags};
-qa {context, question, answers}; generation {source, target}. QA answers may be a string, a list of
-strings or SQuAD's {"text": [...], "answer_start": [...]}.
+qa {context, question, answers}; generation {source, target}; chat {messages}. QA answers may be a
+string, a list of strings or SQuAD's {"text": [...], "answer_start": [...]}.
+
+A chat record is {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]} (the
+OpenAI / Hugging Face convention). It is rendered with the model's own chat template (tokenizer_config.json)
+and the loss covers the assistant turns only (their content and the end-of-turn token), every turn of a
+multi-turn conversation; evaluation decodes the last assistant turn from the conversation before it.
 
 `Encoder.encode` turns records into token ids with labels aligned to the tokens, and
 `TaskBatches` yields right-padded tensors. Everything raises DataError / TaskError with the source,
@@ -28,16 +33,19 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import DataError, TaskError
+from ..errors import DataError, SeekformerError, TaskError
 from .task_sources import BUILTIN_PREFIX, SPLITS, builtin_defaults, builtin_source, read_records  # noqa: F401
 
-TASK_TYPES = ("classification", "tagging", "qa", "generation")
+TASK_TYPES = ("classification", "tagging", "qa", "generation", "chat")
+LM_TASK_TYPES = ("generation", "chat")  # trained and decoded through the language-model head
 FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "tagging": ("tokens", "tags"),
     "qa": ("context", "question", "answers"),
     "generation": ("source", "target"),
+    "chat": ("messages",),
 }
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
 BIO_PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
@@ -103,7 +111,7 @@ class TaskRecipe:
             raise TaskError(f"task {self.name!r}: pooling must be 'last' or 'mean', got {self.pooling!r}")
         if self.max_length < 8:
             raise TaskError(f"task {self.name!r}: max_length must be >= 8, got {self.max_length}")
-        if self.labels is not None and self.type in ("qa", "generation"):
+        if self.labels is not None and self.type in ("qa", "generation", "chat"):
             raise TaskError(f"task {self.name!r}: a {self.type} task has no label set; remove 'labels'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise TaskError(f"task {self.name!r}: the declared labels contain duplicates")
@@ -223,6 +231,11 @@ class Encoder:
             raise DataError(f"task {self.task.name!r}: {source} is empty; every split needs records")
         fn = getattr(self, f"_{self.task.type}")
         out = [fn(rec, f"{source} record {i}") for i, rec in enumerate(records, start=1)]
+        if training and self.task.type == "chat":
+            out = [e for e in out if any(lab != IGNORE for lab in e["labels"])]  # replies cut off by max_length
+            if not out:
+                raise DataError(f"task {self.task.name!r}: no assistant reply of {source} fits in max_length "
+                                f"{self.task.max_length}; raise it")
         if training and self.task.type == "qa":
             out = [e for e in out if e["start"] >= 0]  # answers cut off by max_length cannot be learned
             if not out:
@@ -287,6 +300,60 @@ class Encoder:
         return {"input_ids": prompt + tgt, "labels": [IGNORE] * len(prompt) + tgt, "prompt_len": len(prompt),
                 "source": source, "target": target}
 
+    def _chat(self, rec: dict, where: str) -> dict:
+        """Render the conversation piece by piece with the chat template: each assistant turn is the
+        text between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1])."""
+        messages = _chat_messages(_get(self.task, rec, "messages", where), where)
+        ids: list[int] = []
+        labels: list[int] = []
+        done, prompt_len = "", 0
+        render = self.tok.apply_chat_template
+        try:
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                prefix = render(messages[:i], add_generation_prompt=True)
+                upto = render(messages[: i + 1], add_generation_prompt=False)
+                if not prefix.startswith(done) or not upto.startswith(prefix):
+                    raise TaskError(f"task {self.task.name!r}: the chat template does not render a conversation "
+                                    "as a prefix of its continuation, so assistant turns cannot be located; use "
+                                    "a template where each turn only appends text")
+                context, reply = self.tok.encode(prefix[len(done):]), self.tok.encode(upto[len(prefix):])
+                ids += context
+                labels += [IGNORE] * len(context)
+                prompt_len = len(ids)
+                ids += reply
+                labels += reply
+                done = upto
+        except TaskError:
+            raise
+        except SeekformerError as e:  # the template refused the conversation
+            raise DataError(f"{where}: {e}") from None
+        li = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        last = messages[li]
+        source = next((m.get("content") for m in reversed(messages[:li]) if m["role"] == "user"), "")
+        n = self.task.max_length
+        return {"input_ids": ids[:n], "labels": labels[:n], "prompt_len": min(prompt_len, n),
+                "source": str(source or ""), "target": str(last.get("content") or "")}
+
+
+def _chat_messages(value: Any, where: str) -> list[dict]:
+    """Check a chat record's messages: a list of {"role", "content"} dicts with an assistant turn."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: message {k} must be an object with 'role' in {', '.join(CHAT_ROLES)}, "
+                            f"got {m!r:.80}")
+        content = m.get("content")
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")) \
+                and not isinstance(content, list):
+            raise DataError(f"{where}: message {k} ({m['role']}) needs a string 'content'")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; every chat "
+                        "record needs at least one {\"role\": \"assistant\", \"content\": ...} message")
+    return value
+
 
 def load_split(task: TaskRecipe, source: str, split: str, max_examples: int | None, seed: int = 0) -> list[dict]:
     """Read a split and keep at most `max_examples` records (a seeded sample, original order)."""
@@ -311,7 +378,7 @@ def collate(examples: list[dict], task_type: str, pad_id: int) -> dict[str, torc
     batch = {"input_ids": ids, "attention_mask": mask}
     if task_type == "classification":
         batch["labels"] = torch.tensor([e["label"] for e in examples])
-    elif task_type in ("tagging", "generation"):
+    elif task_type in ("tagging", "generation", "chat"):
         labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
         for i, e in enumerate(examples):
             labels[i, : len(e["labels"])] = torch.tensor(e["labels"])

@@ -101,9 +101,7 @@ class SeekformerLM(TemplateLM):
         return self.path.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
-        from ..tokenizer import CHAT_TEMPLATE
-
-        return CHAT_TEMPLATE if chat_template else None
+        return self.tok.chat_template if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         return self.tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)

@@ -94,7 +94,7 @@ def qa_metrics(preds: list[str], golds: list[list[str]]) -> dict[str, float]:
     return {"exact_match": em, "f1": f1}
 
 
-PRIMARY_METRIC = {"classification": "accuracy", "tagging": "token_accuracy", "qa": "f1", "generation": "chrf"}
+PRIMARY_METRIC = {"classification": "accuracy", "tagging": "token_accuracy", "qa": "f1", "generation": "chrf", "chat": "chrf"}
 
 
 # ====================================================================== predictions
@@ -114,7 +114,7 @@ def predict_task(model, tokenizer, task: dict[str, Any], examples: list[dict], b
     pad = tokenizer.pad_token_id
     out: list[Any] = []
     try:
-        if kind == "generation":
+        if kind in ("generation", "chat"):
             return _generate(model, tokenizer, task, examples, batch_size)
         for chunk, batch in eval_batches(examples, kind, batch_size, pad):
             batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -152,10 +152,11 @@ def _generate(model, tokenizer, task: dict[str, Any], examples: list[dict], batc
             idx = order[k: k + batch_size]
             prompts = [examples[i]["input_ids"][: examples[i]["prompt_len"]] for i in idx]
             new = max(1, min(int(task.get("max_new_tokens", 64)), limit - max(len(p) for p in prompts)))
-            res = generate(model.lm, prompts, max_new_tokens=new, do_sample=False,
-                           eos_token_id=tokenizer.eos_token_id, return_dict=True)
+            stops = tuple(getattr(tokenizer, "stop_token_ids", None) or (tokenizer.eos_token_id,))
+            res = generate(model.lm, prompts, max_new_tokens=new, do_sample=False, eos_token_id=stops,
+                           return_dict=True)
             for i, toks in zip(idx, res.new_tokens):
-                results[i] = tokenizer.decode([t for t in toks if t != tokenizer.eos_token_id]).strip()
+                results[i] = tokenizer.decode([t for t in toks if t not in stops]).strip()
         texts = [results[i] for i in range(len(examples))]
     return texts
 

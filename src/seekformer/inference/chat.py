@@ -5,7 +5,8 @@
         print(piece, end="")
     session.reset()
 
-A reply ends at `<|end_of_turn|>` or eos. When the conversation no longer fits the context with room for
+Prompts are rendered with the tokenizer's chat template (tokenizer_config.json). A reply ends at an
+end-of-turn token of that template (`<|end_of_turn|>`, DeepSeek's `<｜end▁of▁sentence｜>`) or eos. When the conversation no longer fits the context with room for
 `max_new_tokens`, the oldest user/assistant turns are dropped (the system message stays).
 """
 
@@ -17,8 +18,6 @@ from ..errors import GenerationError
 from ..models.loading import load_model_and_tokenizer  # noqa: F401 - its old home
 from .generate import stream
 
-END_OF_TURN = "<|end_of_turn|>"
-
 
 class ChatSession:
     """Multi-turn chat over `stream()`; `options` are generation options (SamplingParams fields)."""
@@ -28,9 +27,9 @@ class ChatSession:
         self.system = system
         self.options = dict(options)
         self.options.setdefault("max_new_tokens", 256)
-        eot = getattr(tokenizer, "special_token_ids", {}).get(END_OF_TURN)
+        tokenizer.check_chat_template()
         stops = tuple(self.options.pop("stop_token_ids", ()) or ())
-        self.options["stop_token_ids"] = stops + ((eot,) if eot is not None else ())
+        self.options["stop_token_ids"] = stops + tuple(tokenizer.end_of_turn_token_ids)
         self.messages: list[dict] = []
         self.reset()
 
@@ -45,7 +44,7 @@ class ChatSession:
         first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
 
         def encode(messages: list[dict]) -> list[int]:
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return self.tokenizer.chat_ids(messages, add_generation_prompt=True)
 
         alone = len(encode(self.messages[:first] + self.messages[-1:]))
         if alone > budget:

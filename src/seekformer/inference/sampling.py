@@ -40,6 +40,9 @@ class SamplingParams:
     eos_token_id: int | tuple[int, ...] | None = None  # None: the model's config.eos_token_id
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; n >= 0: chosen token's logprob + n top alternatives
+    # constrained decoding (inference/constrained.py): an object with allowed() -> bool [V] | None and
+    # advance(token); one per sequence (stateful), applied in `choose`
+    constraint: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def greedy(self) -> bool:
@@ -195,11 +198,33 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams], state: Penalt
     """Pick one token per row: logits [B,V] -> tokens [B].
 
     `generators` is one generator for the whole batch or one per row; `banned` [B,V] bool masks tokens
-    (eos before min_new_tokens).
+    (eos before min_new_tokens). A row whose params carry a `constraint` samples only among the tokens
+    it allows, and the constraint is advanced with the chosen token.
     """
     logits = apply_penalties(logits.float(), params, state)
+    constraints = [p.constraint for p in params]
+    allowed = None
+    if any(c is not None for c in constraints):
+        from .constrained import constraint_masks
+
+        allowed = constraint_masks(constraints, logits)
     if banned is not None:
+        if allowed is not None:  # a constraint that only allows a stop token wins over min_new_tokens
+            banned = banned & (allowed & ~banned).any(-1, keepdim=True)
         logits = logits.masked_fill(banned, float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    out = _pick(logits, params, generators)
+    if allowed is not None:
+        for c, t in zip(constraints, out.tolist()):
+            if c is not None:
+                c.advance(t)
+    return out
+
+
+def _pick(logits: torch.Tensor, params: Sequence[SamplingParams],
+          generators: Sequence[torch.Generator | None] | torch.Generator | None) -> torch.Tensor:
+    """Greedy argmax or a draw from the truncated distribution, per row: logits [B,V] -> tokens [B]."""
     greedy = [p.greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1)

@@ -10,7 +10,8 @@ Shapes: B batch, T tokens, D hidden, C labels, V vocabulary.
 
 Inputs are right-padded. On disk a multi-task model is a normal Hugging Face model directory (the trunk,
 loadable as DeepseekV3ForCausalLM) plus `heads.safetensors` (keys `<task>.<param>`) and `multitask.json`
-(the task declarations and label lists). LoRA adapters (peft) are merged into the trunk when saving.
+(the task declarations and label lists). LoRA adapters (peft) are merged into the trunk when saving and
+also written as a peft adapter in `adapter/`, which transformers + peft apply to the base directory.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .causal_lm import SeekForCausalLM, shifted_cross_entropy
 
 HEADS_FILE = "heads.safetensors"
 MULTITASK_FILE = "multitask.json"
+ADAPTER_DIR = "adapter"  # train.method lora: the peft adapter (adapter_config.json, adapter_model.safetensors)
 FORMAT_VERSION = 1
 DEFAULT_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                         "gate_proj", "up_proj", "down_proj")
@@ -93,11 +95,12 @@ def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
         return TokenHead(d, len(task["labels"]), drop)
     if kind == "qa":
         return TokenHead(d, 2, drop)
-    if kind == "generation":
+    if kind in ("generation", "chat"):
         return None
     from ..errors import TaskError
 
-    raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa or generation")
+    raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa, "
+                    "generation or chat")
 
 
 def best_spans(start_BT: torch.Tensor, end_BT: torch.Tensor, span_mask_BT: torch.Tensor,
@@ -162,7 +165,7 @@ class SeekForMultiTask(nn.Module):
         hidden = self.lm.model(input_ids, mask)
         aux = self._aux_loss() if self.training else None
         kind, loss = spec["type"], None
-        if kind == "generation":
+        if kind in ("generation", "chat"):
             logits = self.lm.lm_head(hidden)
             if labels is not None:
                 loss = shifted_cross_entropy(logits, labels)
@@ -186,28 +189,21 @@ class SeekForMultiTask(nn.Module):
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  targets: list[str] | tuple[str, ...] = DEFAULT_LORA_TARGETS) -> int:
-        """Freeze the trunk and inject LoRA adapters (peft) into its Linear layers named in `targets`.
+        """Freeze the trunk and inject LoRA adapters (peft) into the layers named in `targets`.
 
-        peft also adapts the routed experts' stacked `gate_up_proj` / `down_proj` tensors when `targets`
-        name gate_proj / up_proj / down_proj (its MoE support). Returns the number of trainable LoRA
-        parameters.
+        Attention projections are adapted as Linear modules; gate_proj / up_proj / down_proj adapt every
+        MLP: the dense ones and the shared experts (their weights) and the routed experts (their stacked
+        `gate_up_proj` / `down_proj` tensors). Returns the number of trainable LoRA parameters.
         """
         try:
-            from peft import LoraConfig, inject_adapter_in_model
+            from peft import inject_adapter_in_model
         except ImportError:
             from ..errors import RecipeError
 
             raise RecipeError("LoRA fine-tuning needs peft: pip install 'seekformer[lora]'") from None
         for p in self.lm.parameters():
             p.requires_grad_(False)
-        present = {n.rsplit(".", 1)[-1] for n, m in self.lm.model.named_modules() if isinstance(m, nn.Linear)}
-        chosen = [t for t in targets if t in present]
-        if not chosen:
-            from ..errors import RecipeError
-
-            raise RecipeError(f"lora.targets {list(targets)} match no Linear layer of the trunk "
-                              f"(it has: {', '.join(sorted(present))})")
-        cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=chosen, bias="none")
+        cfg = lora_config(self.lm, r, alpha, dropout, targets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -216,11 +212,31 @@ class SeekForMultiTask(nn.Module):
                 from ..errors import RecipeError
 
                 if "dropout" in str(e):
-                    raise RecipeError("lora.dropout must be 0 when LoRA adapts the routed experts (peft cannot "
-                                      "apply dropout to their stacked weights): set lora.dropout 0, or leave "
-                                      "gate_proj/up_proj/down_proj out of lora.targets") from None
+                    raise RecipeError("lora.dropout must be 0 when LoRA adapts the MLPs or the routed experts (peft "
+                                      "cannot apply dropout to adapted weight tensors): set lora.dropout 0, or "
+                                      "leave gate_proj/up_proj/down_proj out of lora.targets") from None
                 raise RecipeError(f"LoRA cannot be applied: {str(e).splitlines()[0]}") from None
+        self.lora = cfg
         return sum(p.numel() for n, p in self.lm.named_parameters() if "lora_" in n and p.requires_grad)
+
+    def adapter_files(self, base_model: str | None = None) -> dict[str, Any]:
+        """{"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}: the LoRA adapters as a peft
+        adapter that `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), DIR)` applies
+        to the base model in transformers (same module paths, same logits as the merged trunk)."""
+        from safetensors.torch import save as st_save
+
+        state = {}
+        for n, p in self.lm.named_parameters():
+            if "lora_" in n and not n.startswith("mtp."):
+                state["base_model.model." + n.replace(".default", "")] = p.detach().contiguous().cpu()
+        cfg = self.lora.to_dict()
+        for k, v in list(cfg.items()):
+            if isinstance(v, set):
+                cfg[k] = sorted(v)
+        cfg.update(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model,
+                   inference_mode=True)
+        return {ADAPTER_DIR + "/adapter_config.json": json.dumps(cfg, indent=2, default=str) + "\n",
+                ADAPTER_DIR + "/adapter_model.safetensors": st_save(state, metadata={"format": "pt"})}
 
     def has_lora(self) -> bool:
         return any("lora_" in n for n, _ in self.lm.named_parameters())
@@ -264,6 +280,8 @@ class SeekForMultiTask(nn.Module):
         files.update(extra_files or {})
         files[MULTITASK_FILE] = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
         files[HEADS_FILE] = st_save(self.heads_state(), metadata={"format": "pt"})
+        if self.has_lora() and getattr(self, "lora", None) is not None:
+            files.update(self.adapter_files(_recipe_base(files.get("recipe.yaml"))))
         save_model(lm, path, dtype=dtype, extra_files=files)
 
     @classmethod
@@ -294,6 +312,85 @@ class SeekForMultiTask(nn.Module):
             raise CheckpointError(f"{heads_file} does not match {MULTITASK_FILE}: missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]}")
         return model.to(device).eval()
+
+
+ATTENTION_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def lora_config(lm: nn.Module, r: int, alpha: float, dropout: float, targets) -> Any:
+    """The peft LoraConfig for `targets` on a SeekForCausalLM.
+
+    peft >= 0.18 rewrites target_modules gate_proj/up_proj/down_proj of a deepseek_v3 model into its fused
+    expert parameters and then drops them, so the dense MLPs and shared experts would get no adapter (in
+    seekformer and again when transformers loads the adapter). MLP weights are therefore targeted as
+    parameters (`gate_proj.weight`, ...; the routed experts' `experts.gate_up_proj` / `experts.down_proj`),
+    which every peft version applies the same way.
+    """
+    from peft import LoraConfig
+
+    from ..errors import RecipeError
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)}
+    params = {n for n, _ in lm.model.named_parameters()}
+    modules = sorted(t for t in targets if t in linear and t not in MLP_LORA_TARGETS)
+    weights = sorted(f"{t}.weight" for t in targets if t in MLP_LORA_TARGETS and t in linear)
+    experts = set()
+    if any(t in targets for t in ("gate_proj", "up_proj")) and any(n.endswith("experts.gate_up_proj") for n in params):
+        experts.add("experts.gate_up_proj")
+    if "down_proj" in targets and any(n.endswith("experts.down_proj") for n in params):
+        experts.add("experts.down_proj")
+    if not (modules or weights or experts):
+        raise RecipeError(f"lora.targets {list(targets)} match no layer of the trunk "
+                          f"(it has: {', '.join(sorted(linear))})")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules or None,
+                      target_parameters=weights + sorted(experts) or None, bias="none")
+
+
+def apply_adapter(lm: SeekForCausalLM, adapter_dir: str | os.PathLike) -> SeekForCausalLM:
+    """`lm` with a peft LoRA adapter folded in: `adapter_dir` holds adapter_config.json and
+    adapter_model.safetensors (a seekformer fine-tune's OUT/adapter, or OUT itself)."""
+    from safetensors.torch import load_file
+
+    from ..errors import CheckpointError
+
+    d = Path(adapter_dir)
+    if (d / ADAPTER_DIR / "adapter_config.json").is_file():
+        d = d / ADAPTER_DIR
+    if not (d / "adapter_config.json").is_file() or not (d / "adapter_model.safetensors").is_file():
+        raise CheckpointError(f"{adapter_dir} holds no peft adapter (adapter_config.json + adapter_model.safetensors); "
+                              "pass the adapter/ directory of a `train.method: lora` fine-tune")
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise CheckpointError("adapters need peft: pip install 'seekformer[lora]'") from None
+    try:
+        cfg = LoraConfig.from_pretrained(str(d))
+        state = load_file(str(d / "adapter_model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - peft / safetensors raise many types for a corrupt file
+        raise CheckpointError(f"cannot read the adapter in {d} ({type(e).__name__}: {e})") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inject_adapter_in_model(cfg, lm.model)
+    ours = {n for n, _ in lm.named_parameters() if "lora_" in n}
+    mapped = {re.sub(r"\.(lora_[AB])\.", r".\1.default.", k.removeprefix("base_model.model.")): v for k, v in state.items()}
+    missing, unexpected = ours - set(mapped), set(mapped) - ours
+    if missing or unexpected:
+        raise CheckpointError(f"the adapter in {d} does not fit this model: missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]}")
+    lm.load_state_dict(mapped, strict=False)
+    return SeekForMultiTask(lm, []).merged_trunk().eval()
+
+
+def _recipe_base(recipe_yaml: Any) -> str | None:
+    """The `base` of a fine-tuning recipe's YAML text (None when absent)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe_yaml) if isinstance(recipe_yaml, str) else None
+    except yaml.YAMLError:
+        return None
+    return str(data["base"]) if isinstance(data, dict) and data.get("base") else None
 
 
 def _lora_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -293,7 +293,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         return {"eos_token": tokenizer.decode([tokenizer.eos_token_id], skip_special_tokens=False),
                 "bos_token": tokenizer.decode([tokenizer.bos_token_id], skip_special_tokens=False),
                 "pad_token": tokenizer.decode([tokenizer.pad_token_id], skip_special_tokens=False),
-                "chat_template": _chat_template(), "model_max_length": handlers.context,
+                "chat_template": tokenizer.chat_template, "model_max_length": handlers.context,
                 "vocab_size": tokenizer.vocab_size}
 
     @app.post("/tokenize", dependencies=auth)
@@ -311,8 +311,3 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
 
     return app
 
-
-def _chat_template() -> str:
-    from ..tokenizer import CHAT_TEMPLATE
-
-    return CHAT_TEMPLATE

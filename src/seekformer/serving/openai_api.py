@@ -25,11 +25,10 @@ import anyio
 
 from ..errors import SeekformerError
 from ..inference.sampling import SamplingParams
-from ..tokenizer import END_OF_TURN
 from .backend import Backend, QueueFull, Sequence, ShuttingDown
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, bad_request
+from .tools import chat_messages, plan_chat
 
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
 TOKENIZE_THREADS = 4  # tokenizations running at once (off the event loop)
 
@@ -96,7 +95,7 @@ class OpenAIHandlers:
         cfg = backend.model.config
         self.context = cfg.max_position_embeddings
         self.vocab = cfg.vocab_size
-        self.end_of_turn = getattr(tokenizer, "special_token_ids", {}).get(END_OF_TURN)
+        self.end_of_turn = tuple(getattr(tokenizer, "end_of_turn_token_ids", ()))
         self.hidden_size = cfg.hidden_size
         self._text_cache: dict[int, str] = {}
         self.max_prompt_chars = self.context * self._longest_token()
@@ -328,34 +327,75 @@ class OpenAIHandlers:
         self.check_model(req.model)
         req.check_unsupported()
         stop, include_usage = req.stop_list(), req.include_usage()
-        messages = []
-        for k, m in enumerate(req.messages):
-            role = CHAT_ROLES.get(m.role)
-            if role is None:
-                raise bad_request(f"messages[{k}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role!r}",
-                                  f"messages.{k}.role")
-            messages.append({"role": role, "content": m.text()})
+        plan = plan_chat(req, self.tok, self.vocab, self._chat_stop_ids())
+        messages = chat_messages(req.messages)
         self._check_count(req.n)
-        self._check_chars([m["content"] for m in messages], "messages")
-        ids = await self.in_thread(
-            lambda: self.tok.encode(self.tok.apply_chat_template(messages, add_generation_prompt=True)))
+        self._check_chars([m["content"] or "" for m in messages], "messages")
+        ids = await self.in_thread(lambda: self._chat_prompt_ids(messages, plan.tools))
         limit = req.limit()
         max_tokens = self.context - len(ids) if limit is None else limit
         self._check_prompt(ids, max_tokens, "messages")
         top_n = (req.top_logprobs or 0) if req.logprobs else None
-        extra = (self.end_of_turn,) if self.end_of_turn is not None else ()
-        params = self._params(req, max_tokens, top_n, stop, extra)
-        seqs = [Sequence(ids, self._seeded(params, j)) for j in range(req.n)]
+        params = self._params(req, max_tokens, top_n, stop, self.end_of_turn)
+        seqs = [Sequence(ids, plan.params_for(self._seeded(params, j))) for j in range(req.n)]
         sub = self._submit(seqs, len(ids) * req.n)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
+            if plan.buffers:
+                return self._stream_planned_chat(sub, rid, created, top_n, len(ids), include_usage, plan)
             return self._stream_chat(sub, rid, created, top_n, len(ids), include_usage)
         choices = await self._collect(sub, is_disconnected)
-        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._chat_logprobs(c.tokens, c.logprobs, c.top, top_n) if top_n is not None else None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        out = []
+        for i, c in enumerate(choices):
+            message, finish = plan.message(c.text, c.finish_reason)
+            out.append({"index": i, "message": message, "finish_reason": finish,
+                        "logprobs": self._chat_logprobs(c.tokens, c.logprobs, c.top, top_n)
+                        if top_n is not None else None})
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(len(ids), choices)}
+
+    def _chat_stop_ids(self) -> tuple[int, ...]:
+        """eos and the chat template's end-of-turn tokens: where a (constrained) reply may end."""
+        eos = self.backend.model.config.eos_token_id
+        return tuple(dict.fromkeys(([eos] if eos is not None else []) + list(self.end_of_turn)))
+
+    async def _stream_planned_chat(self, sub, rid, created, top_n, prompt_tokens, include_usage, plan):
+        """A chat stream whose replies may be tool calls: each choice is sent whole when it finishes (a role
+        chunk first), as `tool_calls` or as content."""
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        usage = {"usage": None} if include_usage else {}
+        choices = [_Choice() for _ in sub.sequences]
+        try:
+            for i in range(len(choices)):
+                yield json.dumps({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}], **usage})
+            async for items in sub.batches():
+                for kind, i, payload in items:
+                    if kind == "error":
+                        yield json.dumps(self._error_body(payload))
+                        return
+                    c = choices[i]
+                    c.add(payload)
+                    if c.finish_reason is None:
+                        continue
+                    message, finish = plan.message(c.text, c.finish_reason)
+                    delta = {"content": message["content"]} if message.get("content") is not None else {
+                        "tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+                    lp = self._chat_logprobs(c.tokens, c.logprobs, c.top, top_n) if top_n is not None else None
+                    yield json.dumps({**base, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                                           "finish_reason": finish}], **usage})
+            if include_usage:
+                yield json.dumps({**base, "choices": [], "usage": self._usage(prompt_tokens, choices)})
+            yield "[DONE]"
+        finally:
+            sub.cancel()
+
+    def _chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The conversation rendered with the tokenizer's chat template; template errors are 400s."""
+        try:
+            return self.tok.chat_ids(messages, add_generation_prompt=True, tools=tools)
+        except SeekformerError as e:
+            raise bad_request(str(e), "messages") from None
 
     def _chat_logprobs(self, tokens, logprobs, tops, top_n) -> dict:
         def entry(tid, lp):

@@ -3,7 +3,8 @@
 Requests accept the OpenAI fields seekformer implements, plus vLLM's common extras (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids`). Unknown fields are ignored, as
 vLLM does, so newer clients keep working; known fields with values seekformer cannot honour (a
-`logit_bias`, `best_of != n`, tools, a JSON response format) are refused with a 400 naming the field.
+`logit_bias`, `best_of != n`) are refused with a 400 naming the field. `tools`, `tool_choice` and
+`response_format` (JSON mode, JSON schema) are handled by serving/tools.py.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class ChatMessage(BaseModel):
     role: StrictStr
     content: Union[StrictStr, list[TextPart], None] = None
     name: StrictStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
+    tool_call_id: StrictStr | None = None  # role "tool": the call this result answers
 
     def text(self) -> str:
         if self.content is None:
@@ -137,13 +140,7 @@ class ChatCompletionRequest(_Request):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise bad_request("tools (function calling) are not supported", "tools", "unsupported_parameter")
-        if self.tool_choice not in (None, "none"):
-            raise bad_request("tool_choice is not supported", "tool_choice", "unsupported_parameter")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format {'type': 'text'} is supported", "response_format",
-                              "unsupported_parameter")
+        # tools, tool_choice and response_format are checked by serving/tools.py (plan_chat)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 

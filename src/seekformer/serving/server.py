@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,11 +20,18 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
 SERVE_EXTRA_HINT = 'pip install -e ".[serve]" (from a clone; or pip install "seekformer[serve]")'
 
 
-def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None):
-    """(model, tokenizer) of a model directory: `seekformer.models.loading.load_model_and_tokenizer`."""
+def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str | None = None,
+                   adapter: str | os.PathLike | None = None):
+    """(model, tokenizer) of a model directory (`seekformer.models.loading.load_model_and_tokenizer`), with a
+    peft LoRA `adapter` folded in when given."""
     from ..models.loading import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(model_dir, device, dtype)
+    model, tok = load_model_and_tokenizer(model_dir, device, dtype)
+    if adapter is not None:
+        from ..models.multitask import apply_adapter
+
+        model = apply_adapter(model, adapter).eval()
+    return model, tok
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,11 +81,13 @@ def require_serve_extra() -> None:
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
           dtype: str | None = None, log_level: str = "info", max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
-          cors_origins: list[str] | None = None, prefill_chunk: int = 512) -> None:
+          cors_origins: list[str] | None = None, prefill_chunk: int = 512,
+          lora: tuple[str, str] | None = None) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
 
-    `max_body_bytes` None: no body limit. Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port
-    is bound before the model loads and before "serving ..." is printed."""
+    `max_body_bytes` None: no body limit; `lora` (NAME, DIR) folds a peft adapter in and serves it as NAME.
+    Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port is
+    bound before the model loads and before "serving ..." is printed."""
     require_serve_extra()
     import uvicorn
 
@@ -86,14 +95,14 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
     sock = bind_socket(host, port)
     try:
-        model, tok = load_model_dir(model_dir, device, dtype)
-        name = model_name or Path(model_dir).resolve().name
+        model, tok = load_model_dir(model_dir, device, dtype, adapter=lora[1] if lora else None)
+        name = model_name or (lora[0] if lora else Path(model_dir).resolve().name)
         config = ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_body_bytes=max_body_bytes,
                               cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk)
         app = create_app(model, tok, config)
-        print(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
-              + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
+                                         + (" (API key required)" if api_key else ""))
         uvicorn.Server(uvicorn_config(app, host, port, log_level)).run(sockets=[sock])
     finally:
         sock.close()

@@ -192,7 +192,7 @@ class FinetuneRecipe:
             raise RecipeError(f"unknown train.sampling {t.sampling!r}; choose one of {', '.join(SAMPLING)}")
         if w.strategy not in STRATEGIES:
             raise RecipeError(f"unknown weighting.strategy {w.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if t.method == "frozen" and any(task.type == "generation" for task in self.tasks):
+        if t.method == "frozen" and any(task.type in ("generation", "chat") for task in self.tasks):
             raise RecipeError("generation tasks train the trunk and its LM head; use train.method full or lora")
         if w.strategy == "gradnorm" and t.method == "frozen":
             raise RecipeError("weighting.strategy gradnorm needs shared trainable weights; use train.method "
