@@ -113,3 +113,36 @@ def test_bad_layers_and_lengths():
             pass
     with pytest.raises(InspectError, match="context is 16"):
         forward_with_capture(model, torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_ablation_and_router_bias_are_exact_and_restored():
+    from seekformer.interpret.ablation import ablate_experts, bias_router
+
+    torch.manual_seed(0)
+    model = SeekForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, 256, (1, 24))
+    _, ref = forward_with_capture(model, ids, attention=False)
+    base = model(ids).logits.detach()
+    victim = int(ref.routing[1].indices[0, 0, 0])
+    with ablate_experts(model, {1: [victim]}):
+        _, cap = forward_with_capture(model, ids, attention=False)
+        ablated = model(ids).logits.detach()
+    r = cap.routing[1]
+    assert torch.equal(r.indices, ref.routing[1].indices)  # zero mode keeps the choice...
+    assert float(r.weights[r.indices == victim].abs().max()) == 0.0  # ...and drops the expert's weight
+    assert not torch.allclose(ablated, base)
+    with ablate_experts(model, {1: [victim]}, mode="reroute"):
+        _, cap = forward_with_capture(model, ids, attention=False)
+    assert not bool((cap.routing[1].indices == victim).any())
+    bias_before = model.model.layers[2].mlp.gate.e_score_correction_bias.clone()
+    with bias_router(model, {2: {5: 10.0}}):
+        _, cap = forward_with_capture(model, ids, attention=False)
+    assert bool((cap.routing[2].indices == 5).any(-1).all())  # every token now uses expert 5
+    assert torch.equal(model.model.layers[2].mlp.gate.e_score_correction_bias, bias_before)
+    torch.testing.assert_close(model(ids).logits, base, atol=0, rtol=0)
+    with pytest.raises(InspectError, match="not an MoE layer"):
+        with ablate_experts(model, {0: [1]}):
+            pass
+    with pytest.raises(InspectError, match="experts 0..7"):
+        with ablate_experts(model, {1: [8]}):
+            pass
