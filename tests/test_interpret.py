@@ -146,3 +146,24 @@ def test_ablation_and_router_bias_are_exact_and_restored():
     with pytest.raises(InspectError, match="experts 0..7"):
         with ablate_experts(model, {1: [8]}):
             pass
+
+
+def test_statistics_definitions():
+    from seekformer.interpret.capture import Capture, LayerRouting
+    from seekformer.interpret.stats import RoutingAccumulator, js_divergence
+
+    assert js_divergence([1, 0], [1, 0]) == 0.0
+    assert abs(js_divergence([1, 0], [0, 1]) - 1.0) < 1e-12
+    assert 0 < js_divergence([0.5, 0.5], [0.9, 0.1]) < 1
+    # 4 tokens, K=2 of E=4: tokens 0-1 share both experts, 1-2 share one, 2-3 share none
+    idx = torch.tensor([[[0, 1], [0, 1], [1, 2], [3, 0]]])
+    cap = Capture(routing={1: LayerRouting(1, idx, torch.ones(1, 4, 2), torch.zeros(1, 4, 4), torch.zeros(1, 4, 4),
+                                           None)}, moe_layers=[1])
+    acc = RoutingAccumulator([1], num_experts=4, top_k=2)
+    acc.add(cap)
+    s = acc.summary()["layers"][0]
+    assert s["counts"] == [3, 3, 1, 1] and s["load"] == [0.375, 0.375, 0.125, 0.125]
+    assert s["same_expert_rate"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-6)
+    f = torch.tensor([3, 3, 1, 1]) / 4
+    assert s["same_expert_chance"] == pytest.approx(float((f * f).sum()) / 2, abs=1e-6)
+    assert s["max_over_mean"] == 1.5 and s["min_over_mean"] == 0.5 and s["top_quarter_share"] == 0.375
