@@ -32,7 +32,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .backend import Backend
 from .metrics import ServerMetrics
 from .openai_api import OpenAIHandlers
-from .playground import add_playground
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 KNOWN_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
@@ -229,7 +228,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", "tokens", "invalid_value")
         return {"prompt": tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
-    add_playground(app, model, tokenizer, handlers.context, auth)  # GET / (web playground), POST /v1/inspect
+    from .playground import add_playground  # GET / (the web playground) and POST /v1/inspect
+
+    add_playground(app, model, tokenizer, handlers.context, auth)
     return app
 
 
