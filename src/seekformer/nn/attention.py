@@ -175,3 +175,21 @@ class MLA(nn.Module):
         latent (see `nn.mla_decode`): the same values as `forward` with the cache.
         """
         return latent_decode(self, x, rope, hidden_mask, cache, layer, slots)
+
+    # ------------------------------------------------------------------ inspection
+    @torch.no_grad()
+    def attention_probs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention probabilities of a cache-free forward: x [B,T,D], cos/sin [B,T,P/2], mask bool [B,1,T,T]
+        (True = may attend; None = causal) -> probs [B,H,T,T] (fp32; rows sum to 1).
+
+        The same q/k as `forward` (full per-head K, no cache), softmax in fp32 as `transformers`' eager path.
+        """
+        q_nope, q_pe = self._query(x, cos, sin)
+        k, _ = self._expand(self._latent(x, cos, sin))
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2).float()  # [B,H,T,E]
+        scores = torch.matmul(q, k.transpose(1, 2).float().transpose(-1, -2)) * self.scale  # [B,H,T,T]
+        t = x.shape[1]
+        if mask is None:
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None, None]
+        return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)

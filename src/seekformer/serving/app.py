@@ -309,5 +309,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
             raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", "tokens", "invalid_value")
         return {"prompt": await handlers.in_thread(lambda: tokenizer.decode(req.tokens, skip_special_tokens=False))}
 
+    from .playground import add_playground  # GET / (the web playground) and POST /v1/inspect
+
+    add_playground(app, model, tokenizer, handlers.context, auth)
     return app
 
