@@ -54,6 +54,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
+        image: Optional[list[Path]] = typer.Option(None, "--image", help="An image the prompt asks about (repeatable; "
+                                                   "a model with a vision tower; the prompt is a chat user message)."),
     ) -> None:
         """Continue a prompt; the text streams as it is generated."""
         from ..errors import GenerationError
@@ -65,10 +67,19 @@ def register(app: typer.Typer) -> None:
             prompt = sys.stdin.read()
         if not prompt:
             raise GenerationError("empty prompt: pass --prompt TEXT")
-        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
-        ids = tok.encode(prompt, add_bos=add_bos)
         opts = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
                          presence_penalty, seed, stop)
+        if image:  # inference/vision.py
+            from ..inference.vision import load_vision_model, stream_with_images
+
+            vlm, vtok = load_vision_model(model_dir, device, dtype)
+            for piece in stream_with_images(vlm, vtok, prompt, list(image), **opts):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
+        ids = tok.encode(prompt, add_bos=add_bos)
         if echo:
             typer.echo(prompt, nl=False)
         if num_beams < 1:
@@ -109,14 +120,21 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
         threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's choice)."),
     ) -> None:
-        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit."""
-        from ..errors import GenerationError
+        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit, /image PATH."""
+        from ..errors import GenerationError, SeekformerError
         from ..inference.chat import ChatSession, load_model_and_tokenizer
+        from ..models.vision_lm import is_vision_dir
 
         _setup(threads)
-        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
         opts = _sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, 0.0, 0.0, seed, None)
-        session = ChatSession(model, tok, system=system, **opts)
+        if is_vision_dir(model_dir):  # a model with a vision tower: /image PATH attaches an image
+            from ..inference.vision import VisionChatSession, load_vision_model
+
+            vlm, tok = load_vision_model(model_dir, device, dtype)
+            session = VisionChatSession(vlm, tok, system=system, **opts)
+        else:
+            model, tok = load_model_and_tokenizer(model_dir, device, dtype)
+            session = ChatSession(model, tok, system=system, **opts)
         interactive = sys.stdin.isatty()
         if interactive:
             typer.echo("chat: /reset clears the conversation, /exit quits", err=True)
@@ -134,8 +152,18 @@ def register(app: typer.Typer) -> None:
                 session.reset()
                 typer.echo("(conversation cleared)")
                 continue
+            if cmd.startswith("/image"):
+                if not hasattr(session, "add_image"):
+                    typer.echo("error: this is a text-only model (no vision tower); it cannot read images", err=True)
+                    continue
+                try:
+                    session.add_image(cmd[len("/image"):].strip())
+                    typer.echo("(image attached to the next message)", err=True)
+                except SeekformerError as e:
+                    typer.echo(f"error: {e}", err=True)
+                continue
             if cmd.startswith("/"):
-                typer.echo(f"unknown command {cmd}: use /reset or /exit", err=True)
+                typer.echo(f"unknown command {cmd}: use /reset, /image PATH or /exit", err=True)
                 continue
             try:
                 for piece in session.send(line):
