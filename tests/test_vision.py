@@ -184,3 +184,26 @@ def test_recipe_checks(tmp_path):
     with pytest.raises(TaskError, match="no label set"):
         finetune_recipe_from_dict({"base": "x", "tasks": [{"name": "a", "type": "vqa", "train": "t.jsonl",
                                                            "labels": ["x", "y"]}]})
+
+
+def test_stage1_trains_projector_only_and_caches_features(tok_lm):
+    from seekformer.training.multitask_recipe import finetune_recipe_from_dict
+    from seekformer.training.vision import configure_vision
+
+    tok, lm, tid = tok_lm
+    recipe = finetune_recipe_from_dict({"base": "x", "tasks": [{"name": "v", "type": "vqa", "train": "t.jsonl"}],
+                                        "vision": {"stage": 1, "lr": 1e-3}})
+    m = SeekForVisionMultiTask(SeekForCausalLM(lm.config), [{"name": "v", "type": "vqa"}],
+                               VisionConfig.from_preset("vit-nano", image_size=8), tid)
+    groups = configure_vision(m, recipe)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert trainable == {id(p) for p in m.vision.projector.parameters()}
+    assert not any(p.requires_grad for p in m.lm.parameters())
+    ids = torch.tensor([[1] + [tid] * m.vision.config.num_image_tokens + [5, 6]])
+    pix = torch.randn(2, 3, 8, 8)
+    out = m("v", ids.repeat(2, 1), pixel_values=pix, labels=ids.repeat(2, 1))
+    out.loss.backward()
+    assert all(p.grad is not None for p in m.vision.projector.parameters())
+    assert len(m._feature_cache) == 2  # frozen encoder: features cached per image
+    again = m("v", ids.repeat(2, 1), pixel_values=pix).logits
+    assert torch.allclose(again, out.logits, atol=1e-5) and len(m._feature_cache) == 2

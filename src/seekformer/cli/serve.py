@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
+        allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image_url "
+                                                 "parts (default: only inline data: URLs; remote ones get a 400)."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -49,7 +51,8 @@ def register(app: typer.Typer) -> None:
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
-              max_queue=max_queue, device=device, dtype=dtype, log_level=log_level)
+              max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
+              allow_remote_images=allow_remote_images)
 
 
 def bench_serve_cmd(

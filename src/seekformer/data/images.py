@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -147,24 +146,19 @@ def read_image_folder(root: Path) -> list[dict[str, str]]:
     return out
 
 
-def read_image_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """jsonl records with the `required` keys; the image path is made absolute (relative to the file)."""
+def read_image_file(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Records of a jsonl (or .json / .csv) file with the `required` keys; the image path (the first key) is
+    made absolute, relative to the file's folder."""
+    from .task_sources import read_records
+
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ImageError(f"{path} line {i}: invalid JSON ({e.msg})") from None
-            missing = [k for k in required if not isinstance(rec, dict) or rec.get(k) in (None, "")]
-            if missing:
-                raise ImageError(f"{path} line {i}: missing {', '.join(repr(k) for k in missing)} (an image record "
-                                 f"needs {', '.join(required)})")
-            img = Path(str(rec[required[0]])).expanduser()
-            rec[required[0]] = str(img if img.is_absolute() else (path.parent / img).resolve())
-            out.append(rec)
+    for i, rec in enumerate(read_records(str(path)), start=1):
+        missing = [k for k in required if not isinstance(rec, dict) or rec.get(k) in (None, "")]
+        if missing:
+            raise ImageError(f"{path} line {i}: missing {', '.join(repr(k) for k in missing)} (an image record "
+                             f"needs {', '.join(required)})")
+        img = Path(str(rec[required[0]])).expanduser()
+        out.append({**rec, required[0]: str(img if img.is_absolute() else (path.parent / img).resolve())})
     return out
 
 
@@ -180,11 +174,9 @@ def read_image_records(source: str, task_type: str, fields: dict[str, str] | Non
             raise ImageError(f"{source}: a {task_type} task reads a jsonl file of image, question and answer")
         recs = read_image_folder(p)
         return [{fields.get(k, k): v for k, v in r.items()} for r in recs]
-    if not p.name.endswith(".jsonl"):
-        raise ImageError(f"{source}: an image task reads a folder or a .jsonl file")
-    return read_image_jsonl(p, tuple(fields.get(r, r) for r in roles))
+    return read_image_file(p, tuple(fields.get(r, r) for r in roles))
 
 
 __all__ = ["IMAGE_TOKEN", "image_chat_prompt", "load_image", "normalize", "decode_data_url", "read_image_records", "read_image_folder",
-           "read_image_jsonl", "ImageError", "ImageTooLarge", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS",
+           "read_image_file", "ImageError", "ImageTooLarge", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS",
            "IMAGE_SUFFIXES"]

@@ -104,7 +104,13 @@ def write_digits(out: str | Path, per_class: int | None = None, size: int = 8, t
     `size` upsamples (bilinear) e.g. to 28 for a 28x28 greyscale set. Returns {split: images}.
     """
     from PIL import Image
-    from sklearn.datasets import load_digits
+
+    try:
+        from sklearn.datasets import load_digits  # the digits ship inside scikit-learn (BSD)
+    except ImportError:
+        from ..errors import DataError
+
+        raise DataError("the digits come from scikit-learn: pip install scikit-learn") from None
 
     d = load_digits()
     rng = random.Random(seed)

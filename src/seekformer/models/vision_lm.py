@@ -251,6 +251,15 @@ class SeekForVisionLM(nn.Module, ImageEmbedder):
         save_model(self.lm, path, dtype=dtype, extra_files=files)
 
     @classmethod
+    def around(cls, lm: SeekForCausalLM, path: str | os.PathLike) -> SeekForVisionLM:
+        """The vision tower of model directory `path` around an already loaded `lm` (shared, e.g. by a server)."""
+        cfg, tid, state = read_vision_dir(path)
+        model = cls(lm, cfg, tid)
+        load_tower_state(model.vision, state, str(path))
+        model.vision.to(lm.dtype)
+        return model.eval()
+
+    @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForVisionLM:
         """Load a directory with vision files (a vision fine-tune; multi-task heads are not needed)."""
         from ..checkpoint import check_model_dir

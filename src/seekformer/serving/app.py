@@ -21,6 +21,7 @@ import hmac
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -47,6 +48,8 @@ class ServerConfig:
     max_batch_size: int = 16
     max_queue: int = 256
     shutdown_grace: float = 600.0  # seconds a stream may still run after shutdown starts
+    vision: Any = None  # a SeekForVisionLM sharing `model`: image_url content parts (serving/vision.py)
+    vision_options: Any = None  # serving.vision.VisionOptions (remote URLs, byte and pixel limits)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -122,6 +125,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     backend.on_tokens = metrics.generation_tokens.inc
     backend.on_first_token = metrics.ttft.observe
     handlers = OpenAIHandlers(backend, tokenizer, config.model_name, metrics)
+    if config.vision is not None:
+        from .vision import VisionChat
+
+        handlers.vision = VisionChat(handlers, config.vision, config.vision_options)
     created = int(time.time())
 
     @asynccontextmanager

@@ -82,6 +82,7 @@ class OpenAIHandlers:
         self.vocab = cfg.vocab_size
         self.end_of_turn = getattr(tokenizer, "special_token_ids", {}).get(END_OF_TURN)
         self._text_cache: dict[int, str] = {}
+        self.vision = None  # a serving.vision.VisionChat when the model reads images
 
     # ------------------------------------------------------------------ checks and inputs
     def check_model(self, name: str) -> None:
@@ -271,6 +272,12 @@ class OpenAIHandlers:
     async def chat(self, req: ChatCompletionRequest):
         self.check_model(req.model)
         req.check_unsupported()
+        from .vision import has_images, refuse_text_only
+
+        if has_images(req):  # image_url parts: serving/vision.py
+            if self.vision is None:
+                refuse_text_only(req, self.model_name)
+            return await self.vision.chat(req)
         stop, include_usage = req.stop_list(), req.include_usage()
         messages = []
         for k, m in enumerate(req.messages):

@@ -105,11 +105,27 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    url: StrictStr
+    detail: StrictStr | None = None
+
+
+class ImagePart(BaseModel):
+    """An OpenAI image content part (models with a vision tower: serving/vision.py)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: StrictStr
-    content: Union[StrictStr, list[TextPart], None] = None
+    content: Union[StrictStr, list[Union[TextPart, ImagePart]], None] = None
     name: StrictStr | None = None
 
     def text(self) -> str:
@@ -117,7 +133,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if p.type == "text")
 
 
 class ChatCompletionRequest(_Request):

@@ -54,7 +54,7 @@ def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
 
 def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
-          dtype: str | None = None, log_level: str = "info") -> None:
+          dtype: str | None = None, log_level: str = "info", allow_remote_images: bool = False) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first)."""
     import uvicorn
 
@@ -64,8 +64,11 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     name = model_name or Path(model_dir).resolve().name
     print(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
           + (" (API key required)" if api_key else ""), file=sys.stderr, flush=True)
+    from .vision import VisionOptions, load_server_vision
+
     app = create_app(model, tok, ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size,
-                                              max_queue=max_queue))
+                                              max_queue=max_queue, vision=load_server_vision(model, model_dir),
+                                              vision_options=VisionOptions(allow_remote_images=allow_remote_images)))
     uvicorn.Server(uvicorn_config(app, host, port, log_level)).run()
 
 
