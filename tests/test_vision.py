@@ -201,9 +201,35 @@ def test_stage1_trains_projector_only_and_caches_features(tok_lm):
     assert not any(p.requires_grad for p in m.lm.parameters())
     ids = torch.tensor([[1] + [tid] * m.vision.config.num_image_tokens + [5, 6]])
     pix = torch.randn(2, 3, 8, 8)
-    out = m("v", ids.repeat(2, 1), pixel_values=pix, labels=ids.repeat(2, 1))
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]  # the answer: the last two tokens
+    labels = labels.repeat(2, 1)
+    out = m("v", ids.repeat(2, 1), pixel_values=pix, labels=labels)
     out.loss.backward()
     assert all(p.grad is not None for p in m.vision.projector.parameters())
     assert len(m._feature_cache) == 2  # frozen encoder: features cached per image
-    again = m("v", ids.repeat(2, 1), pixel_values=pix).logits
-    assert torch.allclose(again, out.logits, atol=1e-5) and len(m._feature_cache) == 2
+    again = m("v", ids.repeat(2, 1), pixel_values=pix, labels=labels)
+    assert out.logits.shape == (2 * 2, lm.config.vocab_size)  # only the answer-predicting positions
+    assert torch.allclose(again.loss, out.loss, atol=1e-5) and len(m._feature_cache) == 2
+
+
+def test_lora_on_vision_multitask_saves_merged(tok_lm, tmp_path):
+    pytest.importorskip("peft")
+    from seekformer.models.multitask import SeekForMultiTask
+
+    tok, lm, tid = tok_lm
+    m = SeekForVisionMultiTask(SeekForCausalLM(lm.config), [{"name": "v", "type": "vqa"}],
+                               VisionConfig.from_preset("vit-nano", image_size=8), tid)
+    assert m.add_lora(r=4, targets=["q_proj", "o_proj"]) > 0
+    with torch.no_grad():
+        for n, p in m.lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ids = torch.tensor([[1] + [tid] * m.vision.config.num_image_tokens + [5, 6]])
+    pix = torch.randn(1, 3, 8, 8)
+    m.eval()
+    before = m("v", ids, pixel_values=pix).logits
+    m.save_pretrained(tmp_path / "lora", tokenizer=tok)
+    loaded = SeekForMultiTask.from_pretrained(tmp_path / "lora")
+    assert not loaded.has_lora()
+    assert torch.allclose(loaded("v", ids, pixel_values=pix).logits, before, atol=1e-4)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data.images import IMAGE_TOKEN
 from ..nn.vision import VisionConfig, VisionTower, random_translate, splice_image_tokens
-from .causal_lm import SeekForCausalLM, shifted_cross_entropy
+from .causal_lm import SeekForCausalLM
 from .multitask import SeekForMultiTask, TaskOutput
 
 VISION_FILE = "vision.safetensors"
@@ -276,7 +276,8 @@ class SeekForVisionMultiTask(SeekForMultiTask, ImageEmbedder):
     """SeekForMultiTask plus a VisionTower: text tasks as before; image tasks take `pixel_values` [B,C,S,S].
 
     image_classification  logits_BC  = ClassificationHead(hidden) (last token, after the image tokens)
-    vqa                   logits_BTV = lm.lm_head(hidden), loss on the answer tokens (labels, -100 elsewhere)
+    vqa                   logits_BTV = lm.lm_head(hidden), loss on the answer tokens (labels, -100 elsewhere);
+                          with labels only the N answer-predicting positions are computed: logits_NV
     """
 
     def __init__(self, lm: SeekForCausalLM, tasks: list[dict[str, Any]], vision_config: VisionConfig,
@@ -301,10 +302,14 @@ class SeekForVisionMultiTask(SeekForMultiTask, ImageEmbedder):
         hidden = self.lm.model(input_ids, mask, inputs_embeds=embeds)
         aux = self._aux_loss() if self.training else None
         loss = None
-        if spec["type"] == "vqa":
+        if spec["type"] == "vqa" and labels is not None:
+            # only the positions that predict an answer token go through the LM head: logits [N,V]
+            target_BT = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+            keep_BT = target_BT != -100
+            logits = self.lm.lm_head(hidden[keep_BT])
+            loss = F.cross_entropy(logits.float(), target_BT[keep_BT])
+        elif spec["type"] == "vqa":
             logits = self.lm.lm_head(hidden)
-            if labels is not None:
-                loss = shifted_cross_entropy(logits, labels)
         else:
             logits = self.heads[task](hidden, mask)
             if labels is not None:
