@@ -148,7 +148,8 @@ def evaluate_task_cli(model_dir: str | Path, task: str | None = None, data: str 
         fields = {k: v for k, v in decl.items() if k in TaskRecipe.__dataclass_fields__}
         spec = TaskRecipe(**fields)
         records = load_split(spec, src, "test", max_examples)
-        examples = Encoder(spec, tokenizer, decl.get("labels")).encode(records, src, training=False)
+        examples = Encoder(spec, tokenizer, decl.get("labels"), image=getattr(model, "image_spec", None)
+                           ).encode(records, src, training=False)
         results[decl["name"]] = evaluate_task(model, tokenizer, decl, examples, batch_size)
     payload: dict[str, Any] = next(iter(results.values())) if len(results) == 1 else results
     if output:

@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         device: opts.Device = "cpu",
         dtype: opts.Dtype = None,
         threads: opts.Threads = None,
+        image: Optional[list[Path]] = typer.Option(None, "--image", help="An image the prompt asks about (repeatable; "
+                                                   "a model with a vision tower; the prompt is a chat user message)."),
     ) -> None:
         """Continue a prompt; the text streams as it is generated. Ctrl-C stops (exit 130)."""
         from ..errors import GenerationError
@@ -48,10 +50,19 @@ def register(app: typer.Typer) -> None:
             prompt = sys.stdin.read()
         if not prompt:
             raise GenerationError("empty prompt: pass --prompt TEXT")
-        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
-        ids = tok.encode(prompt, add_bos=add_bos)
         options = opts.sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                 frequency_penalty, presence_penalty, seed, stop)
+        if image:  # inference/vision.py
+            from ..inference.vision import load_vision_model, stream_with_images
+
+            vlm, vtok = load_vision_model(model_dir, device, dtype)
+            for piece in stream_with_images(vlm, vtok, prompt, list(image), **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
+        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
+        ids = tok.encode(prompt, add_bos=add_bos)
         if echo:
             typer.echo(prompt, nl=False)
         if num_beams < 1:
@@ -95,19 +106,26 @@ def register(app: typer.Typer) -> None:
         dtype: opts.Dtype = None,
         threads: opts.Threads = None,
     ) -> None:
-        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit.
+        """Chat interactively (chat template, streamed replies). Commands: /reset, /exit, /image PATH.
 
         Ctrl-C stops the current reply; at the prompt it (or Ctrl-D) ends the session.
         """
-        from ..errors import GenerationError
+        from ..errors import GenerationError, SeekformerError
         from ..inference.chat import ChatSession
         from ..models.loading import load_model_and_tokenizer
+        from ..models.vision_lm import is_vision_dir
 
         opts.set_threads(threads)
-        model, tok = load_model_and_tokenizer(model_dir, device, dtype)
-        session = ChatSession(model, tok, system=system, **opts.sampling(
-            max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, frequency_penalty,
-            presence_penalty, seed, stop))
+        options = opts.sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                frequency_penalty, presence_penalty, seed, stop)
+        if is_vision_dir(model_dir):  # a model with a vision tower: /image PATH attaches an image
+            from ..inference.vision import VisionChatSession, load_vision_model
+
+            vlm, tok = load_vision_model(model_dir, device, dtype)
+            session = VisionChatSession(vlm, tok, system=system, **options)
+        else:
+            model, tok = load_model_and_tokenizer(model_dir, device, dtype)
+            session = ChatSession(model, tok, system=system, **options)
         interactive = sys.stdin.isatty()
         if interactive:
             typer.echo("chat: /reset clears the conversation, /exit quits", err=True)
@@ -125,8 +143,18 @@ def register(app: typer.Typer) -> None:
                 session.reset()
                 typer.echo("(conversation cleared)")
                 continue
+            if cmd.startswith("/image"):
+                if not hasattr(session, "add_image"):
+                    typer.echo("error: this is a text-only model (no vision tower); it cannot read images", err=True)
+                    continue
+                try:
+                    session.add_image(cmd[len("/image"):].strip())
+                    typer.echo("(image attached to the next message)", err=True)
+                except SeekformerError as e:
+                    typer.echo(f"error: {e}", err=True)
+                continue
             if cmd.startswith("/"):
-                typer.echo(f"unknown command {cmd}: use /reset or /exit", err=True)
+                typer.echo(f"unknown command {cmd}: use /reset, /image PATH or /exit", err=True)
                 continue
             reply: list[str] = []
             try:

@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
                                           "two decode steps (long prompts and scoring go in chunks)."),
         lora: Optional[str] = typer.Option(None, "--lora", help="NAME=DIR: serve MODEL_DIR with the peft LoRA "
                                            "adapter in DIR folded in, as model NAME."),
+        allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image_url "
+                                                 "parts (default: only inline data: URLs; remote ones get a 400)."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -65,4 +67,4 @@ def register(app: typer.Typer) -> None:
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
               max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
               max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk,
-              lora=adapter)
+              lora=adapter, allow_remote_images=allow_remote_images)

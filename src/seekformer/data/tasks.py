@@ -36,14 +36,17 @@ import torch
 from ..errors import DataError, SeekformerError, TaskError
 from .task_sources import BUILTIN_PREFIX, SPLITS, builtin_defaults, builtin_source, read_records  # noqa: F401
 
-TASK_TYPES = ("classification", "tagging", "qa", "generation", "chat")
+TASK_TYPES = ("classification", "tagging", "qa", "generation", "chat", "image_classification", "vqa")
 LM_TASK_TYPES = ("generation", "chat")  # trained and decoded through the language-model head
+IMAGE_TASK_TYPES = ("image_classification", "vqa")  # data/images.py, models/vision_lm.py
 FIELDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
     "tagging": ("tokens", "tags"),
     "qa": ("context", "question", "answers"),
     "generation": ("source", "target"),
     "chat": ("messages",),
+    "image_classification": ("image", "label"),
+    "vqa": ("image", "question", "answer"),
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 IGNORE = -100
@@ -91,6 +94,8 @@ class TaskRecipe:
     weight: float = 1.0  # loss weight of the `fixed` strategy (initial weight for the others)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    augment: int = 0  # image tasks: random translation by up to N pixels in training
+
 
     def field_name(self, role: str) -> str:
         return self.fields.get(role, role)
@@ -111,7 +116,7 @@ class TaskRecipe:
             raise TaskError(f"task {self.name!r}: pooling must be 'last' or 'mean', got {self.pooling!r}")
         if self.max_length < 8:
             raise TaskError(f"task {self.name!r}: max_length must be >= 8, got {self.max_length}")
-        if self.labels is not None and self.type in ("qa", "generation", "chat"):
+        if self.labels is not None and self.type in ("qa", "generation", "chat", "vqa"):
             raise TaskError(f"task {self.name!r}: a {self.type} task has no label set; remove 'labels'")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise TaskError(f"task {self.name!r}: the declared labels contain duplicates")
@@ -192,7 +197,7 @@ def infer_labels(task: TaskRecipe, records: list[dict], source: str) -> list[str
     seen: set[str] = set()
     for i, rec in enumerate(records, start=1):
         where = f"{source} record {i}"
-        if task.type == "classification":
+        if task.type in ("classification", "image_classification"):
             v = _get(task, rec, "label", where)
             if isinstance(v, (list, dict)):
                 raise TaskError(f"{where}: label {v!r:.40} is not a single value; cannot infer the label set "
@@ -215,8 +220,9 @@ def infer_labels(task: TaskRecipe, records: list[dict], source: str) -> list[str
 class Encoder:
     """Turns records of one task into token ids and aligned labels. `labels` is the task's label list."""
 
-    def __init__(self, task: TaskRecipe, tokenizer, labels: list[str] | None) -> None:
-        self.task, self.tok, self.labels = task, tokenizer, labels
+    def __init__(self, task: TaskRecipe, tokenizer, labels: list[str] | None, image=None) -> None:
+        """`image` (image tasks): an object with `config` (VisionConfig) and `image_token_id`."""
+        self.task, self.tok, self.labels, self.image = task, tokenizer, labels, image
         self.label_id = {l: i for i, l in enumerate(labels or [])}
         self.sep = tokenizer.special_token_ids.get("<|assistant|>", tokenizer.eos_token_id)
 
@@ -229,6 +235,9 @@ class Encoder:
     def encode(self, records: list[dict], source: str, training: bool = True) -> list[dict]:
         if not records:
             raise DataError(f"task {self.task.name!r}: {source} is empty; every split needs records")
+        if self.task.type in IMAGE_TASK_TYPES and self.image is None:
+            raise TaskError(f"task {self.task.name!r}: a {self.task.type} task needs a vision model (a `vision:` "
+                            "recipe section or a base/model with vision files)")
         fn = getattr(self, f"_{self.task.type}")
         out = [fn(rec, f"{source} record {i}") for i, rec in enumerate(records, start=1)]
         if training and self.task.type == "chat":
@@ -354,10 +363,50 @@ def _chat_messages(value: Any, where: str) -> list[dict]:
                         "record needs at least one {\"role\": \"assistant\", \"content\": ...} message")
     return value
 
+    # ------------------------------------------------------------------ image tasks (data/images.py)
+    def _pixels(self, rec: dict, where: str):
+        from .images import ImageError, load_image
+
+        cfg = self.image.config
+        path = _get(self.task, rec, "image", where)
+        try:
+            return load_image(path, cfg.image_size, cfg.channels)
+        except ImageError as e:
+            raise ImageError(f"{where}: {e}") from None
+
+    def _image_ids(self) -> list[int]:
+        return [self.image.image_token_id] * self.image.config.num_image_tokens
+
+    def _image_classification(self, rec: dict, where: str) -> dict:
+        return {"input_ids": [self.tok.bos_token_id, *self._image_ids(), self.tok.eos_token_id],
+                "pixels": self._pixels(rec, where), "label": self._label(_get(self.task, rec, "label", where), where)}
+
+    def _vqa(self, rec: dict, where: str) -> dict:
+        from .images import image_chat_prompt
+
+        question = str(_get(self.task, rec, "question", where))
+        answer = str(_get(self.task, rec, "answer", where))
+        marker = self.image.image_token_id
+        prompt = []
+        for t in self.tok.encode(image_chat_prompt(self.tok, question)):
+            prompt += self._image_ids() if t == marker else [t]
+        stop = self.tok.end_of_turn_token_id if self.tok.end_of_turn_token_id is not None else self.tok.eos_token_id
+        tgt = self.tok.encode(answer)[: self.task.max_length // 2 - 1] + [stop]
+        if len(prompt) + len(tgt) > self.task.max_length:
+            raise TaskError(f"{where}: the image tokens and question take {len(prompt)} tokens, over task "
+                            f"{self.task.name!r}'s max_length {self.task.max_length}; raise max_length")
+        return {"input_ids": prompt + tgt, "labels": [IGNORE] * len(prompt) + tgt, "prompt_len": len(prompt),
+                "pixels": self._pixels(rec, where), "question": question, "answers": [answer]}
+
 
 def load_split(task: TaskRecipe, source: str, split: str, max_examples: int | None, seed: int = 0) -> list[dict]:
     """Read a split and keep at most `max_examples` records (a seeded sample, original order)."""
-    records = read_records(source, split)
+    if task.type in IMAGE_TASK_TYPES:
+        from .images import read_image_records
+
+        records = read_image_records(source, task.type, task.fields)
+    else:
+        records = read_records(source, split)
     if not records:
         raise DataError(f"task {task.name!r}: the {split} split {source} is empty; every split needs records")
     if max_examples is not None and len(records) > max_examples:
@@ -376,9 +425,13 @@ def collate(examples: list[dict], task_type: str, pad_id: int) -> dict[str, torc
         ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    if task_type == "classification":
+    if "pixels" in examples[0]:  # image tasks: uint8 [C,S,S] each -> normalized float [B,C,S,S]
+        from .images import normalize
+
+        batch["pixel_values"] = normalize(torch.stack([e["pixels"] for e in examples]))
+    if task_type in ("classification", "image_classification"):
         batch["labels"] = torch.tensor([e["label"] for e in examples])
-    elif task_type in ("tagging", "generation", "chat"):
+    elif task_type in ("tagging", "generation", "chat", "vqa"):
         labels = torch.full((len(examples), t), IGNORE, dtype=torch.long)
         for i, e in enumerate(examples):
             labels[i, : len(e["labels"])] = torch.tensor(e["labels"])

@@ -94,7 +94,8 @@ def qa_metrics(preds: list[str], golds: list[list[str]]) -> dict[str, float]:
     return {"exact_match": em, "f1": f1}
 
 
-PRIMARY_METRIC = {"classification": "accuracy", "tagging": "token_accuracy", "qa": "f1", "generation": "chrf", "chat": "chrf"}
+PRIMARY_METRIC = {"classification": "accuracy", "tagging": "token_accuracy", "qa": "f1", "generation": "chrf",
+                  "chat": "chrf", "image_classification": "accuracy", "vqa": "exact_match"}
 
 
 # ====================================================================== predictions
@@ -116,6 +117,8 @@ def predict_task(model, tokenizer, task: dict[str, Any], examples: list[dict], b
     try:
         if kind in ("generation", "chat"):
             return _generate(model, tokenizer, task, examples, batch_size)
+        if kind in ("image_classification", "vqa"):
+            return predict_image_task(model, tokenizer, task, examples, batch_size)
         for chunk, batch in eval_batches(examples, kind, batch_size, pad):
             batch = {k: v.to(model.device) for k, v in batch.items()}
             res = model(name, batch["input_ids"], batch["attention_mask"])
@@ -161,10 +164,44 @@ def _generate(model, tokenizer, task: dict[str, Any], examples: list[dict], batc
     return texts
 
 
+@torch.no_grad()
+def predict_image_task(model, tokenizer, task: dict[str, Any], examples: list[dict], batch_size: int) -> list[Any]:
+    """image_classification -> label strings; vqa -> greedy answers of the LM head (up to end of turn)."""
+    from ..data.tasks import eval_batches
+
+    name, kind, labels = task["name"], task["type"], task.get("labels") or []
+    out: list[Any] = []
+    if kind == "image_classification":
+        for _, batch in eval_batches(examples, kind, batch_size, tokenizer.pad_token_id):
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            res = model(name, batch["input_ids"], batch["attention_mask"], pixel_values=batch["pixel_values"])
+            out += [labels[i] for i in res.logits.argmax(-1).tolist()]
+        return out
+    vlm = model.vision_lm()
+    stops = [i for i in (tokenizer.end_of_turn_token_id, tokenizer.eos_token_id) if i is not None]
+    limit = model.config.max_position_embeddings
+    ctx = model.merged_lora() if model.has_lora() else contextlib.nullcontext()
+    with ctx:
+        for k in range(0, len(examples), batch_size):
+            chunk = examples[k: k + batch_size]
+            prompts = [e["input_ids"][: e["prompt_len"]] for e in chunk]
+            from ..data.images import normalize
+
+            pix = normalize(torch.stack([e["pixels"] for e in chunk])).to(model.device)
+            new = max(1, min(int(task.get("max_new_tokens", 64)), limit - max(len(p) for p in prompts)))
+            res = vlm.generate(prompts, pix, max_new_tokens=new, do_sample=False, eos_token_id=stops,
+                               return_dict=True)
+            out += [tokenizer.decode([t for t in toks if t not in stops]).strip() for toks in res.new_tokens]
+    return out
+
+
 def score_task(task: dict[str, Any], examples: list[dict], preds: list[Any]) -> dict[str, float]:
     """Metrics of `preds` against the gold answers stored in the encoded `examples`."""
     kind, labels = task["type"], task.get("labels") or []
-    if kind == "classification":
+    if kind == "vqa":
+        return {"exact_match": sum(normalize_answer(p) == normalize_answer(e["answers"][0])
+                                   for p, e in zip(preds, examples)) / max(1, len(examples))}
+    if kind in ("classification", "image_classification"):
         return classification_metrics([labels.index(p) for p in preds], [e["label"] for e in examples], len(labels))
     if kind == "tagging":
         from ..data.tasks import is_bio

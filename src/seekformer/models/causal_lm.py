@@ -67,8 +67,10 @@ class SeekModel(nn.Module):
                                           config.max_position_embeddings)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`inputs_embeds` [B,T,D], when given, replaces the token embeddings (input_ids still give B, T)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t = input_ids.shape
         mask = slots = None
         if cache is not None:
@@ -202,13 +204,14 @@ class SeekForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, logits_to_keep: int = 0,
-                return_hidden: bool = False) -> CausalLMOutput:
+                return_hidden: bool = False, inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids [B,T] -> CausalLMOutput(logits [B,T,V]); labels [B,T] (-100 ignored) add `.loss`.
 
         The loss is the next-token cross-entropy, plus `mtp_loss_weight` times the mean MTP loss and the
         MoE balance terms in training. `logits_to_keep=n` computes logits for the last n positions only.
+        `inputs_embeds` [B,T,D] replaces the token embeddings (e.g. with image tokens spliced in).
         """
-        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds=inputs_embeds)
         h_keep = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
         logits = self.lm_head(h_keep)
         out = CausalLMOutput(logits=logits, hidden_states=hidden if return_hidden else None)

@@ -97,6 +97,10 @@ def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
         return TokenHead(d, 2, drop)
     if kind in ("generation", "chat"):
         return None
+    if kind == "image_classification":  # models/vision_lm.py: pooled after the image tokens
+        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop)
+    if kind == "vqa":  # answers come from the LM head
+        return None
     from ..errors import TaskError
 
     raise TaskError(f"task {task.get('name')!r}: unknown type {kind!r}; use classification, tagging, qa, "
@@ -285,8 +289,15 @@ class SeekForMultiTask(nn.Module):
         save_model(lm, path, dtype=dtype, extra_files=files)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForMultiTask:
-        """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model)."""
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        vision: bool = True) -> SeekForMultiTask:
+        """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model).
+
+        A directory with vision files loads as a SeekForVisionMultiTask (unless `vision=False`: text part only)."""
+        from .vision_lm import SeekForVisionMultiTask, is_vision_dir
+
+        if vision and cls is SeekForMultiTask and is_vision_dir(path):
+            return SeekForVisionMultiTask.from_pretrained(path, device)
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

@@ -26,6 +26,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request
@@ -59,6 +60,8 @@ class ServerConfig:
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413; None: no limit
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser ("*": any)
     prefill_chunk: int = 512  # prompt tokens encoded between two decode steps (chunked prefill and scoring)
+    vision: Any = None  # a SeekForVisionLM sharing `model`: image_url content parts (serving/vision.py)
+    vision_options: Any = None  # serving.vision.VisionOptions (remote URLs, byte and pixel limits)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -193,6 +196,10 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     backend.on_tokens = metrics.generation_tokens.inc
     backend.on_first_token = metrics.ttft.observe
     handlers = OpenAIHandlers(backend, tokenizer, config.model_name, metrics)
+    if config.vision is not None:
+        from .vision import VisionChat
+
+        handlers.vision = VisionChat(handlers, config.vision, config.vision_options)
     created = int(time.time())
 
     @asynccontextmanager

@@ -100,6 +100,7 @@ class OpenAIHandlers:
         self._text_cache: dict[int, str] = {}
         self.max_prompt_chars = self.context * self._longest_token()
         self._tokenize_limiter = anyio.CapacityLimiter(TOKENIZE_THREADS)
+        self.vision = None  # a serving.vision.VisionChat when the model reads images
 
     def _longest_token(self) -> int:
         """Characters of the longest token (special tokens included): a text of more than context x this
@@ -326,6 +327,12 @@ class OpenAIHandlers:
     async def chat(self, req: ChatCompletionRequest, is_disconnected=None):
         self.check_model(req.model)
         req.check_unsupported()
+        from .vision import has_images, refuse_text_only
+
+        if has_images(req):  # image_url parts: serving/vision.py
+            if self.vision is None:
+                refuse_text_only(req, self.model_name)
+            return await self.vision.chat(req)
         stop, include_usage = req.stop_list(), req.include_usage()
         plan = plan_chat(req, self.tok, self.vocab, self._chat_stop_ids())
         messages = chat_messages(req.messages)

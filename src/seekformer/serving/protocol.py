@@ -109,11 +109,27 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    url: StrictStr
+    detail: StrictStr | None = None
+
+
+class ImagePart(BaseModel):
+    """An OpenAI image content part (models with a vision tower: serving/vision.py)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: StrictStr
-    content: Union[StrictStr, list[TextPart], None] = None
+    content: Union[StrictStr, list[Union[TextPart, ImagePart]], None] = None
     name: StrictStr | None = None
     tool_calls: list[dict[str, Any]] | None = None  # assistant turns that called tools
     tool_call_id: StrictStr | None = None  # role "tool": the call this result answers
@@ -123,7 +139,7 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if p.type == "text")
 
 
 class ChatCompletionRequest(_Request):

@@ -82,10 +82,11 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
           dtype: str | None = None, log_level: str = "info", max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
           cors_origins: list[str] | None = None, prefill_chunk: int = 512,
-          lora: tuple[str, str] | None = None) -> None:
+          lora: tuple[str, str] | None = None, allow_remote_images: bool = False) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
 
-    `max_body_bytes` None: no body limit; `lora` (NAME, DIR) folds a peft adapter in and serves it as NAME.
+    `max_body_bytes` None: no body limit; `lora` (NAME, DIR) folds a peft adapter in and serves it as NAME;
+    `allow_remote_images` lets image_url parts fetch http(s) URLs (a model with a vision tower).
     Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port is
     bound before the model loads and before "serving ..." is printed."""
     require_serve_extra()
@@ -95,11 +96,15 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
 
     sock = bind_socket(host, port)
     try:
+        from .vision import VisionOptions, load_server_vision
+
         model, tok = load_model_dir(model_dir, device, dtype, adapter=lora[1] if lora else None)
         name = model_name or (lora[0] if lora else Path(model_dir).resolve().name)
         config = ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_body_bytes=max_body_bytes,
-                              cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk)
+                              cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk,
+                              vision=load_server_vision(model, model_dir),
+                              vision_options=VisionOptions(allow_remote_images=allow_remote_images))
         app = create_app(model, tok, config)
         logging.getLogger(__name__).info(f"serving {model_dir} as model '{name}' on http://{host}:{port}/v1"
                                          + (" (API key required)" if api_key else ""))

@@ -62,8 +62,9 @@ class TaskData:
     test: list[dict] | None = None
 
 
-def prepare_tasks(recipe: FinetuneRecipe, tokenizer) -> dict[str, TaskData]:
-    """Read, validate and encode every task's splits (errors name the task, file and record)."""
+def prepare_tasks(recipe: FinetuneRecipe, tokenizer, image=None) -> dict[str, TaskData]:
+    """Read, validate and encode every task's splits (errors name the task, file and record).
+    `image` (a models.vision_lm.VisionSetup) is needed by image tasks."""
     from ..data.tasks import Encoder, infer_labels, load_split, resolve_splits
 
     out = {}
@@ -71,10 +72,10 @@ def prepare_tasks(recipe: FinetuneRecipe, tokenizer) -> dict[str, TaskData]:
     for task in recipe.tasks:
         splits = resolve_splits(task)
         train_records = load_split(task, splits["train"], "train", task.max_train_examples, seed)
-        labels = infer_labels(task, train_records, splits["train"]) if task.type in ("classification", "tagging") \
-            else None
+        labels = infer_labels(task, train_records, splits["train"]) \
+            if task.type in ("classification", "tagging", "image_classification") else None
         decl = {**task.to_dict(), **{s: splits.get(s) for s in ("train", "validation", "test")}, "labels": labels}
-        enc = Encoder(task, tokenizer, labels)
+        enc = Encoder(task, tokenizer, labels, image=image)
         data = TaskData(decl, enc.encode(train_records, splits["train"], training=True))
         for split in ("validation", "test"):
             if split in splits:
@@ -127,21 +128,26 @@ class MultiTaskTrainer:
         resume_from = self.checkpoints.start(t.resume, t.overwrite)
         torch.manual_seed(t.seed)
         self.tokenizer, lm = load_base(r)
+        from .vision import configure_vision, vision_for_recipe
+
+        self.vision = vision_for_recipe(r, self.tokenizer, lm)  # None without image tasks (training/vision.py)
         limit = lm.config.max_position_embeddings
         for task in r.tasks:
             if task.max_length > limit:
                 raise RecipeError(f"task {task.name!r}: max_length {task.max_length} exceeds the base model's context "
                                   f"({limit} positions); lower it")
-        self.data = prepare_tasks(r, self.tokenizer)
+        self.data = prepare_tasks(r, self.tokenizer, self.vision)
         if lm.config.vocab_size < self.tokenizer.vocab_size:
             raise RecipeError(f"the base model's vocabulary ({lm.config.vocab_size}) is smaller than its tokenizer's")
-        self.model = SeekForMultiTask(lm, [d.decl for d in self.data.values()])
+        decls = [d.decl for d in self.data.values()]
+        self.model = SeekForMultiTask(lm, decls) if self.vision is None else self.vision.build(lm, decls, t.seed)
         if t.method == "lora":
             n = self.model.add_lora(r.lora.r, r.lora.alpha, r.lora.dropout, r.lora.targets)
             self.console.print(f"LoRA: {n:,} adapter parameters (trunk frozen)")
         elif t.method == "frozen":
             for p in self.model.lm.parameters():
                 p.requires_grad_(False)
+        vision_groups = configure_vision(self.model, r) if self.vision is not None else []
         self.model.train()
         self.shared = self.model.trunk_parameters()
         names = {id(p): n for n, p in self.model.lm.named_parameters()}
@@ -153,6 +159,7 @@ class MultiTaskTrainer:
             for g in param_groups(module, t.weight_decay):
                 if g["params"]:
                     groups.append({**g, "lr": lr})
+        groups += vision_groups
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
         w = r.weighting

@@ -133,6 +133,32 @@ class LoraRecipe:
 
 
 @dataclass
+class VisionRecipe:
+    """The image encoder of a fine-tune with image tasks (models/vision_lm.py). A base model that already
+    has vision files keeps its own tower; these keys then do not apply."""
+
+    encoder: str = "vit-tiny"  # preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
+    image_size: int | None = None  # pixels per side (default 32)
+    patch_size: int | None = None  # default: the preset's
+    channels: int | None = None  # 1 (grey) or 3 (RGB, default)
+    pixel_shuffle: bool | None = None  # merge 2x2 patches into one image token
+    pretrained: str | None = None  # a model directory with a trained vision tower to start from
+    freeze: bool = False  # keep the encoder's weights fixed (its features are cached per image)
+    stage: int = 2  # 1: train only the projector (and task heads; LLaVA stage 1); 2: everything trainable
+    lr: float | None = None  # encoder and projector learning rate (default train.lr)
+
+    def overrides(self) -> dict[str, Any]:
+        return {"image_size": self.image_size if self.image_size is not None else 32, "patch_size": self.patch_size,
+                "channels": self.channels, "pixel_shuffle": self.pixel_shuffle}
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2):
+            raise RecipeError(f"vision.stage must be 1 (projector only) or 2 (everything), got {self.stage}")
+        if self.lr is not None and not self.lr > 0:
+            raise RecipeError(f"vision.lr must be > 0, got {self.lr}")
+
+
+@dataclass
 class FinetuneRecipe:
     """A fine-tuning recipe (docs/recipes.md lists every key).
 
@@ -151,6 +177,7 @@ class FinetuneRecipe:
     train: FinetuneTrainRecipe = field(default_factory=FinetuneTrainRecipe)
     weighting: WeightingRecipe = field(default_factory=WeightingRecipe)
     lora: LoraRecipe = field(default_factory=LoraRecipe)
+    vision: VisionRecipe = field(default_factory=VisionRecipe)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain dicts and lists (what recipe.yaml holds)."""
@@ -192,7 +219,8 @@ class FinetuneRecipe:
             raise RecipeError(f"unknown train.sampling {t.sampling!r}; choose one of {', '.join(SAMPLING)}")
         if w.strategy not in STRATEGIES:
             raise RecipeError(f"unknown weighting.strategy {w.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if t.method == "frozen" and any(task.type in ("generation", "chat") for task in self.tasks):
+        self.vision.validate()
+        if t.method == "frozen" and any(task.type in ("generation", "chat", "vqa") for task in self.tasks):
             raise RecipeError("generation tasks train the trunk and its LM head; use train.method full or lora")
         if w.strategy == "gradnorm" and t.method == "frozen":
             raise RecipeError("weighting.strategy gradnorm needs shared trainable weights; use train.method "
@@ -251,10 +279,10 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
     """Build and validate a FinetuneRecipe from a parsed YAML mapping (unknown keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
-    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora"}
+    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora", "vision"}
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; valid: base, out, tasks, train, "
-                          "weighting, lora")
+                          "weighting, lora, vision")
     tasks = d.get("tasks") or []
     if not isinstance(tasks, list):
         raise RecipeError("`tasks:` must be a list of task mappings")
@@ -265,7 +293,8 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
                        tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
                        train=build_section(FinetuneTrainRecipe, d.get("train"), "train"),
                        weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
-                       lora=build_section(LoraRecipe, d.get("lora"), "lora"))
+                       lora=build_section(LoraRecipe, d.get("lora"), "lora"),
+                       vision=build_section(VisionRecipe, d.get("vision"), "vision"))
     r.validate()
     return r
 
@@ -281,5 +310,5 @@ def load_finetune_recipe(path_or_name: str, overrides: list[str] | None = None) 
     return finetune_recipe_from_dict(apply_overrides(d, rest))
 
 
-__all__ = ["FinetuneRecipe", "FinetuneTrainRecipe", "WeightingRecipe", "LoraRecipe", "load_finetune_recipe",
+__all__ = ["VisionRecipe", "FinetuneRecipe", "FinetuneTrainRecipe", "WeightingRecipe", "LoraRecipe", "load_finetune_recipe",
            "finetune_recipe_from_dict", "METHODS", "SAMPLING"]
