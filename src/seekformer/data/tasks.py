@@ -75,6 +75,7 @@ class TaskRecipe:
         weight: loss weight of the `fixed` strategy (initial weight for the others)
         max_train_examples: use at most this many training examples (null: all)
         max_eval_examples: use at most this many validation/test examples (null: all)
+        augment: image tasks: random translation by up to N pixels in training (0: none)
     """
 
     name: str = ""
@@ -346,23 +347,6 @@ class Encoder:
                 "source": str(source or ""), "target": str(last.get("content") or "")}
 
 
-def _chat_messages(value: Any, where: str) -> list[dict]:
-    """Check a chat record's messages: a list of {"role", "content"} dicts with an assistant turn."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
-    for k, m in enumerate(value):
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            raise DataError(f"{where}: message {k} must be an object with 'role' in {', '.join(CHAT_ROLES)}, "
-                            f"got {m!r:.80}")
-        content = m.get("content")
-        if not isinstance(content, str) and not (content is None and m.get("tool_calls")) \
-                and not isinstance(content, list):
-            raise DataError(f"{where}: message {k} ({m['role']}) needs a string 'content'")
-    if not any(m["role"] == "assistant" for m in value):
-        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; every chat "
-                        "record needs at least one {\"role\": \"assistant\", \"content\": ...} message")
-    return value
-
     # ------------------------------------------------------------------ image tasks (data/images.py)
     def _pixels(self, rec: dict, where: str):
         from .images import ImageError, load_image
@@ -397,6 +381,24 @@ def _chat_messages(value: Any, where: str) -> list[dict]:
                             f"{self.task.name!r}'s max_length {self.task.max_length}; raise max_length")
         return {"input_ids": prompt + tgt, "labels": [IGNORE] * len(prompt) + tgt, "prompt_len": len(prompt),
                 "pixels": self._pixels(rec, where), "question": question, "answers": [answer]}
+
+def _chat_messages(value: Any, where: str) -> list[dict]:
+    """Check a chat record's messages: a list of {"role", "content"} dicts with an assistant turn."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": ..., \"content\": ...}} objects")
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{where}: message {k} must be an object with 'role' in {', '.join(CHAT_ROLES)}, "
+                            f"got {m!r:.80}")
+        content = m.get("content")
+        if not isinstance(content, str) and not (content is None and m.get("tool_calls")) \
+                and not isinstance(content, list):
+            raise DataError(f"{where}: message {k} ({m['role']}) needs a string 'content'")
+    if not any(m["role"] == "assistant" for m in value):
+        raise DataError(f"{where}: the conversation has no assistant turn, so there is nothing to learn; every chat "
+                        "record needs at least one {\"role\": \"assistant\", \"content\": ...} message")
+    return value
+
 
 
 def load_split(task: TaskRecipe, source: str, split: str, max_examples: int | None, seed: int = 0) -> list[dict]:

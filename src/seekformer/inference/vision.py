@@ -22,7 +22,7 @@ from .chat import ChatSession
 from .generate import stream
 
 
-def load_vision_model(model_dir, device: str = "cpu", dtype: str = "fp32"):
+def load_vision_model(model_dir, device: str = "cpu", dtype: str | None = None):
     """(SeekForVisionLM in eval mode, SeekTokenizer); GenerationError when the model has no vision tower."""
     from ..checkpoint import check_model_dir
     from ..models.vision_lm import SeekForVisionLM, is_vision_dir
@@ -31,13 +31,13 @@ def load_vision_model(model_dir, device: str = "cpu", dtype: str = "fp32"):
     if not is_vision_dir(path):
         raise GenerationError(f"{path} is a text-only model (no vision.json): it cannot read images; fine-tune it "
                               "with image tasks first")
-    if dtype not in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16"):
-        raise GenerationError(f"unknown dtype {dtype!r}: use fp32, bf16 or fp16")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise GenerationError("device cuda requested but CUDA is not available: use --device cpu")
+    from ..models.loading import check_device, parse_dtype
+
+    torch_dtype = parse_dtype(dtype)  # one dtype vocabulary (SeekformerError for unknown names)
+    device = check_device(device)
     vlm = SeekForVisionLM.from_pretrained(path, device=device)
-    if dtype in ("bf16", "bfloat16", "fp16", "float16"):
-        vlm.to(torch.bfloat16 if dtype.startswith("bf") else torch.float16)
+    if torch_dtype is not None and torch_dtype != torch.float32:
+        vlm.to(torch_dtype)
     return vlm.eval(), SeekTokenizer.load(path)
 
 

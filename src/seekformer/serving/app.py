@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .backend import Backend, release_memory
 from .metrics import ServerMetrics
 from .openai_api import JSONText, OpenAIHandlers
-from .server import DEFAULT_MAX_BODY_BYTES
+DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20  # request bodies above this get 413 (server.serve's default too)
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import SeekformerError
 
-DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20
+DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20  # == app.DEFAULT_MAX_BODY_BYTES (this module must not import fastapi)
 SERVE_EXTRA_HINT = 'pip install -e ".[serve]" (from a clone; or pip install "seekformer[serve]")'
 
 

@@ -85,7 +85,7 @@ class VisionChat:
         self.lock = threading.Lock()
 
     def _inputs(self, req) -> tuple[list[int], list[Any]]:
-        from .openai_api import CHAT_ROLES as CHAT_ROLES_MAP
+        from .tools import ROLES as CHAT_ROLES_MAP
 
         messages, images = [], []
         cfg = self.vlm.vision.config
@@ -147,7 +147,7 @@ class VisionChat:
         limit = req.limit()
         max_tokens = h.context - n_full if limit is None else limit
         h._check_prompt([0] * n_full, max_tokens, "messages")
-        stops = (h.end_of_turn,) if h.end_of_turn is not None else ()
+        stops = tuple(h.end_of_turn)
         sp = h._params(req, max_tokens, None, req.stop_list(), stops)
         params = dict(max_new_tokens=sp.max_new_tokens, do_sample=sp.do_sample, temperature=sp.temperature,
                       top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, repetition_penalty=sp.repetition_penalty,

@@ -135,7 +135,19 @@ class LoraRecipe:
 @dataclass
 class VisionRecipe:
     """The image encoder of a fine-tune with image tasks (models/vision_lm.py). A base model that already
-    has vision files keeps its own tower; these keys then do not apply."""
+    has vision files keeps its own tower; these keys then do not apply.
+
+    Keys:
+        encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
+        image_size: pixels per side (default 32)
+        patch_size: pixels per patch side (default: the preset's)
+        channels: 1 (grey) or 3 (RGB, default)
+        pixel_shuffle: merge 2x2 patches into one image token (fewer image tokens)
+        pretrained: a model directory with a trained vision tower to start from
+        freeze: keep the encoder's weights fixed (its features are cached per image)
+        stage: 1 trains only the projector and task heads (LLaVA stage 1); 2 everything trainable
+        lr: encoder and projector learning rate (default train.lr)
+    """
 
     encoder: str = "vit-tiny"  # preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
     image_size: int | None = None  # pixels per side (default 32)
@@ -169,6 +181,7 @@ class FinetuneRecipe:
         train: the training loop (section below)
         weighting: loss weighting (section below)
         lora: LoRA adapters (section below)
+        vision: the image encoder for image tasks (section below)
     """
 
     base: str = ""
