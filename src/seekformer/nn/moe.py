@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import plain
 from .mlp import MLP
 
 
@@ -124,6 +125,8 @@ class Experts(nn.Module):
         The N*K token copies are sorted by expert (S = N*K rows, expert e owning a contiguous block of
         counts[e] rows), each expert runs once on its block, and the rows are summed back per token.
         """
+        if plain.enabled():
+            return self.dense_forward(x, indices, weights)
         n, k = indices.shape
         flat = indices.reshape(-1)
         order = flat.argsort(stable=True)  # [S] token copies grouped by expert
@@ -150,6 +153,15 @@ class Experts(nn.Module):
                     parts.append(F.linear(F.silu(gate) * up, wd))
             ys = torch.cat(parts) * gate_w.to(dtype) if parts else xs.new_zeros(0, x.shape[1])
         return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # accumulate in x's dtype
+
+    def dense_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Same result as `forward` with plain differentiable ops (see nn/plain.py): every expert on every
+        token, x [N,D] -> gate_NE-weighted sum [N,D]; no sort, no data-dependent shapes (vmappable)."""
+        gate_NE = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        gate_NE = gate_NE.scatter(1, indices, weights.to(x.dtype))
+        gate, up = torch.einsum("nd,efd->nef", x, self.gate_up_proj.to(x.dtype)).chunk(2, dim=-1)  # [N,E,F]
+        act_NEF = F.silu(gate) * up * gate_NE.unsqueeze(-1)
+        return torch.einsum("nef,edf->nd", act_NEF, self.down_proj.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -193,7 +205,8 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
             if m is not None:
                 chosen = chosen * m[:, None]
-            self.load_counts += chosen.sum(0)
+            if not plain.enabled():  # per-sample callers (vmap) count loads themselves
+                self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
         if self.seq_aux_loss_alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.

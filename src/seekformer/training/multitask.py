@@ -305,8 +305,13 @@ class MultiTaskTrainer:
         self.model.train()
         return out
 
+    def extra_output_files(self) -> dict[str, str]:
+        """Hook for subclasses (e.g. privacy.json of DP-SGD): more files written into OUT with the model."""
+        return {}
+
     def save(self, results: dict[str, Any]) -> None:
-        files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
+        files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n",
+                 **self.extra_output_files()}
         self.model.save_pretrained(self.out, tokenizer=self.tokenizer, extra_files=files)
 
     # ------------------------------------------------------------------ loop
@@ -429,6 +434,16 @@ def plot_multitask(out_dir: str | Path) -> Path:
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
+    if recipe.federated is not None:  # federated fine-tuning (training/federated.py)
+        from .federated import federated_finetune
+
+        return federated_finetune(recipe, console=console)
+    if recipe.privacy is not None:  # DP-SGD (training/privacy/dp_sgd.py)
+        from .privacy.dp_sgd import PrivateTrainer
+
+        trainer = PrivateTrainer(recipe, console=console)
+        trainer.prepare()
+        return trainer.run()
     trainer = MultiTaskTrainer(recipe, console=console)
     trainer.prepare()
     return trainer.run()
