@@ -102,3 +102,34 @@ def test_client_level_dp_is_reported(base, tmp_path):
 ])
 def test_bad_federated_settings_are_one_line_errors(base, tmp_path, capsys, fed, fragment):
     user_error(capsys, ["finetune", _recipe(tmp_path, base, fed, method="frozen")], fragment)
+
+
+@pytest.mark.slow
+def test_grpc_server_and_clients_on_localhost(base, tmp_path):
+    """`seekformer federated server` + two `seekformer federated client` processes over Flower's gRPC."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fed = {"clients": 2, "rounds": 2, "local_steps": 2, "local_batch_size": 4, "partition": "iid"}
+    r = _recipe(tmp_path, base, fed, method="frozen", name="grpc")
+    addr = ["--address", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "seekformer", "federated"]
+    server = subprocess.Popen(cmd + ["server", r, *addr, "--round-timeout", "300"], stderr=subprocess.PIPE, text=True)
+    clients = [subprocess.Popen(cmd + ["client", r, "--client", str(k), *addr], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL) for k in range(2)]
+    try:
+        _, err = server.communicate(timeout=600)
+        assert server.returncode == 0, err[-2000:]
+    finally:
+        for p in [server, *clients]:
+            if p.poll() is None:
+                p.kill()
+        for c in clients:
+            c.wait(timeout=60)
+    rep = json.loads((tmp_path / "grpc" / "federated.json").read_text())
+    assert [h["round"] for h in rep["per_round"]] == [1, 2] and all("test_accuracy" in h for h in rep["per_round"])
+    assert all(h["uplink_bytes"] > 0 for h in rep["per_round"])

@@ -181,7 +181,7 @@ class FederatedRun:
         self.routed: dict[int, set[int]] = {}
         for i, m in enumerate(self.moe):
             m.gate.register_forward_hook(self._route_hook(i))
-        self.client_cls = _numpy_client_class()
+        self.client_cls = _numpy_client_class()  # SeekClient(run, k): client k as a Flower NumPyClient
         self.global_arrays = self.weights.get()
         self.rng = np.random.default_rng(t.seed + 7)
 
@@ -247,12 +247,16 @@ class FederatedRun:
         return out
 
     # ------------------------------------------------------------------ the server
-    def strategy(self):
+    def strategy(self, evaluate_fn=None, min_fit_clients: int = 1):
+        """The Flower strategy the recipe names, starting from the model's weights."""
         from flwr.common import ndarrays_to_parameters
         from flwr.server.strategy import FedAdam, FedAvg, FedProx
 
-        common = dict(fraction_fit=self.f.fraction_fit, min_fit_clients=1, min_available_clients=self.f.clients,
+        common = dict(fraction_fit=self.f.fraction_fit, fraction_evaluate=0.0, min_fit_clients=min_fit_clients,
+                      min_available_clients=self.f.clients, evaluate_fn=evaluate_fn,
                       initial_parameters=ndarrays_to_parameters(self.global_arrays))
+        if self.f.strategy != "fedadam":
+            common["fit_metrics_aggregation_fn"] = _sum_bytes
         if self.f.strategy == "fedprox":
             return FedProx(proximal_mu=self.f.proximal_mu, **common)
         if self.f.strategy == "fedadam":
@@ -262,18 +266,13 @@ class FederatedRun:
     def run(self) -> FinetuneResult:
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-        from ..evaluation.metrics import evaluate_task
-
         tr, f = self.trainer, self.f
         strategy = self.strategy()
         clients = [self.client_cls(self, k) for k in range(f.clients)]
         m = max(1, int(round(f.fraction_fit * f.clients)))
         history: list[dict[str, Any]] = []
         start = time.perf_counter()
-        eval_split = "test" if tr.data[self.task].test else "validation"
-        eval_examples = getattr(tr.data[self.task], eval_split) or []
-        if f.eval_examples:
-            eval_examples = eval_examples[: f.eval_examples]
+        eval_split = self.eval_split
         for rnd in range(1, f.rounds + 1):
             chosen = sorted(self.rng.choice(f.clients, size=m, replace=False).tolist())
             config = {"proximal_mu": f.proximal_mu if f.strategy == "fedprox" else 0.0, "round": rnd}
@@ -295,16 +294,36 @@ class FederatedRun:
                                    "train_loss": float(np.mean([r.metrics["loss"] for _, r in results])),
                                    "uplink_bytes": int(sum(r.metrics["uplink_bytes"] for _, r in results)),
                                    "full_uplink_bytes": int(sum(r.metrics["full_bytes"] for _, r in results))}
-            if eval_examples:
-                res = evaluate_task(tr.model, tr.tokenizer, tr.data[self.task].decl, eval_examples, tr.t.eval_batch_size)
-                tr.model.train()
-                rec.update({f"{eval_split}_{k}": v for k, v in res.items()})
+            rec.update(self.evaluate_round())
             history.append(rec)
             self.console.print(f"round {rnd}/{f.rounds}: loss {rec['train_loss']:.3f}"
                                + (f", {eval_split} accuracy {rec.get(f'{eval_split}_accuracy', float('nan')):.3f}"
                                   if f"{eval_split}_accuracy" in rec else "")
                                + f", uplink {rec['uplink_bytes'] / 1e6:.2f} MB")
-        results_all: dict[str, Any] = {"rounds": f.rounds, "train_seconds": time.perf_counter() - start}
+        return self.finish(history, time.perf_counter() - start)
+
+    @property
+    def eval_split(self) -> str:
+        return "test" if self.trainer.data[self.task].test else "validation"
+
+    def evaluate_round(self) -> dict[str, float]:
+        """Metrics of the current weights on the test split (else validation), prefixed by the split."""
+        from ..evaluation.metrics import evaluate_task
+
+        tr = self.trainer
+        examples = getattr(tr.data[self.task], self.eval_split) or []
+        if self.f.eval_examples:
+            examples = examples[: self.f.eval_examples]
+        if not examples:
+            return {}
+        res = evaluate_task(tr.model, tr.tokenizer, tr.data[self.task].decl, examples, tr.t.eval_batch_size)
+        tr.model.train()
+        return {f"{self.eval_split}_{k}": v for k, v in res.items()}
+
+    def finish(self, history: list[dict[str, Any]], seconds: float) -> FinetuneResult:
+        """Final evaluation, the model directory with federated.json, and the plot."""
+        tr, f = self.trainer, self.f
+        results_all: dict[str, Any] = {"rounds": f.rounds, "train_seconds": seconds}
         if tr.t.validate and tr.data[self.task].validation:
             results_all["validation"] = tr.evaluate("validation")
         if tr.t.test and tr.data[self.task].test:
@@ -312,8 +331,8 @@ class FederatedRun:
         report = self.report(history)
         tr.extra_output_files = lambda: {FEDERATED_FILE: json.dumps(report, indent=2) + "\n"}
         tr.save(results_all)
-        plot_rounds(tr.out, history, eval_split)
-        return FinetuneResult(tr.out, f.rounds * f.local_steps, time.perf_counter() - start,
+        plot_rounds(tr.out, history, self.eval_split)
+        return FinetuneResult(tr.out, f.rounds * f.local_steps, seconds,
                               {s: results_all[s] for s in ("validation", "test") if s in results_all})
 
     def report(self, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -334,6 +353,13 @@ class FederatedRun:
                                 "epsilon": epsilon_of("rdp", f.dp_noise_multiplier, f.fraction_fit, f.rounds, delta),
                                 "unit": "client (user-level DP)"}
         return out
+
+
+def _sum_bytes(metrics: list[tuple[int, dict]]) -> dict:
+    """Flower fit-metrics aggregation: total uplink bytes and the example-weighted mean loss."""
+    n = sum(k for k, _ in metrics) or 1
+    return {"uplink_bytes": sum(int(m.get("uplink_bytes", 0)) for _, m in metrics),
+            "loss": sum(k * float(m.get("loss", 0.0)) for k, m in metrics) / n}
 
 
 def plot_rounds(out_dir: str | Path, history: list[dict[str, Any]], split: str) -> Path:
