@@ -196,3 +196,11 @@ def test_noise_multiplier_given_stops_at_the_budget(base, tmp_path):
 ])
 def test_bad_privacy_settings_are_one_line_errors(base, tmp_path, capsys, privacy, fragment):
     user_error(capsys, ["finetune", _recipe(tmp_path, base, "frozen", privacy)], fragment)
+
+
+def test_vmap_through_expert_adapters_is_a_one_line_error(base, tmp_path, capsys):
+    """Found at the first step (after the run's own start-up lines): exit 2, the error in one line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", _recipe(tmp_path, base, "lora", {"epsilon": 2.0, "delta": 1e-3, "per_sample": "vmap"})])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and "per_sample vmap" in err.strip().splitlines()[-1]

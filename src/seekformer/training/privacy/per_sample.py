@@ -64,7 +64,10 @@ class PerSampleClipper:
                 return self._vmap(batch)
             except RuntimeError as e:  # e.g. peft's parametrized expert adapters mutate tensors under grad()
                 if self.strategy == "vmap":
-                    raise
+                    from ...errors import RecipeError
+
+                    raise RecipeError("privacy.per_sample vmap cannot run through these layers (e.g. peft "
+                                      "adapters on the routed experts); use per_sample: loop or auto") from None
                 self.fallback_reason = str(e).splitlines()[0][:200]
                 self.strategy = "loop"
         return self._loop(batch, loss_of)
