@@ -93,7 +93,7 @@ def main() -> None:
     import yaml
 
     from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir
-    from seekformer.training.multitask import finetune
+    from seekformer.training.finetune import finetune
     from seekformer.training.multitask_recipe import load_finetune_recipe
 
     out = Path(args.out)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from seekformer.data.shapes import write_digits, write_shapes_vqa
-from seekformer.training.multitask import finetune
+from seekformer.training.finetune import finetune
 from seekformer.training.multitask_recipe import finetune_recipe_from_dict
 
 from .test_multitask import make_tiny_base

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         Override any key with --section.key value (e.g. --train.steps 50 --weighting.strategy dwa),
         --base DIR / --out DIR, or --tasks.NAME.key value.
         """
-        from ..training.multitask import finetune
+        from ..training.finetune import finetune
         from ..training.multitask_recipe import load_finetune_recipe
 
         r = load_finetune_recipe(recipe, list(ctx.args))

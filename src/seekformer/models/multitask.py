@@ -59,12 +59,18 @@ class ClassificationHead(nn.Module):
         self.proj = nn.Linear(d, num_labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.pool(hidden, mask))
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """hidden [B,T,D], mask [B,T] -> pooled [B,D]."""
         if self.pooling == "mean":
             m = mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        else:
-            last = mask.long().sum(1).clamp_min(1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        last = mask.long().sum(1).clamp_min(1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled [B,D] -> logits [B,C] (dropout, then the projection)."""
         return self.proj(self.dropout(pooled))
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from . import plain
+
 
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -45,7 +47,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     Equals `F.cross_entropy(logits.float(), target, ignore_index=ignore_index)`, except that a batch with no
     target gives 0 instead of NaN.
     """
-    if not logits.requires_grad or not torch.is_grad_enabled():
+    if not logits.requires_grad or not torch.is_grad_enabled() or plain.enabled():
         valid = target != ignore_index
         lse = torch.logsumexp(logits.float(), dim=-1)
         picked = logits.float().gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)

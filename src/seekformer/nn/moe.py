@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import plain
 from .few_rows import few_rows_linear
 from .mlp import MLP
 
@@ -140,6 +141,8 @@ class Experts(nn.Module):
         Each expert runs once on the token copies routed to it (no per-token loop, no expert on tokens
         that did not choose it).
         """
+        if plain.enabled():
+            return self.dense_forward(x, indices, weights)
         d = self.dispatch(x, indices, weights)
         return self.combine(self.compute(d), d, x)
 
@@ -191,6 +194,15 @@ class Experts(nn.Module):
         """Expert e alone on its rows: x [M,D] -> [M,D] (unweighted; the few-token decoding path)."""
         gate, up = few_rows_linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return few_rows_linear(F.silu(gate) * up, self.down_proj[e])
+
+    def dense_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Same result as `forward` with plain differentiable ops (see nn/plain.py): every expert on every
+        token, x [N,D] -> gate_NE-weighted sum [N,D]; no sort, no data-dependent shapes (vmappable)."""
+        gate_NE = torch.zeros(x.shape[0], self.num_experts, dtype=x.dtype, device=x.device)
+        gate_NE = gate_NE.scatter(1, indices, weights.to(x.dtype))
+        gate, up = torch.einsum("nd,efd->nef", x, self.gate_up_proj.to(x.dtype)).chunk(2, dim=-1)  # [N,E,F]
+        act_NEF = F.silu(gate) * up * gate_NE.unsqueeze(-1)
+        return torch.einsum("nef,edf->nd", act_NEF, self.down_proj.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -262,7 +274,8 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
             if m is not None:
                 chosen = chosen * m[:, None]
-            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward
+            # not an activation-checkpoint recompute in backward; per-sample callers (vmap) count loads themselves
+            if torch._C._current_graph_task_id() == -1 and not plain.enabled():
                 self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
         if alpha > 0:

@@ -300,9 +300,14 @@ class MultiTaskTrainer:
         self.model.train()
         return out
 
+    def extra_output_files(self) -> dict[str, str]:
+        """Hook for subclasses (e.g. privacy.json of DP-SGD): more files written into OUT with the model."""
+        return {}
+
     def save(self, results: dict[str, Any]) -> None:
         """Write the fine-tuned model directory (trunk, heads, multitask.json, tokenizer, recipe.yaml, results.json)."""
-        files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n"}
+        files = {"recipe.yaml": self.recipe.to_yaml(), RESULTS_FILE: json.dumps(results, indent=2) + "\n",
+                 **self.extra_output_files()}
         self.model.save_pretrained(self.out, tokenizer=self.tokenizer, extra_files=files)
 
     # ------------------------------------------------------------------ loop
@@ -416,10 +421,12 @@ def plot_multitask(out_dir: str | Path) -> Path:
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
-    """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult."""
+    """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult. Recipes with a
+    `privacy:` or `federated:` section go through `training.finetune.finetune`, which dispatches."""
     trainer = MultiTaskTrainer(recipe, console=console)
     trainer.prepare()
     return trainer.run()
+
 
 
 __all__ = ["MultiTaskTrainer", "FinetuneResult", "finetune", "prepare_tasks", "plot_multitask", "RESULTS_FILE"]

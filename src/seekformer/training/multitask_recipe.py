@@ -24,6 +24,7 @@ import yaml
 from ..data.tasks import TaskRecipe, builtin_defaults
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
+from .privacy.recipe import DP_TRAIN_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe, PrivacyRecipe
 from .recipe import build_section, apply_overrides, read_recipe_dict
 from .weighting import STRATEGIES
 
@@ -182,6 +183,8 @@ class FinetuneRecipe:
         weighting: loss weighting (section below)
         lora: LoRA adapters (section below)
         vision: the image encoder for image tasks (section below)
+        privacy: DP-SGD: an epsilon budget or a noise multiplier (section below; null: not private)
+        federated: federated fine-tuning over simulated or real clients (section below; null: central)
     """
 
     base: str = ""
@@ -191,6 +194,8 @@ class FinetuneRecipe:
     weighting: WeightingRecipe = field(default_factory=WeightingRecipe)
     lora: LoraRecipe = field(default_factory=LoraRecipe)
     vision: VisionRecipe = field(default_factory=VisionRecipe)
+    privacy: PrivacyRecipe | None = None  # DP-SGD (training/privacy/); None: not private
+    federated: FederatedRecipe | None = None  # federated fine-tuning (training/federated.py)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain dicts and lists (what recipe.yaml holds)."""
@@ -235,6 +240,18 @@ class FinetuneRecipe:
         self.vision.validate()
         if t.method == "frozen" and any(task.type in ("generation", "chat", "vqa") for task in self.tasks):
             raise RecipeError("generation tasks train the trunk and its LM head; use train.method full or lora")
+        if self.privacy is not None:
+            self.privacy.validate()
+            if len(self.tasks) != 1:
+                raise RecipeError("privacy: DP-SGD fine-tunes one task at a time (its examples are the privacy "
+                                  "unit); give one task")
+            if w.strategy != "fixed" or w.pcgrad:
+                raise RecipeError("privacy: loss weighting must be `fixed` without pcgrad (learned weights read "
+                                  "the private losses)")
+        if self.federated is not None:
+            self.federated.validate()
+            if len(self.tasks) != 1:
+                raise RecipeError("federated: give one task (its training split is partitioned over the clients)")
         if w.strategy == "gradnorm" and t.method == "frozen":
             raise RecipeError("weighting.strategy gradnorm needs shared trainable weights; use train.method "
                               "full or lora")
@@ -292,22 +309,31 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
     """Build and validate a FinetuneRecipe from a parsed YAML mapping (unknown keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
-    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora", "vision"}
+    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora", "vision", "privacy", "federated"}
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; valid: base, out, tasks, train, "
-                          "weighting, lora, vision")
+                          "weighting, lora, vision, privacy, federated")
     tasks = d.get("tasks") or []
     if not isinstance(tasks, list):
         raise RecipeError("`tasks:` must be a list of task mappings")
     for key in ("base", "out"):
         if key in d and not isinstance(d[key], str):
             raise RecipeError(f"`{key}:` must be a path, got {d[key]!r}")
+    train = d.get("train")
+    # privacy / federated runs: train keys the recipe leaves unset take that mode's defaults
+    for section, defaults in (("federated", FEDERATED_TRAIN_DEFAULTS), ("privacy", DP_TRAIN_DEFAULTS)):
+        if d.get(section) is not None and (train is None or isinstance(train, dict)):
+            train = {**defaults, **(train or {})}
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
                        tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
-                       train=build_section(FinetuneTrainRecipe, d.get("train"), "train"),
+                       train=build_section(FinetuneTrainRecipe, train, "train"),
                        weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
                        lora=build_section(LoraRecipe, d.get("lora"), "lora"),
-                       vision=build_section(VisionRecipe, d.get("vision"), "vision"))
+                       vision=build_section(VisionRecipe, d.get("vision"), "vision"),
+                       privacy=build_section(PrivacyRecipe, d["privacy"], "privacy")
+                       if d.get("privacy") is not None else None,
+                       federated=build_section(FederatedRecipe, d["federated"], "federated")
+                       if d.get("federated") is not None else None)
     r.validate()
     return r
 

@@ -1,0 +1,221 @@
+"""DP-SGD fine-tuning: `PrivateTrainer`, a MultiTaskTrainer whose step is a differentially private one.
+
+One step (Abadi et al. 2016, with Poisson sampling as the accountants assume):
+1. every training example joins the batch independently with probability q = batch_size / n;
+2. per-example gradients g_i (per_sample.py) are clipped to L2 norm C = max_grad_norm and summed;
+3. Gaussian noise N(0, (sigma_g C)^2) is added and the sum divided by the expected batch size q n;
+4. AdamW (and the schedule) step on that gradient;
+5. MoE balancing under DP (full fine-tuning): each example's expert-load fractions per MoE layer
+   (counts / tokens: row sums K, entries <= 1, so ||.||_2 <= sqrt(L K) for L MoE layers) are summed,
+   N(0, (sigma_c sqrt(L K))^2) is added, and the aux-loss-free bias update b += gamma sign(mean - load)
+   reads the noisy loads. Both releases are charged to one account as one Gaussian mechanism with the
+   composed noise multiplier (accounting.py, docs/privacy.md).
+The noise multiplier is calibrated (Opacus' get_noise_multiplier) so that the planned `train.steps`
+reach `privacy.epsilon`; when `noise_multiplier` is given instead, the run stops at the last step whose
+epsilon stays within the budget. Epsilon is logged as it is spent; OUT/privacy.json holds the account.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import RecipeError
+from ..multitask import MultiTaskTrainer
+from .accounting import PrivacyAccount, calibrate, epsilon_of, max_steps, split_noise
+from .per_sample import PerSampleClipper
+
+PRIVACY_FILE = "privacy.json"
+
+
+class PrivateTrainer(MultiTaskTrainer):
+    """Fine-tunes one task with DP-SGD as `recipe.privacy` describes (see the module docstring)."""
+
+    def prepare(self) -> None:
+        from ...data.tasks import collate
+
+        super().prepare()
+        p, t = self.recipe.privacy, self.t
+        if t.resume:
+            raise RecipeError("privacy: --train.resume is not supported for DP-SGD runs yet; start a new out")
+        (self.task,) = self.names
+        data = self.data[self.task]
+        self.examples = data.train
+        n = len(self.examples)
+        p.validate(n)
+        self.q = t.batch_size / n
+        if self.q > 1:
+            raise RecipeError(f"privacy: train.batch_size {t.batch_size} is more than the {n} training examples; "
+                              "lower it")
+        planned = t.steps
+        if p.noise_multiplier is not None:
+            sigma = p.noise_multiplier
+            if p.epsilon is not None:
+                allowed = max_steps(p.accountant, p.epsilon, p.delta, sigma, self.q, planned)
+                if allowed < planned:
+                    self.console.print(f"[yellow]privacy: at noise {sigma:g} the budget epsilon={p.epsilon:g} lasts "
+                                       f"{allowed} of {planned} steps; training stops there[/]")
+                    self._shorten(allowed)
+        else:
+            sigma = calibrate(p.accountant, p.epsilon, p.delta, self.q, planned)
+        gamma = self.model.config.aux_free_bias_update_rate
+        moe = [m for n_, m in self.model.lm.moe_layers() if not n_.startswith("mtp.")]
+        self.balance = bool(moe) and t.method == "full" and gamma > 0 and p.balance_share > 0
+        self.moe = moe if self.balance else []
+        self.sigma_grad, self.sigma_count = split_noise(sigma, p.balance_share if self.balance else 0.0)
+        self.count_sensitivity = math.sqrt(len(moe) * self.model.config.num_experts_per_tok) if moe else 0.0
+        self.account = PrivacyAccount(p.accountant, p.delta, sigma, self.q)
+        self.params = [q for g in self.optimizer.param_groups for q in g["params"]]
+        strategy = p.per_sample
+        if strategy == "auto" and data.decl["type"] != "classification":
+            strategy = "loop"
+        if strategy == "vmap" and data.decl["type"] != "classification":
+            raise RecipeError("privacy.per_sample vmap supports classification tasks; use per_sample: loop")
+        self.features = None
+        if t.method == "frozen" and data.decl["type"] == "classification":
+            # frozen trunk: pooled trunk features are fixed, computed once; per-example gradients of the head
+            head = self.model.heads[self.task]
+            self.features = self._pooled_features(head)
+            self.clipper = PerSampleClipper(head, self.params, p.max_grad_norm, [], "vmap", self._head_loss)
+        else:
+            self.clipper = PerSampleClipper(self.model, self.params, p.max_grad_norm, self.moe, strategy,
+                                            self._vmap_loss)
+        self.gen = torch.Generator().manual_seed(t.seed + 1_000_003)
+        self._collate = lambda ex: collate(ex, data.decl["type"], self.tokenizer.pad_token_id)
+        self.console.print(f"DP-SGD: n={n}, q={self.q:.4f} (expected batch {t.batch_size}), {t.steps} steps, "
+                           f"noise {sigma:.3f} (gradients {self.sigma_grad:.3f}"
+                           + (f", loads {self.sigma_count:.3f}" if self.sigma_count else "")
+                           + f"), C={p.max_grad_norm:g}, {p.accountant}, per-sample {strategy}")
+
+    def _shorten(self, steps: int) -> None:
+        from ..optim import build_scheduler
+
+        if steps < 1:
+            raise RecipeError("privacy: the budget does not allow a single step at this noise_multiplier; raise "
+                              "noise_multiplier or epsilon")
+        self.t.steps = steps
+        self.scheduler = build_scheduler(self.optimizer, self.t.warmup_steps, steps, self.t.min_lr_ratio)
+
+    # ------------------------------------------------------------------ losses
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(self.task, **batch)
+        loss = self.weighting.weights()[self.task] * out.loss
+        return loss + out.aux_loss if out.aux_loss is not None else loss
+
+    def _vmap_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Classification loss of one right-padded example [1,T] without data-dependent control flow: the
+        trunk runs unmasked (causal attention never reads the right padding from a real token), the head
+        pools with the mask."""
+        hidden = self.model.lm.model(batch["input_ids"])
+        aux = self.model._aux_loss()
+        logits = self.model.heads[self.task](hidden, batch["attention_mask"])
+        loss = self.weighting.weights()[self.task] * F.cross_entropy(logits.float(), batch["labels"])
+        return loss + aux if aux is not None else loss
+
+    @torch.no_grad()
+    def _pooled_features(self, head) -> torch.Tensor:
+        """The frozen trunk's pooled features of every training example [n,D] (eval mode, batched)."""
+        from ...data.tasks import eval_batches
+
+        self.model.eval()
+        feats = []
+        for _, batch in eval_batches(self.examples, "classification", self.t.eval_batch_size,
+                                     self.tokenizer.pad_token_id):
+            mask = batch["attention_mask"].to(self.t.device)
+            feats.append(head.pool(self.model.lm.model(batch["input_ids"].to(self.t.device), mask), mask))
+        self.model.train()
+        return torch.cat(feats)
+
+    def _head_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Frozen-trunk classification loss from pooled features [1,D] (vmappable)."""
+        logits = self.model.heads[self.task].classify(batch["features"])
+        return self.weighting.weights()[self.task] * F.cross_entropy(logits.float(), batch["labels"])
+
+    # ------------------------------------------------------------------ one step
+    def poisson_batch(self) -> list[int]:
+        """Indices of the step's batch: each training example independently with probability q."""
+        return torch.nonzero(torch.rand(len(self.examples), generator=self.gen) < self.q).flatten().tolist()
+
+    def noise_like(self, x: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.normal(0.0, std, x.shape, generator=self.gen).to(x.device, x.dtype)
+
+    def train_step(self) -> dict[str, Any]:
+        p = self.recipe.privacy
+        picked = self.poisson_batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        rec: dict[str, Any] = {"batch": len(picked)}
+        if picked:
+            batch = {k: v.to(self.t.device) for k, v in self._collate([self.examples[i] for i in picked]).items()}
+            if self.features is not None:
+                batch = {"features": self.features[picked], "labels": batch["labels"]}
+            sums, loads, stats = self.clipper.clipped_sum(batch, self._loss)
+            with torch.no_grad():
+                rec[f"loss/{self.task}"] = float(self._batch_loss(batch))
+            rec.update(stats)
+        else:
+            sums, loads = [torch.zeros_like(q) for q in self.params], None
+        denom = self.q * len(self.examples)
+        for param, s in zip(self.params, sums):
+            param.grad = (s + self.noise_like(s, self.sigma_grad * p.max_grad_norm)) / denom
+        rec["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.grad)
+                                                                        for q in self.params])))
+        self.optimizer.step()
+        rec["lr"] = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        gamma = self.model.config.aux_free_bias_update_rate
+        if self.balance:
+            if loads is None:
+                loads = torch.zeros(len(self.moe), self.moe[0].num_experts)
+            noisy = loads + self.noise_like(loads, self.sigma_count * self.count_sensitivity)
+            for row, m in zip(noisy, self.moe):
+                m.load_counts.copy_(row.clamp_min(0))
+        for _, m in self.model.lm.moe_layers():
+            m.update_bias(gamma if self.balance else 0.0)  # consumes (or clears) the counts
+        self.account.step()
+        self.step += 1
+        if self.step % self.t.log_every == 0 or self.step == self.t.steps or self.recipe.privacy.accountant == "rdp":
+            rec["epsilon"] = self.account.epsilon
+        rec["loss"] = rec.get(f"loss/{self.task}", float("nan"))
+        return rec
+
+    @torch.no_grad()
+    def _batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (non-private, logged only) mean task loss of the sampled batch, in eval mode."""
+        self.model.eval()
+        try:
+            if "features" in batch:
+                return F.cross_entropy(self.model.heads[self.task].classify(batch["features"]).float(),
+                                       batch["labels"])
+            return self.model(self.task, **batch).loss
+        finally:
+            self.model.train()
+
+    # ------------------------------------------------------------------ output
+    def privacy_report(self) -> dict[str, Any]:
+        p = self.recipe.privacy
+        return {"epsilon": self.account.epsilon, "target_epsilon": p.epsilon, "delta": p.delta,
+                "noise_multiplier": self.account.noise_multiplier, "grad_noise_multiplier": self.sigma_grad,
+                "count_noise_multiplier": self.sigma_count, "count_sensitivity": self.count_sensitivity
+                if self.balance else None, "sample_rate": self.q, "steps": self.account.steps,
+                "accountant": p.accountant, "max_grad_norm": p.max_grad_norm,
+                "expected_batch_size": self.t.batch_size, "examples": len(self.examples),
+                "method": self.t.method, "per_sample": self.clipper.strategy,
+                "per_sample_fallback": self.clipper.fallback_reason,
+                "moe_balancing": self.balance}
+
+    def extra_output_files(self) -> dict[str, str]:
+        return {PRIVACY_FILE: json.dumps(self.privacy_report(), indent=2) + "\n"}
+
+    def run(self):
+        result = super().run()
+        r = self.privacy_report()
+        self.console.print(f"privacy: epsilon {r['epsilon']:.3f} (delta {r['delta']:g}) after {r['steps']} steps "
+                           f"-> {result.out_dir}/{PRIVACY_FILE}")
+        return result
+
+
+__all__ = ["PrivateTrainer", "PRIVACY_FILE", "epsilon_of"]

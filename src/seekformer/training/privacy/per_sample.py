@@ -1,0 +1,174 @@
+"""Per-example clipped gradient sums: sum_i g_i * min(1, C / ||g_i||) over a batch, exact.
+
+Two ways to get the per-example gradients g_i (the trainable parameters' gradient of example i's loss):
+
+- `loop`: one forward/backward per example, cut to its own length (no padding), through the model's
+  ordinary fast paths. Exact for every layer, task type and training method (full, LoRA via peft,
+  frozen), at the cost of B small backward passes.
+- `vmap`: `torch.func.vmap(grad(loss))` over the batch under `nn.plain.plain_autograd()` (plain ops in
+  RMSNorm, cross-entropy and the routed experts, see nn/plain.py); one batched pass, for task types whose
+  loss `vmap_loss` provides (classification). Processed in chunks to bound the [B, P] gradient memory.
+
+Opacus' GradSampleModule is not used for the gradients: it has no per-sample rule for RMSNorm, the
+router's F.linear on its own weight, the stacked expert tensors [E,2F,D] or peft's expert adapters, and its
+functorch fallback needs the same plain ops as `vmap` here. Both paths are tested against per-example
+backward passes (tests/test_privacy.py). Loads: each example's expert-load fractions per MoE layer,
+counts / tokens ([L,E], each row sums to K), are returned summed for the DP balancing update.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, C / ||g||) (Opacus' convention, with a 1e-6 guard)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def trim(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Example i of a right-padded collated batch as a batch of one, cut to its own length."""
+    n = int(batch["attention_mask"][i].sum())
+    out = {}
+    for k, v in batch.items():
+        row = v[i: i + 1]
+        out[k] = row[:, :n] if row.dim() == 2 and row.shape[1] == batch["attention_mask"].shape[1] else row
+    return out
+
+
+class PerSampleClipper:
+    """Clipped per-example gradient sums for `params` (the trainable parameters) of `model`.
+
+    `loss_of(batch) -> scalar loss` runs the model on a batch (the loop strategy calls it with one example);
+    `strategy` is loop, vmap, or auto (vmap, falling back to the loop for good when vmap raises).
+    `vmap_loss(batch) -> scalar` (optional) is the vmappable loss of one example whose tensors have a
+    leading dimension of 1, padding included (see dp_sgd.py).
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], max_grad_norm: float,
+                 moe_layers: list[nn.Module] | None = None, strategy: str = "loop",
+                 vmap_loss: Callable | None = None, chunk_size: int = 16) -> None:
+        self.model, self.params, self.c = model, params, max_grad_norm
+        self.moe = list(moe_layers or [])
+        self.strategy, self.vmap_loss, self.chunk_size = strategy, vmap_loss, chunk_size
+        self.fallback_reason: str | None = None  # why `auto` fell back from vmap to the loop
+
+    def clipped_sum(self, batch: dict[str, torch.Tensor], loss_of: Callable
+                    ) -> tuple[list[torch.Tensor], torch.Tensor | None, dict[str, float]]:
+        """(sum_i clip(g_i) per parameter, summed load fractions [L,E] or None, stats) over the batch."""
+        if self.strategy in ("vmap", "auto") and self.vmap_loss is not None:
+            try:
+                return self._vmap(batch)
+            except RuntimeError as e:  # e.g. peft's parametrized expert adapters mutate tensors under grad()
+                if self.strategy == "vmap":
+                    from ...errors import RecipeError
+
+                    raise RecipeError("privacy.per_sample vmap cannot run through these layers (e.g. peft "
+                                      "adapters on the routed experts); use per_sample: loop or auto") from None
+                self.fallback_reason = str(e).splitlines()[0][:200]
+                self.strategy = "loop"
+        return self._loop(batch, loss_of)
+
+    def _loop(self, batch, loss_of):
+        total = [torch.zeros_like(p) for p in self.params]
+        loads = torch.zeros(len(self.moe), self.moe[0].num_experts) if self.moe else None
+        norms = []
+        b = batch["input_ids"].shape[0]
+        for i in range(b):
+            one = trim(batch, i)
+            for m in self.moe:
+                m.load_counts.zero_()
+            for p in self.params:
+                p.grad = None
+            loss_of(one).backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            norms.append(float(norm))
+            torch._foreach_add_(total, grads, alpha=float(clip_factor(norm, self.c)))
+            if loads is not None:
+                tokens = float(one["attention_mask"].sum())
+                loads += torch.stack([m.load_counts.cpu() for m in self.moe]) / max(tokens, 1.0)
+        for p in self.params:
+            p.grad = None
+        for m in self.moe:
+            m.load_counts.zero_()
+        return total, loads, _stats(norms, self.c)
+
+    def _vmap(self, batch):
+        from torch.func import functional_call, grad, vmap
+
+        from ...nn.plain import plain_autograd
+
+        names = {id(p): "model." + n for n, p in self.model.named_parameters()}
+        keys = [names[id(p)] for p in self.params]
+        wrapper = _LossModule(self.model, self.vmap_loss)
+        detached = {k: p.detach() for k, p in zip(keys, self.params)}
+        routed: list[torch.Tensor] = []
+        hooks = [m.gate.register_forward_hook(lambda mod, inp, out: routed.append(out.indices)) for m in self.moe]
+
+        def loss_one(p, ex):
+            routed.clear()
+            one = {k: v.unsqueeze(0) for k, v in ex.items()}
+            loss = functional_call(wrapper, p, (one,))
+            aux = _loads_of(routed, one.get("attention_mask"), self.moe)
+            return loss, aux
+
+        total = [torch.zeros_like(p) for p in self.params]
+        loads = torch.zeros(len(self.moe), self.moe[0].num_experts) if self.moe else None
+        norms = []
+        per_ex = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0), randomness="different")
+        try:
+            b = batch["labels"].shape[0]
+            with plain_autograd():
+                for s in range(0, b, self.chunk_size):
+                    chunk = {k: v[s: s + self.chunk_size] for k, v in batch.items()}
+                    g, load = per_ex(detached, chunk)
+                    flat = [g[k].reshape(g[k].shape[0], -1) for k in keys]
+                    norm = torch.linalg.vector_norm(torch.cat(flat, dim=1), dim=1)  # [b]
+                    f = clip_factor(norm, self.c)
+                    for t, k in zip(total, keys):
+                        t += torch.einsum("b,b...->...", f.to(g[k].dtype), g[k])
+                    norms.extend(norm.tolist())
+                    if loads is not None:
+                        loads += load.sum(0).cpu()
+        finally:
+            for h in hooks:
+                h.remove()
+        return total, loads, _stats(norms, self.c)
+
+
+class _LossModule(nn.Module):
+    """Wraps `model` so that torch.func.functional_call can run `loss(batch)` with substituted parameters."""
+
+    def __init__(self, model: nn.Module, loss: Callable) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(batch)
+
+
+def _loads_of(routed: list[torch.Tensor], mask_1T: torch.Tensor | None, moe: list[nn.Module]) -> torch.Tensor:
+    """Expert-load fractions [L,E] of one example from the routers' chosen indices (padding excluded)."""
+    if not moe or mask_1T is None:
+        return torch.zeros(0)
+    m = mask_1T.reshape(-1).float()  # [T]
+    rows = []
+    for idx in routed[: len(moe)]:  # [T,K]
+        chosen = torch.zeros(idx.shape[0], moe[0].num_experts).scatter(1, idx, 1.0)  # [T,E]
+        rows.append((chosen * m[:, None]).sum(0) / m.sum().clamp_min(1.0))
+    return torch.stack(rows)
+
+
+def _stats(norms: list[float], c: float) -> dict[str, float]:
+    if not norms:
+        return {"examples": 0, "grad_norm_median": 0.0, "clipped_fraction": 0.0}
+    t = torch.tensor(norms)
+    return {"examples": len(norms), "grad_norm_median": float(t.median()),
+            "clipped_fraction": float((t > c).float().mean())}
+
+
+__all__ = ["PerSampleClipper", "clip_factor", "trim"]

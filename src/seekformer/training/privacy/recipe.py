@@ -1,0 +1,130 @@
+"""Recipe sections of private training: `privacy:` (DP-SGD) and `federated:` (Flower), both in FinetuneRecipe.
+
+    privacy:                      # DP-SGD (training/privacy/dp_sgd.py)
+      epsilon: 8                  # target budget; the noise is calibrated so the planned steps spend it
+      delta: 1.0e-5               # must be < 1/n (n = training examples)
+      max_grad_norm: 1.0          # per-example clipping bound C
+      accountant: rdp             # rdp | prv (Opacus accountants)
+      noise_multiplier: null      # give sigma directly instead of calibrating it (epsilon then caps the run)
+      balance_share: 0.05         # share of the privacy cost spent on the MoE load counts (full fine-tuning)
+      per_sample: auto            # auto | vmap | loop: how per-example gradients are computed
+
+    federated:                    # federated fine-tuning (training/federated.py)
+      clients: 8
+      rounds: 10
+      fraction_fit: 1.0
+      local_steps: 20
+      local_batch_size: 16
+      strategy: fedavg            # fedavg | fedprox | fedadam
+      proximal_mu: 0.01           # fedprox
+      partition: dirichlet        # iid | dirichlet | by_label
+      alpha: 0.5                  # dirichlet concentration
+      expert_sparse: false        # clients send only the routed experts their data used (+ shared weights)
+      dp_noise_multiplier: 0.0    # optional client-level DP (DP-FedAvg: clipped updates + Gaussian noise)
+      dp_clip_norm: 0.0           # per-client update L2 bound (needed with dp_noise_multiplier > 0)
+
+With a `privacy:` section, `train:` keys the recipe does not set take the DP defaults in `DP_TRAIN_DEFAULTS`
+(DP-SGD wants fewer trainable parameters, larger batches and a larger learning rate than plain fine-tuning;
+measured in benchmarks/results/privacy.md). `federated:` does the same with `FEDERATED_TRAIN_DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import RecipeError
+
+ACCOUNTANTS = ("rdp", "prv")
+PER_SAMPLE = ("auto", "vmap", "loop")
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+PARTITIONS = ("iid", "dirichlet", "by_label")
+# train.* values a privacy run uses unless the recipe sets them (see the module docstring).
+DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "steps": 150, "warmup_steps": 0,
+                     "weight_decay": 0.0}
+FEDERATED_TRAIN_DEFAULTS = {"lr": 1e-3, "warmup_steps": 0}
+
+
+@dataclass
+class PrivacyRecipe:
+    epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    noise_multiplier: float | None = None
+    balance_share: float = 0.05
+    per_sample: str = "auto"
+
+    def validate(self, n_examples: int | None = None) -> None:
+        """Check the section (and delta against the number of training examples when known)."""
+        if self.epsilon is None and self.noise_multiplier is None:
+            raise RecipeError("privacy: give `epsilon` (a target budget) or `noise_multiplier`")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise RecipeError(f"privacy.epsilon must be > 0, got {self.epsilon}")
+        if self.delta is None:
+            raise RecipeError("privacy.delta is required (e.g. 1e-5; it must be below 1/n for n training examples)")
+        if not 0 < self.delta < 1:
+            raise RecipeError(f"privacy.delta must be in (0, 1), got {self.delta}")
+        if n_examples is not None and self.delta >= 1.0 / n_examples:
+            raise RecipeError(f"privacy.delta {self.delta:g} must be below 1/n = {1.0 / n_examples:.3g} for "
+                              f"{n_examples} training examples; lower it (e.g. {_suggest_delta(n_examples):g})")
+        if not self.max_grad_norm > 0:
+            raise RecipeError(f"privacy.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.accountant not in ACCOUNTANTS:
+            raise RecipeError(f"unknown privacy.accountant {self.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise RecipeError(f"privacy.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 <= self.balance_share < 1:
+            raise RecipeError(f"privacy.balance_share must be in [0, 1), got {self.balance_share}")
+        if self.per_sample not in PER_SAMPLE:
+            raise RecipeError(f"unknown privacy.per_sample {self.per_sample!r}; choose one of {', '.join(PER_SAMPLE)}")
+
+
+@dataclass
+class FederatedRecipe:
+    clients: int = 8
+    rounds: int = 10
+    fraction_fit: float = 1.0
+    local_steps: int = 20
+    local_batch_size: int = 16
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01  # fedadam
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    expert_sparse: bool = False
+    eval_examples: int = 0  # test examples evaluated after each round (0: all)
+    dp_noise_multiplier: float = 0.0  # client-level DP (0: off)
+    dp_clip_norm: float = 0.0
+
+    def validate(self, n_examples: int | None = None, n_labels: int | None = None) -> None:
+        for name in ("clients", "rounds", "local_steps", "local_batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"federated.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.fraction_fit <= 1:
+            raise RecipeError(f"federated.fraction_fit must be in (0, 1], got {self.fraction_fit}")
+        if self.strategy not in STRATEGIES:
+            raise RecipeError(f"unknown federated.strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.partition not in PARTITIONS:
+            raise RecipeError(f"unknown federated.partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        if not self.alpha > 0:
+            raise RecipeError(f"federated.alpha must be > 0, got {self.alpha}")
+        if self.proximal_mu < 0 or not self.server_lr > 0:
+            raise RecipeError("federated.proximal_mu must be >= 0 and federated.server_lr > 0")
+        if self.dp_noise_multiplier < 0 or self.dp_clip_norm < 0:
+            raise RecipeError("federated.dp_noise_multiplier and federated.dp_clip_norm must be >= 0")
+        if self.dp_noise_multiplier > 0 and not self.dp_clip_norm > 0:
+            raise RecipeError("federated.dp_noise_multiplier > 0 needs federated.dp_clip_norm > 0 (the update bound)")
+        if n_examples is not None and self.clients > n_examples:
+            raise RecipeError(f"federated.clients ({self.clients}) is more than the training examples ({n_examples}); "
+                              "lower it")
+
+
+def _suggest_delta(n: int) -> float:
+    """A conventional delta below 1/n: the power of ten at or under 1/(10 n)."""
+    import math
+
+    return 10.0 ** math.floor(math.log10(1.0 / (10 * n)))
+
+
+__all__ = ["PrivacyRecipe", "FederatedRecipe", "DP_TRAIN_DEFAULTS", "FEDERATED_TRAIN_DEFAULTS",
+           "ACCOUNTANTS", "STRATEGIES", "PARTITIONS", "PER_SAMPLE"]
