@@ -67,6 +67,8 @@ class SeekConfig:
     aux_free_bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing (0 disables)
     seq_aux_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss (0 disables)
     router_z_loss_coef: float = 0.0  # router z-loss (0 disables)
+    # weight-only quantization of a `seekformer compress quantize` output (see nn/quant.py); None = float
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -166,6 +168,8 @@ class SeekConfig:
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        if out.get("quantization_config") is None:
+            out.pop("quantization_config", None)  # transformers treats the key's presence as "quantized"
         out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         out["qk_head_dim"] = self.qk_head_dim
         out["head_dim"] = self.qk_rope_head_dim

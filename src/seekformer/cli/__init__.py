@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers.")
 
 # Modules that add commands to `app` (each has `register(app)`); missing ones are skipped.
-COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench")
+COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench", "compress", "export")
 
 
 @app.callback()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.attention import ABSORB_MAX_CHUNK
-from ..nn.few_rows import few_rows_linear, mlp_forward
+from ..nn.few_rows import linear_of, mlp_forward
 from ..nn.mla_decode import latent_decode, rms_norm, rope_matrix
 
 
@@ -33,8 +33,7 @@ def _moe_few_tokens(moe, x: torch.Tensor) -> torch.Tensor:
     for i, (ids, ws) in enumerate(zip(routing.indices.tolist(), routing.weights.tolist())):
         xi = flat[i:i + 1]
         for e, w in zip(ids, ws):
-            gate, up = few_rows_linear(xi, experts.gate_up_proj[e]).chunk(2, dim=-1)
-            out[i:i + 1] += few_rows_linear(F.silu(gate) * up, experts.down_proj[e]) * w
+            out[i:i + 1] += experts.expert_forward(e, xi) * w
     return out.view(b, t, d)
 
 
@@ -69,7 +68,7 @@ def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.
         logits = out.logits[:, -1] if last_only else out.logits
         return (logits, out.hidden_states) if return_hidden else logits
     core = model.model
-    x = F.embedding(input_ids, core.embed_tokens.weight)
+    x = core.embed_tokens(input_ids)
     am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     slots, positions, mask = cache.prepare(am)
     cos, sin = core.rotary_emb(positions, x.dtype)
@@ -80,5 +79,5 @@ def decode_forward(model, input_ids: torch.Tensor, cache, attention_mask: torch.
         x = layer_step(layer, x, rope, hidden_mask, cache, slots, few)
     cache.commit()
     hidden = rms_norm(x, core.norm)
-    logits = few_rows_linear(hidden[:, -1] if last_only else hidden, model.lm_head.weight)
+    logits = linear_of(model.lm_head, hidden[:, -1] if last_only else hidden)
     return (logits, hidden) if return_hidden else logits

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import GenerationError
-from ..nn.few_rows import few_rows_linear
+from ..nn.few_rows import linear_of
 from ..nn.kv_cache import KVCache
 from ..nn.mla_decode import rms_norm, rope_matrix
 from .runner import decode_forward, few_tokens, layer_step, lean_ok
@@ -150,7 +150,7 @@ def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[d
                 e_ids[r, off:] = torch.tensor([ext[j + k] for j in spans[r]], device=dev)
                 am[r, off:] = 1
         h = _mtp_step(model, module, h_in, e_ids, am, cache)
-        d = few_rows_linear(rms_norm(h[:, -1], module.shared_head.norm), model.lm_head.weight).argmax(dim=-1).tolist()
+        d = linear_of(model.lm_head, rms_norm(h[:, -1], module.shared_head.norm)).argmax(dim=-1).tolist()
         cache.rollback(torch.tensor([min(k - 1, len(s)) for s in spans], device=dev))  # provisional entries
         new_prev = []
         for r in range(b):
@@ -174,12 +174,12 @@ def _mtp_step(model, module, h_prev: torch.Tensor, token_ids: torch.Tensor, am: 
     """MTPModule.forward on its own cache: h_prev [B,L,D], token_ids [B,L] (t_{j+k}), am [B,L] -> h^k [B,L,D]."""
     slots, pos, mask = cache.prepare(am)
     cos, sin = model.model.rotary_emb(pos, h_prev.dtype)
-    emb = F.embedding(token_ids, model.model.embed_tokens.weight)
+    emb = model.model.embed_tokens(token_ids)
     if not lean_ok(cache, h_prev.shape[1]):  # e.g. the prompt: the module's own forward
         h = module(h_prev, emb, cos, sin, mask, cache, slots, am)
     else:
-        x = few_rows_linear(torch.cat([rms_norm(emb, module.enorm), rms_norm(h_prev, module.hnorm)], dim=-1),
-                            module.eh_proj.weight)
+        x = linear_of(module.eh_proj, torch.cat([rms_norm(emb, module.enorm), rms_norm(h_prev, module.hnorm)],
+                                                dim=-1))
         rope = rope_matrix(cos, sin, model.config.rope_interleave, model.config.qk_rope_head_dim)
         h = layer_step(module.block, x, rope, ~mask, cache, slots, few_tokens(model.config, am.numel()))
     cache.commit()

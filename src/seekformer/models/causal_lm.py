@@ -150,11 +150,11 @@ class SeekForCausalLM(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device  # (a norm: never quantized)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(name, module) of every MoE layer, main model first, then MTP blocks."""

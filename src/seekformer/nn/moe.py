@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .few_rows import few_rows_linear
 from .mlp import MLP
 
 
@@ -117,6 +118,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self.use_grouped_mm = True  # set False to force the per-expert loop (e.g. to compare)
+
+    def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its rows: x [M,D] -> [M,D] (SwiGLU on views of the stacked weights)."""
+        gate, up = few_rows_linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return few_rows_linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D].
