@@ -181,3 +181,53 @@ def test_gguf_export_bad_type(model_dir, tmp_path, capsys):
         main(["export", "gguf", str(model_dir), str(tmp_path / "m.gguf"), "--type", "q2"])
     assert e.value.code == 2 and "--type" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# ====================================================================== pruning
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return build_demo_model_dir(tmp_path_factory.mktemp("moe8"), n_routed_experts=8, n_group=2, topk_group=2,
+                                num_hidden_layers=3, **DEMO)
+
+
+def test_prune_routing_matches_transformers(moe_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "pruned"
+    main(["compress", "prune", str(moe_dir), "--keep", "0.5", "--calibration", "builtin", "--max-tokens", "600",
+          "--out", str(out)])
+    stats = json.loads((out / "prune_stats.json").read_text())
+    assert stats["n_routed_experts"] == 4 and stats["group_routing_kept"]
+    layer = stats["statistics"]["model.layers.1.mlp"]
+    kept = stats["kept"]["model.layers.1.mlp"]
+    assert len(kept) == 4 and sum(1 for k in kept if k < 4) == 2  # two per group of four
+    for grp in (range(0, 4), range(4, 8)):  # within a group, the kept ones are the most salient
+        mine = [k for k in kept if k in grp]
+        assert min(layer["saliency"][k] for k in mine) >= max(layer["saliency"][k] for k in grp if k not in mine)
+    assert (out / "expert_usage.png").stat().st_size > 0
+    src = SeekForCausalLM.from_pretrained(moe_dir)
+    ours = SeekForCausalLM.from_pretrained(out)
+    assert ours.config.n_routed_experts == 4 and ours.config.n_group == 2
+    r_src, r_new = src.model.layers[1].mlp.gate, ours.model.layers[1].mlp.gate
+    assert torch.equal(r_new.weight, r_src.weight[kept])
+    assert torch.equal(r_new.e_score_correction_bias, r_src.e_score_correction_bias[kept])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, ours.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert (hf(ids).logits - ours(ids).logits).abs().max() <= 1e-4
+
+
+def test_prune_random_is_seeded_and_bad_input(moe_dir, model_dir, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        main(["compress", "prune", str(moe_dir), "--keep", "4", "--method", "random", "--seed", "3",
+              "--max-tokens", "200", "--out", str(d)])
+    assert json.loads((a / "prune_stats.json").read_text())["kept"] == json.loads((b / "prune_stats.json").read_text())["kept"]
+    dense = tmp_path / "dense"
+    build_demo_model_dir(dense, first_k_dense_replace=2, **DEMO)
+    capsys.readouterr()
+    for src, keep, needle in [(moe_dir, "1.5", "--keep"), (moe_dir, "8", "below the expert count"),
+                              (moe_dir, "0", "--keep"), (dense, "0.5", "dense")]:
+        with pytest.raises(SystemExit) as e:
+            main(["compress", "prune", str(src), "--keep", keep, "--out", str(tmp_path / "x")])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()

@@ -51,5 +51,12 @@ bench_app.command("decode")(bench_decode_cmd)
 # ---- end of `bench decode`
 
 
+# ---- `seekformer bench compress` (compress worker; the command lives in cli/compress.py)
+from .compress import bench_compress_cmd  # noqa: E402
+
+bench_app.command("compress")(bench_compress_cmd)
+# ---- end of `bench compress`
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
