@@ -231,3 +231,12 @@ def test_prune_random_is_seeded_and_bad_input(moe_dir, model_dir, tmp_path, caps
             main(["compress", "prune", str(src), "--keep", keep, "--out", str(tmp_path / "x")])
         assert e.value.code == 2 and needle in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_transformers_refuses_a_quantized_dir(model_dir, tmp_path):
+    """transformers has no loader for these weights: it must fail loudly, not fill random weights."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "q"
+    main(["compress", "quantize", str(model_dir), "--bits", "8", "--out", str(out)])
+    with pytest.raises((ValueError, KeyError, OSError)):
+        transformers.AutoModelForCausalLM.from_pretrained(out)

@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# config.json model_type of a `seekformer compress quantize` output (the float type is in base_model_type)
+QUANTIZED_MODEL_TYPE = "seekformer_quantized"
 
 
 @dataclass
@@ -170,6 +172,9 @@ class SeekConfig:
         out = dataclasses.asdict(self)
         if out.get("quantization_config") is None:
             out.pop("quantization_config", None)  # transformers treats the key's presence as "quantized"
+        else:  # transformers has no kernel for these weights and would load the model with random ones:
+            out["base_model_type"], out["model_type"] = out["model_type"], QUANTIZED_MODEL_TYPE  # make it refuse
+            out["architectures"] = ["SeekformerQuantizedForCausalLM"]
         out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         out["qk_head_dim"] = self.qk_head_dim
         out["head_dim"] = self.qk_rope_head_dim
@@ -180,6 +185,8 @@ class SeekConfig:
     def from_dict(cls, d: dict[str, Any]) -> SeekConfig:
         """Build from a config.json dict (seekformer's or Hugging Face's DeepseekV3/V2); unknown keys are ignored."""
         d = dict(d)
+        if d.get("model_type") == QUANTIZED_MODEL_TYPE:
+            d["model_type"] = d.get("base_model_type", "deepseek_v3")
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"model_type {mt!r} is not supported (expected 'deepseek_v3' or 'deepseek_v2')")

@@ -8,6 +8,7 @@ never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -57,7 +58,8 @@ _register()
 
 def fail(message: str) -> None:
     """Print a one-line error and exit with code 2."""
-    typer.echo(f"error: {message}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
+        typer.echo(f"error: {message}", err=True)
     raise SystemExit(2)
 
 

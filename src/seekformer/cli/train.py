@@ -144,6 +144,12 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         recipe: str = typer.Argument(..., help="A recipe YAML file or a builtin recipe name (quickstart, tiny, small)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.out."),
+        nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (torchrun underneath); the "
+                                  "recipe's parallel: section says how they split the work."),
+        nnodes: int = typer.Option(1, "--nnodes", help="Machines taking part (multi-node: same command on each)."),
+        node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0 .. nnodes-1."),
+        rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
+                                                    help="HOST:PORT of the rendezvous (multi-node)."),
     ) -> None:
         """Pretrain a model as RECIPE describes; override any key with --section.key value."""
         from ..training.recipe import load_recipe
@@ -152,6 +158,19 @@ def register(app: typer.Typer) -> None:
         r = load_recipe(recipe, list(ctx.args))
         if resume:
             r.train.resume = True
+        if nproc > 1 or nnodes > 1:
+            from ..distributed import check_parallel
+            from ..distributed.launch import launch
+            from ..errors import RecipeError
+
+            if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
+                raise RecipeError("--nproc and --nnodes must be >= 1 and --node-rank in [0, nnodes)")
+            if nnodes > 1 and not rdzv_endpoint:
+                raise RecipeError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+            # checked here once, so a bad recipe is one line and exit 2 before any process starts
+            check_parallel(r.parallel, nproc * nnodes, r.train.batch_size, r.model_config().n_routed_experts)
+            argv = ["pretrain", recipe, *ctx.args] + (["--resume"] if resume else [])
+            raise SystemExit(launch(nproc, argv, nnodes, node_rank, rdzv_endpoint))
         console = _console()
         result = pretrain(r, console=console)
         v = result.val_losses

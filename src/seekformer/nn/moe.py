@@ -142,20 +142,26 @@ class Experts(nn.Module):
             w_gu, w_down = w_gu.to(dtype), w_down.to(dtype)
         xs = x.to(dtype).index_select(0, token)  # [S,D]
         gate_w = weights.reshape(-1)[order].unsqueeze(-1)  # [S,1]
-        if self.use_grouped_mm and grouped_mm_supported(xs, w_gu):
+        ys = self.grouped_swiglu(xs, gate_w.to(dtype), counts, w_gu, w_down, self.use_grouped_mm)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # accumulate in x's dtype
+
+    @staticmethod
+    def grouped_swiglu(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor,
+                       w_down: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+        """Rows grouped by expert -> gate_w * SwiGLU_e(rows): xs [S,D], gate_w [S,1], counts [E] (rows per
+        expert, in order), w_gu [E,2F,D], w_down [E,D,F] -> [S,D]. The routing weight is applied on the
+        narrower side (before down_proj). Expert parallelism calls this on each rank's local experts."""
+        if use_grouped_mm and grouped_mm_supported(xs, w_gu):
             offs = counts.cumsum(0).to(torch.int32)
             gate, up = torch._grouped_mm(xs, w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S,F] each
-            act = F.silu(gate) * up * gate_w.to(dtype)  # routing weight applied on the narrower side
-            ys = torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
-        else:
-            sizes = counts.tolist()
-            parts = []
-            for xe, we, wd in zip(xs.split(sizes), w_gu.unbind(0), w_down.unbind(0)):
-                if xe.shape[0]:
-                    gate, up = F.linear(xe, we).chunk(2, dim=-1)
-                    parts.append(F.linear(F.silu(gate) * up, wd))
-            ys = torch.cat(parts) * gate_w.to(dtype) if parts else xs.new_zeros(0, x.shape[1])
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype))  # accumulate in x's dtype
+            act = F.silu(gate) * up * gate_w
+            return torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
+        parts = []
+        for xe, we, wd in zip(xs.split(counts.tolist()), w_gu.unbind(0), w_down.unbind(0)):
+            if xe.shape[0]:
+                gate, up = F.linear(xe, we).chunk(2, dim=-1)
+                parts.append(F.linear(F.silu(gate) * up, wd))
+        return torch.cat(parts) * gate_w if parts else xs.new_zeros(0, w_down.shape[1])
 
 
 class MoE(nn.Module):
@@ -199,7 +205,8 @@ class MoE(nn.Module):
             chosen = torch.zeros_like(r.scores).scatter_(1, r.indices, 1.0)  # [N,E]
             if m is not None:
                 chosen = chosen * m[:, None]
-            self.load_counts += chosen.sum(0)
+            if torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute in backward
+                self.load_counts += chosen.sum(0)
         aux = r.logits.new_zeros(())
         if self.seq_aux_loss_alpha > 0:
             # L = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences.

@@ -26,9 +26,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    # The fused kernel (one pass over all parameters) is ~8x faster than the per-tensor loop on CPU.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+                    eps: float = 1e-8, impl: str = "fused") -> torch.optim.AdamW:
+    """AdamW over `param_groups`. impl "fused" (one pass over all parameters, ~8x faster than the per-tensor
+    loop on CPU), "foreach" (sharded DTensor parameters: FSDP2) or "for" (plain and DTensor parameters mixed:
+    DDP with expert parallelism) -- see `distributed.Parallel.optimizer_impl`."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             fused=impl == "fused", foreach=impl == "foreach")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float):

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from ..config import PRESETS, SeekConfig
+from ..distributed.config import ParallelRecipe
 from ..errors import ConfigError, RecipeError
 
 
@@ -69,7 +70,7 @@ class TrainRecipe:
     resume: bool = False
 
 
-SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe}
+SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainRecipe, "parallel": ParallelRecipe}
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Recipe:
     tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
+    parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
 
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> SeekConfig:

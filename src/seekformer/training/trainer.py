@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 
 from ..checkpoint import atomic_write_text, load_config, load_trainer_state, save_model
 from ..config import SeekConfig
+from ..distributed import Parallel, check_parallel, env_world_size
 from ..errors import CheckpointError, DataError, RecipeError
 from ..models.causal_lm import SeekForCausalLM
 from ..nn.moe import load_stats
@@ -40,6 +43,7 @@ from .recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+SHARDED_STATE = "dcp"  # trainer_state/dcp: model + optimizer through torch.distributed.checkpoint
 # Config fields that may change between a checkpoint and a resumed run (training knobs, not architecture).
 RESUMABLE_CHANGES = {"mtp_loss_weight", "aux_free_bias_update_rate", "seq_aux_loss_alpha", "router_z_loss_coef"}
 
@@ -100,6 +104,7 @@ class Trainer:
         self.eval_seconds = 0.0  # duration of the last validation pass
         self._interval_counts: dict[str, torch.Tensor] = {}  # expert loads since the last log record
         self._validate()
+        self.par = Parallel.single(recipe.parallel, recipe.train.device)  # joined in prepare()
 
     def _validate(self) -> None:
         t = self.t
@@ -112,6 +117,9 @@ class Trainer:
             raise RecipeError(f"train.lr must be > 0, got {t.lr}")
         if t.device.startswith("cuda") and not torch.cuda.is_available():
             raise RecipeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
+        # before any process group exists: every rank reaches the same verdict and exits 2, no hang
+        check_parallel(self.recipe.parallel, env_world_size(), t.batch_size,
+                       self.recipe.model_config().n_routed_experts)
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -123,6 +131,9 @@ class Trainer:
         if t.threads:
             torch.set_num_threads(t.threads)
         tune_malloc()  # keep freed memory for reuse: no page faults on every step's large temporaries
+        self.par = par = Parallel.from_env(r.parallel, t.device)
+        if not par.is_main:
+            self.console.quiet = True
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from = latest_checkpoint(self.out) if t.resume else None
         if t.resume and resume_from is None:
@@ -135,12 +146,19 @@ class Trainer:
         elif r.tokenizer.path:
             self.tokenizer = SeekTokenizer.load(r.tokenizer.path)
         else:
-            self.console.print(f"training a byte-level BPE tokenizer (vocab {r.tokenizer.vocab_size}) ...")
-            docs = iter_documents(r.data.sources, text_key=r.data.text_key)
-            if r.tokenizer.max_train_docs:
-                docs = (d for i, d in zip(range(r.tokenizer.max_train_docs), docs))
-            self.tokenizer = SeekTokenizer.train(texts=docs, vocab_size=r.tokenizer.vocab_size,
-                                                 min_frequency=r.tokenizer.min_frequency)
+            if par.is_main:
+                self.console.print(f"training a byte-level BPE tokenizer (vocab {r.tokenizer.vocab_size}) ...")
+                docs = iter_documents(r.data.sources, text_key=r.data.text_key)
+                if r.tokenizer.max_train_docs:
+                    docs = (d for i, d in zip(range(r.tokenizer.max_train_docs), docs))
+                self.tokenizer = SeekTokenizer.train(texts=docs, vocab_size=r.tokenizer.vocab_size,
+                                                     min_frequency=r.tokenizer.min_frequency)
+            files = par.broadcast_object(self.tokenizer.files() if par.is_main else None)
+            if not par.is_main:  # the same tokenizer on every rank: rank 0's files
+                with tempfile.TemporaryDirectory() as d:
+                    for fname, text in files.items():
+                        Path(d, fname).write_text(text)
+                    self.tokenizer = SeekTokenizer.load(d)
         tok = self.tokenizer
         self.config = r.model_config(tok.vocab_size, {"pad_token_id": tok.pad_token_id,
                                                       "bos_token_id": tok.bos_token_id,
@@ -152,9 +170,12 @@ class Trainer:
 
         cache = Path(r.data.cache_dir) if r.data.cache_dir else self.out / "data"
         self.console.print(f"tokenizing {', '.join(map(str, r.data.sources))} -> {cache} ...")
-        self.shards = build_shards(r.data.sources, tok, cache, val_fraction=r.data.val_fraction, seed=t.seed,
-                                   text_key=r.data.text_key)
-        self.loader = PackedBatches(self.shards, "train", t.seq_len, t.batch_size, seed=t.seed)
+        with par.first_then_others():  # rank 0 builds the shards, the others reuse them
+            self.shards = build_shards(r.data.sources, tok, cache, val_fraction=r.data.val_fraction, seed=t.seed,
+                                       text_key=r.data.text_key)
+        # train.batch_size is the global batch: rank r reads rows [r*b, (r+1)*b) of every step's windows
+        self.loader = PackedBatches(self.shards, "train", t.seq_len, t.batch_size // par.world_size, seed=t.seed,
+                                    rank=par.rank, world_size=par.world_size)
         if self.shards.split_tokens("validation") < t.seq_len + 1:
             raise DataError(f"the validation split has {self.shards.split_tokens('validation')} tokens, fewer than "
                             f"one window of train.seq_len+1 = {t.seq_len + 1}; raise data.val_fraction or add text")
@@ -169,13 +190,22 @@ class Trainer:
             self.model.reset_parameters(seed=t.seed)
             self.model.to(t.device)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+        self.fwd = par.wrap(self.model)  # the module to call: DDP / FSDP2 / expert-parallel, or the model
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps,
+                                         impl=par.optimizer_impl)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
         self.step = 0
         self.tokens_seen = 0
         if resume_from is not None:
             state = load_trainer_state(resume_from)
-            self.optimizer.load_state_dict(state["optimizer"])
+            sharded = resume_from / "trainer_state" / SHARDED_STATE
+            if (sharded / ".metadata").is_file():  # any world size wrote it: DCP reshards on load
+                par.load_state(sharded, self.model, self.optimizer)
+            elif "optimizer" in state and not par.distributed:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                raise CheckpointError(f"{resume_from} has no sharded trainer state ({SHARDED_STATE}/); it cannot "
+                                      "resume on several processes: resume it on one")
             self.scheduler.load_state_dict(state["scheduler"])
             self.loader.load_state_dict(state["data"])
             torch.set_rng_state(state["rng"])
@@ -183,8 +213,11 @@ class Trainer:
             self.tokens_seen = int(state["tokens"])
             self.console.print(f"resumed from {resume_from} at step {self.step}")
         self.resumed_from = resume_from
-        atomic_write_text(self.out / "recipe.yaml", r.to_yaml())
-        self.logger = MetricsLogger(self.out, resume_step=self.step if resume_from is not None else None)
+        if par.is_main:
+            atomic_write_text(self.out / "recipe.yaml", r.to_yaml())
+            self.logger = MetricsLogger(self.out, resume_step=self.step if resume_from is not None else None)
+        else:
+            self.logger = NullLogger()
 
     # ------------------------------------------------------------------ pieces
     def _autocast(self):
@@ -200,13 +233,20 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.eval()
         total, n = 0.0, 0
+        w, r = self.par.world_size, self.par.rank
         for batch in iter_eval_batches(self.shards, "validation", self.t.seq_len, self.t.batch_size,
                                        max_batches=self.t.eval_batches):
-            batch = batch.to(self.t.device)
+            per = -(-batch.shape[0] // w)  # this rank's rows; a rank with none runs row 0 at weight 0
+            mine, weight = batch[r * per:(r + 1) * per], 1.0
+            if mine.shape[0] == 0:
+                mine, weight = batch[:1], 0.0
+            mine = mine.to(self.t.device)
             with self._autocast():
-                out = self.model(batch, labels=batch)
-            total += float(out.lm_loss) * batch.shape[0]
-            n += batch.shape[0]
+                out = self.fwd(mine, labels=mine)
+            total += float(out.lm_loss) * mine.shape[0] * weight
+            n += mine.shape[0] * weight
+        if self.par.distributed:
+            total, n = (v * w for v in self.par.mean([total, n]))
         self.model.train()
         self.eval_seconds = time.perf_counter() - t0
         return total / max(1, n)
@@ -216,22 +256,27 @@ class Trainer:
         t = self.t
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
-        for _ in range(t.grad_accum):
-            batch = self.loader.next_batch().to(t.device)
-            with self._autocast():
-                out = self.model(batch, labels=batch)
-            (out.loss / t.grad_accum).backward()
+        par = self.par
+        for i in range(t.grad_accum):
+            batch = self.loader.next_batch().to(t.device)  # this rank's rows of the global batch
+            with par.accumulate(last=i == t.grad_accum - 1):  # no gradient all-reduce until the last one
+                with self._autocast():
+                    out = self.fwd(batch, labels=batch)
+                (out.loss / t.grad_accum).backward()
             sums["loss"] += out.lm_loss.item() / t.grad_accum
             if out.mtp_loss is not None:
                 sums["mtp_loss"] += out.mtp_loss.item() / t.grad_accum
             if out.aux_loss is not None:
                 sums["aux_loss"] += out.aux_loss.item() / t.grad_accum
-            self.tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else
-                                                   float("inf"))
+            self.tokens_seen += batch.shape[0] * par.world_size * (batch.shape[1] - 1)
+        par.finish_gradients()
+        grad_norm = par.clip_grad_norm_(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
+        if par.distributed:  # losses averaged over ranks; loads summed (the bias update sees all tokens)
+            sums = dict(zip(sums, par.mean(list(sums.values()))))
+        par.reduce_loads(self.model.moe_layers())
         for name, moe in self.model.moe_layers():
             self._interval_counts.setdefault(name, torch.zeros_like(moe.load_counts)).add_(moe.load_counts)
             moe.update_bias(self.model.config.aux_free_bias_update_rate)
@@ -260,22 +305,38 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write OUT/checkpoints/step-N atomically, point `latest` at it, refresh OUT's model files."""
+        par = self.par
         ck = self.out / CHECKPOINTS
-        ck.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:06d}"
-        buf = io.BytesIO()
-        torch.save({"step": self.step, "tokens": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "data": self.loader.state_dict(),
-                    "rng": torch.get_rng_state()}, buf)
-        files: dict[str, bytes | str] = dict(self.tokenizer.files())
-        files["recipe.yaml"] = self.recipe.to_yaml()
         target = ck / name
-        if target.exists():
-            shutil.rmtree(target)
-        save_model(self.model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
-        atomic_write_text(ck / LATEST, name + "\n")
-        save_model(self.model, self.out, extra_files=files)
-        prune_checkpoints(ck, name, self.t.keep_checkpoints)
+        sharded_tmp = ck / f".{name}.{SHARDED_STATE}.tmp"
+        if par.is_main:
+            ck.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(sharded_tmp, ignore_errors=True)
+        par.barrier()
+        # model + optimizer through torch.distributed.checkpoint (every rank writes its shards)
+        par.save_state(sharded_tmp, self.model, self.optimizer)
+        full = par.full_model_state(self.model)  # a collective: every rank takes part
+        par.barrier()
+        if par.is_main:
+            model = self.model
+            if full is not None:  # several processes: a plain copy of the gathered weights to write
+                model = SeekForCausalLM(self.model.config)
+                model.load_state_dict(full)
+            buf = io.BytesIO()
+            torch.save({"step": self.step, "tokens": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                        "data": self.loader.state_dict(), "rng": torch.get_rng_state(),
+                        "world_size": par.world_size}, buf)
+            files: dict[str, bytes | str] = dict(self.tokenizer.files())
+            files["recipe.yaml"] = self.recipe.to_yaml()
+            if target.exists():
+                shutil.rmtree(target)
+            save_model(model, target, extra_files={**files, "trainer_state/state.pt": buf.getvalue()})
+            os.replace(sharded_tmp, target / "trainer_state" / SHARDED_STATE)  # complete before `latest` moves
+            atomic_write_text(ck / LATEST, name + "\n")
+            save_model(model, self.out, extra_files=files)
+            prune_checkpoints(ck, name, self.t.keep_checkpoints)
+        par.barrier()
         return target
 
     # ------------------------------------------------------------------ loop
@@ -296,7 +357,8 @@ class Trainer:
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
-        with Progress(*columns, console=self.console, disable=not t.progress, transient=False) as progress:
+        with Progress(*columns, console=self.console, disable=not t.progress or not self.par.is_main,
+                      transient=False) as progress:
             task = progress.add_task("train", total=t.steps, completed=self.step, loss=float("nan"), tps=0.0)
             while self.step < t.steps:
                 tokens_before = self.tokens_seen
@@ -315,6 +377,8 @@ class Trainer:
                     self.on_step(self)
                 progress.update(task, completed=self.step, total=t.steps)
                 out_of_time = t.max_minutes is not None and time.perf_counter() - start > 60 * t.max_minutes
+                if t.max_minutes is not None:  # rank 0's clock decides for every rank (no diverging loops)
+                    out_of_time = self.par.broadcast_object(out_of_time)
                 last = self.step == t.steps or out_of_time
                 if (t.eval_every and self.step % t.eval_every == 0) or last:
                     v = self.evaluate()
@@ -327,7 +391,8 @@ class Trainer:
                     result.stopped_early = self.step < t.steps
                     break
         self.logger.close()
-        plot_training(self.out)
+        if self.par.is_main:
+            plot_training(self.out)
         result.steps, result.tokens = self.step, self.tokens_seen
         result.seconds = time.perf_counter() - start
         return result
@@ -338,7 +403,21 @@ class Trainer:
             self.on_eval(step, v)
 
 
+class NullLogger:
+    """The metrics logger of ranks other than 0 (only rank 0 writes logs)."""
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        """Drop the record."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 def pretrain(recipe: Recipe, console=None) -> TrainResult:
+    """Pretrain as `recipe` says (on every process of a torchrun launch); returns the TrainResult."""
     trainer = Trainer(recipe, console=console)
-    trainer.prepare()
-    return trainer.run()
+    try:
+        trainer.prepare()
+        return trainer.run()
+    finally:
+        trainer.par.close()
