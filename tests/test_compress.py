@@ -240,3 +240,26 @@ def test_transformers_refuses_a_quantized_dir(model_dir, tmp_path):
     main(["compress", "quantize", str(model_dir), "--bits", "8", "--out", str(out)])
     with pytest.raises((ValueError, KeyError, OSError)):
         transformers.AutoModelForCausalLM.from_pretrained(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("out_type", ["f32", "f16"])
+def test_llama_cpp_greedy_equals_seekformer(model_dir, tmp_path, out_type):
+    """llama.cpp (llama-cpp-python) loads the export and continues a prompt exactly as seekformer, >= 32 tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from seekformer.compress.gguf import export_gguf
+    from seekformer.tokenizer import SeekTokenizer
+
+    tok = SeekTokenizer.load(model_dir)
+    m = SeekForCausalLM.from_pretrained(model_dir)
+    path = export_gguf(model_dir, tmp_path / "m.gguf", out_type)
+    ids = [m.config.bos_token_id] + tok.encode("Call me Ishmael. Some years ago")
+    ours = m.generate(torch.tensor([ids]), max_new_tokens=32, ignore_eos=True)[0, len(ids):].tolist()
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=1, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = []
+    for _ in range(32):
+        t = int(llm.scores[llm.n_tokens - 1].argmax())
+        theirs.append(t)
+        llm.eval([t])
+    assert theirs == ours
