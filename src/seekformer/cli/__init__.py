@@ -26,7 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Pretrain, fine-tune, evaluate and serve DeepSeek-style MoE Transformers.")
 
 # Modules that add commands to `app` (each has `register(app)`); missing ones are skipped.
-COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench", "inspect")
+COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench", "inspect", "compress", "export")
 
 
 def _print_version(value: bool) -> None:
