@@ -215,12 +215,12 @@ class SeekConfig:
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         if out.get("quantization_config") is None:
             out.pop("quantization_config", None)  # transformers treats the key's presence as "quantized"
         else:  # transformers has no kernel for these weights and would load the model with random ones:
             out["base_model_type"], out["model_type"] = out["model_type"], QUANTIZED_MODEL_TYPE  # make it refuse
             out["architectures"] = ["SeekformerQuantizedForCausalLM"]
-        out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         out["qk_head_dim"] = self.qk_head_dim
         out["head_dim"] = self.qk_rope_head_dim
         out["torch_dtype"] = "float32"
