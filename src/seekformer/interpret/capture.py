@@ -20,7 +20,6 @@ not recorded).
 
 from __future__ import annotations
 
-import inspect as _inspect
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -99,7 +98,8 @@ def check_layers(model: nn.Module, layers: Sequence[int] | None, need_moe: bool 
     return out
 
 
-_MLA_ARGS = list(_inspect.signature(MLA.forward).parameters)[1:]  # x, cos, sin, mask, cache, layer, slots
+# MLA.forward's positional parameters after self, in order (tests/test_interpret.py checks them)
+_MLA_ARGS = ("x", "cos", "sin", "mask", "cache", "layer", "slots")
 
 
 def _bound(args: tuple, kwargs: dict) -> dict:

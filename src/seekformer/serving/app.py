@@ -36,9 +36,9 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import Backend, release_memory
+from .limits import DEFAULT_MAX_BODY_BYTES
 from .metrics import ServerMetrics
 from .openai_api import JSONText, OpenAIHandlers
-from .server import DEFAULT_MAX_BODY_BYTES
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
 
