@@ -167,3 +167,14 @@ def test_statistics_definitions():
     f = torch.tensor([3, 3, 1, 1]) / 4
     assert s["same_expert_chance"] == pytest.approx(float((f * f).sum()) / 2, abs=1e-6)
     assert s["max_over_mean"] == 1.5 and s["min_over_mean"] == 0.5 and s["top_quarter_share"] == 0.375
+
+
+def test_capture_knows_mla_forward_arguments():
+    import inspect
+
+    import importlib
+
+    from seekformer.nn.attention import MLA
+
+    capture = importlib.import_module("seekformer.interpret.capture")
+    assert capture._MLA_ARGS == tuple(inspect.signature(MLA.forward).parameters)[1:]

@@ -33,8 +33,10 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TRAINER_STATE_DIR = "trainer_state"
 
-_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
-_DISK_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+# stacked experts in memory; a quantized model (nn/quant.py) has `gate_up_proj_qweight` etc.
+_EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)(?:_(qweight|scales|mins))?$")
+_DISK_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight|qweight|scales|mins)$")
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -75,14 +77,15 @@ def to_disk_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None)
             key = f"{prefix}.{rest}"
         m = _EXPERTS_RE.match(key)
         if m:
-            base, kind = m.groups()
+            base, kind, part = m.groups()
+            part = part or "weight"
             for e in range(t.shape[0]):
                 if kind == "gate_up_proj":
                     f = t.shape[1] // 2
-                    put(f"{base}.{e}.gate_proj.weight", t[e, :f])
-                    put(f"{base}.{e}.up_proj.weight", t[e, f:])
+                    put(f"{base}.{e}.gate_proj.{part}", t[e, :f])
+                    put(f"{base}.{e}.up_proj.{part}", t[e, f:])
                 else:
-                    put(f"{base}.{e}.down_proj.weight", t[e])
+                    put(f"{base}.{e}.down_proj.{part}", t[e])
             continue
         put(key, t)
     d = cfg.hidden_size
@@ -90,7 +93,8 @@ def to_disk_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None)
         if cfg.is_moe_layer(i) and cfg.n_shared_experts == 0:  # transformers builds zero-width shared experts
             for name, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 out[f"model.layers.{i}.mlp.shared_experts.{name}.weight"] = torch.zeros(shape, dtype=dtype or model.dtype)
-    for k in range(cfg.num_nextn_predict_layers):  # DeepSeek-V3's MTP layers carry copies of the shared weights
+    for k in range(cfg.num_nextn_predict_layers if "lm_head.weight" in sd else 0):
+        # DeepSeek-V3's MTP layers carry copies of the shared weights (not in quantized models)
         prefix = f"model.layers.{n_layers + k}"
         put(f"{prefix}.embed_tokens.weight", sd["model.embed_tokens.weight"])
         put(f"{prefix}.shared_head.head.weight", sd["lm_head.weight"])
@@ -113,22 +117,23 @@ def from_disk_state_dict(tensors: dict[str, torch.Tensor], cfg: SeekConfig) -> d
             continue
         e_match = _DISK_EXPERT_RE.match(key)
         if e_match:
-            base, e, kind = e_match.groups()
-            experts.setdefault(_layer_to_mtp_key(base, cfg), {}).setdefault(int(e), {})[kind] = t
+            base, e, kind, part = e_match.groups()
+            experts.setdefault((_layer_to_mtp_key(base, cfg), part), {}).setdefault(int(e), {})[kind] = t
             continue
         if is_mtp:
             if not rest.startswith(("enorm.", "hnorm.", "eh_proj.", "shared_head.")):
                 rest = "block." + rest
             key = f"mtp.{k}.{rest}"
         out[key] = t
-    for base, per in experts.items():
+    for (base, part), per in experts.items():
         e_count = max(per) + 1
         missing = [e for e in range(e_count) if set(per.get(e, {})) != {"gate_proj", "up_proj", "down_proj"}]
         if missing:
             raise CheckpointError(f"checkpoint is missing weights of experts {missing[:5]} in {base}; it is truncated")
-        out[f"{base}.gate_up_proj"] = torch.stack(
+        suffix = "" if part == "weight" else f"_{part}"
+        out[f"{base}.gate_up_proj{suffix}"] = torch.stack(
             [torch.cat([per[e]["gate_proj"], per[e]["up_proj"]], dim=0) for e in range(e_count)])
-        out[f"{base}.down_proj"] = torch.stack([per[e]["down_proj"] for e in range(e_count)])
+        out[f"{base}.down_proj{suffix}"] = torch.stack([per[e]["down_proj"] for e in range(e_count)])
     return out
 
 
@@ -340,6 +345,9 @@ def load_model(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
     sd = from_disk_state_dict(tensors, cfg)
     with torch.device("meta"):
         model = cls(cfg)
+    if cfg.quantization_config:  # `seekformer compress quantize` output: quantized placeholders, then fill
+        with torch.device("meta"):
+            model.quantize_placeholders_(cfg.quantization_config)
     expected = model.state_dict()
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -361,7 +369,7 @@ def load_model(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
     for k in sd:
         if k.endswith("e_score_correction_bias"):
             sd[k] = sd[k].float()
-        elif sd[k].is_floating_point():
+        elif sd[k].is_floating_point() and not (cfg.quantization_config and k.endswith(("scales", "mins"))):
             sd[k] = sd[k].to(target_dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:

@@ -20,6 +20,8 @@ from .errors import ConfigError
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+# config.json model_type of a `seekformer compress quantize` output (the float type is in base_model_type)
+QUANTIZED_MODEL_TYPE = "seekformer_quantized"
 
 
 @dataclass
@@ -67,6 +69,8 @@ class SeekConfig:
         aux_free_bias_update_rate: gamma of auxiliary-loss-free balancing (0 disables); may change on resume
         seq_aux_loss_alpha: alpha of the sequence-wise balance loss (0 disables); may change on resume
         router_z_loss_coef: router z-loss weight (0 disables); may change on resume
+        quantization_config: weight-only quantization of a `seekformer compress quantize` output (nn/quant.py);
+            null = float weights. Written by the quantize command, not set in recipes
     """
 
     vocab_size: int = 129280
@@ -110,6 +114,8 @@ class SeekConfig:
     aux_free_bias_update_rate: float = 1e-3  # gamma of auxiliary-loss-free balancing (0 disables)
     seq_aux_loss_alpha: float = 1e-4  # alpha of the sequence-wise balance loss (0 disables)
     router_z_loss_coef: float = 0.0  # router z-loss (0 disables)
+    # weight-only quantization of a `seekformer compress quantize` output (see nn/quant.py); None = float
+    quantization_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -210,6 +216,11 @@ class SeekConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        if out.get("quantization_config") is None:
+            out.pop("quantization_config", None)  # transformers treats the key's presence as "quantized"
+        else:  # transformers has no kernel for these weights and would load the model with random ones:
+            out["base_model_type"], out["model_type"] = out["model_type"], QUANTIZED_MODEL_TYPE  # make it refuse
+            out["architectures"] = ["SeekformerQuantizedForCausalLM"]
         out["qk_head_dim"] = self.qk_head_dim
         out["head_dim"] = self.qk_rope_head_dim
         out["torch_dtype"] = "float32"
@@ -219,6 +230,8 @@ class SeekConfig:
     def from_dict(cls, d: dict[str, Any]) -> SeekConfig:
         """Build from a config.json dict (seekformer's or Hugging Face's DeepseekV3/V2); unknown keys are ignored."""
         d = dict(d)
+        if d.get("model_type") == QUANTIZED_MODEL_TYPE:
+            d["model_type"] = d.get("base_model_type", "deepseek_v3")
         mt = d.get("model_type", "deepseek_v3")
         if mt not in ("deepseek_v3", "deepseek_v2"):
             raise ConfigError(f"model_type {mt!r} is not supported (expected 'deepseek_v3' or 'deepseek_v2')")

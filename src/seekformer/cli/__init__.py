@@ -27,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 # Modules that add commands to `app` (each has `register(app)`); missing ones are skipped.
 COMMAND_MODULES = ("train", "generate", "finetune", "evaluate", "serve", "bench", "inspect",
-                   "federated", "audit")
+                   "federated", "audit", "compress", "export")
 
 
 def _print_version(value: bool) -> None:

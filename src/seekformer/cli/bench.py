@@ -109,6 +109,13 @@ def bench_serve_cmd(
     typer.echo(f"written to {write_markdown(rows, info, out)}", err=True)
 
 
+# ---- `seekformer bench compress` (compress worker; the command lives in cli/compress.py)
+from .compress import bench_compress_cmd  # noqa: E402
+
+bench_app.command("compress")(bench_compress_cmd)
+# ---- end of `bench compress`
+
+
 @bench_app.command("distributed")
 def distributed(
     preset: str = typer.Option("tiny", "--preset", help="Model preset."),

@@ -98,7 +98,7 @@ class SeekModel(nn.Module):
 
         The rope rotation matrix is built once and shared by every layer's `DecoderLayer.step`.
         """
-        x = F.embedding(input_ids, self.embed_tokens.weight)
+        x = self.embed_tokens(input_ids)
         am = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         slots, positions, mask = cache.prepare(am)
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -181,11 +181,11 @@ class SeekForCausalLM(nn.Module):
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device  # (a norm: never quantized)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.norm.weight.dtype
 
     def moe_layers(self) -> list[tuple[str, MoE]]:
         """(name, module) of every MoE layer, main model first, then MTP blocks."""
@@ -294,7 +294,7 @@ class SeekForCausalLM(nn.Module):
         module = self.mtp[depth]
         slots, pos, mask = cache.prepare(attention_mask)
         cos, sin = self.model.rotary_emb(pos, h_prev.dtype)
-        emb = F.embedding(token_ids, self.model.embed_tokens.weight)
+        emb = self.model.embed_tokens(token_ids)
         if step_applies(cache, h_prev.shape[1]):
             rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
             h = module.step(h_prev, emb, rope, ~mask, cache, slots)
@@ -307,6 +307,12 @@ class SeekForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
+    def quantize_placeholders_(self, quantization_config: dict) -> None:
+        """Swap the quantized modules for empty placeholders (nn/quant.py) that a quantized checkpoint fills."""
+        from ..nn.quant import quantize_modules_
+
+        quantize_modules_(self, quantization_config, empty=True)
+
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Decode like `transformers`' generate(): returns the prompt ids followed by the new ids.
 

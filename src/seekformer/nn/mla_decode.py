@@ -37,7 +37,11 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, interleave: bool, dim: int
 
 
 def fold_pays(attn) -> bool:
-    """Whether folded weights hold at most FOLD_MAX_GROWTH times the parameters they replace."""
+    """Whether folded weights hold at most FOLD_MAX_GROWTH times the parameters they replace (never for
+    quantized projections: folding needs the float matrices)."""
+    projs = (attn.q_proj,) if attn.q_lora_rank is None else (attn.q_a_proj, attn.q_b_proj)
+    if any(type(m) is not torch.nn.Linear for m in (*projs, attn.kv_a_proj_with_mqa, attn.kv_b_proj, attn.o_proj)):
+        return False
     h, n, r, p, v = attn.num_heads, attn.nope_dim, attn.kv_lora_rank, attn.rope_dim, attn.v_dim
     d = attn.o_proj.weight.shape[0]
     d_q = d if attn.q_lora_rank is None else attn.q_lora_rank

@@ -37,9 +37,9 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import Backend, release_memory
+from .limits import DEFAULT_MAX_BODY_BYTES
 from .metrics import ServerMetrics
 from .openai_api import JSONText, OpenAIHandlers
-DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20  # request bodies above this get 413 (server.serve's default too)
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
                        TokenizeRequest)
 

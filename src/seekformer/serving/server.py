@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from ..errors import SeekformerError
+from .limits import DEFAULT_MAX_BODY_BYTES
 
-DEFAULT_MAX_BODY_BYTES = 8 * 2 ** 20  # == app.DEFAULT_MAX_BODY_BYTES (this module must not import fastapi)
 SERVE_EXTRA_HINT = 'pip install -e ".[serve]" (from a clone; or pip install "seekformer[serve]")'
 
 

@@ -1,0 +1,76 @@
+"""`seekformer compress quantize|prune|distill` and `seekformer bench compress` (see docs/compress.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+compress_app = typer.Typer(no_args_is_help=True, help="Smaller, faster models: quantize, prune experts, distill.")
+
+
+@compress_app.command("quantize")
+def quantize_cmd(
+    model_dir: Path = typer.Argument(..., help="Float model directory (config.json, safetensors, tokenizer)."),
+    bits: int = typer.Option(..., "--bits", help="8 (int8 per output channel) or 4 (int4 per group)."),
+    group_size: int = typer.Option(64, "--group-size", help="int4: inputs per scale/minimum (multiple of 32)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the quantized model."),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Quantize the token embedding (int8 rows)."),
+    lm_head: bool = typer.Option(True, "--lm-head/--no-lm-head", help="Quantize the output head."),
+) -> None:
+    """Weight-only int8/int4 quantization; the output loads in every verb (generate, chat, eval, serve, bench)."""
+    from ..compress.quantize import dir_size, quantize_dir
+
+    path = quantize_dir(model_dir, out, bits, group_size, embeddings=embeddings, lm_head=lm_head)
+    typer.echo(f"wrote {path} (int{bits}; weights {dir_size(path) / 2**20:.1f} MiB, "
+               f"from {dir_size(model_dir) / 2**20:.1f} MiB)")
+
+
+@compress_app.command("prune")
+def prune_cmd(
+    model_dir: Path = typer.Argument(..., help="Float MoE model directory (with its tokenizer)."),
+    keep: str = typer.Option(..., "--keep", help="Routed experts kept per layer: a fraction in (0,1) or a count."),
+    calibration: str = typer.Option("builtin", "--calibration", help="Calibration text: builtin, file, folder or hf:NAME."),
+    method: str = typer.Option("routing", "--method", help="routing (saliency) or random (seeded ablation)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --method random."),
+    max_tokens: int = typer.Option(20000, "--max-tokens", help="Calibration tokens read."),
+    out: Path = typer.Option(..., "--out", help="Directory for the pruned model (+ prune_stats.json, expert_usage.png)."),
+) -> None:
+    """Drop the least salient routed experts per layer (gate weight x output norm on calibration text)."""
+    from ..compress.prune import prune_dir
+
+    path = prune_dir(model_dir, out, keep, calibration, method, seed, max_tokens)
+    typer.echo(f"wrote {path} (+ prune_stats.json, expert_usage.png)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(compress_app, name="compress")
+
+
+def bench_compress_cmd(
+    model_dir: Optional[Path] = typer.Argument(None, help="Model directory with a tokenizer (e.g. the quickstart model)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Instead: size and speed only, random-weight preset."),
+    distilled: Optional[Path] = typer.Option(None, "--distilled", help="A distilled student directory to include."),
+    max_tokens: int = typer.Option(4000, "--max-tokens", help="Held-out tokens scored per variant."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens per timed generation."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed rounds (round-robin over the variants)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
+    out: Path = typer.Option(Path("benchmarks/results/compress.md"), "--out", help="Markdown table to write."),
+) -> None:
+    """fp32 / int8 / int4 / pruned / distilled / llama.cpp: size, decode tok/s, held-out perplexity, accuracy."""
+    import torch
+
+    from ..bench.compress import run_compress_bench, run_preset_speed
+    from ..compress.common import CompressError
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if (model_dir is None) == (preset is None):
+        raise CompressError("pass a MODEL_DIR or --preset NAME (one of them)")
+    if preset is not None:
+        run_preset_speed(preset, out, new_tokens=new_tokens, repeats=repeats, log=typer.echo)
+    else:
+        run_compress_bench(model_dir, out, distilled=distilled, max_tokens=max_tokens, new_tokens=new_tokens,
+                           repeats=repeats, log=typer.echo)
+    typer.echo(f"wrote {out}")
