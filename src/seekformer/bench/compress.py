@@ -92,7 +92,6 @@ def _llama_cpp_row(model_dir: Path, work: Path, tokenizer, max_tokens: int, new_
     times = []
     for _ in range(3):
         llm.reset()
-        t0 = time.perf_counter()
         llm.eval(ids)
         t1 = time.perf_counter()
         for _ in range(new_tokens - 1):

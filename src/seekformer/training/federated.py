@@ -266,7 +266,7 @@ class FederatedRun:
     def run(self) -> FinetuneResult:
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-        tr, f = self.trainer, self.f
+        f = self.f
         strategy = self.strategy()
         clients = [self.client_cls(self, k) for k in range(f.clients)]
         m = max(1, int(round(f.fraction_fit * f.clients)))
