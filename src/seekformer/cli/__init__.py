@@ -42,9 +42,21 @@ def configure_logging(quiet: bool = False) -> None:
     """Library messages (the `seekformer` logger) go to stderr: INFO, or WARNING and up with --quiet."""
     import logging
 
+    class _CurrentStderr(logging.StreamHandler):
+        """Writes to whatever sys.stderr is now (not the stream of the first call: in-process CLI runs,
+        e.g. under pytest's capture, replace and close it)."""
+
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("seekformer")
     if not any(getattr(h, "_seekformer_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._seekformer_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
