@@ -35,6 +35,7 @@ def recipe(tmp_path, base, tasks, weighting="fixed", steps=2):
 
 
 def user_error(capsys, argv, fragment):
+    capsys.readouterr()  # only what this command prints (fixtures may have logged before)
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err.strip().splitlines()
