@@ -227,6 +227,12 @@ def _hostile(url: str, port: int, kind: str, i: int) -> tuple[str, int]:
     raise ValueError(kind)
 
 
+def _low_priority_thread() -> None:
+    """The flooding client threads run at the lowest CPU priority: on a 2-core machine their own HTTP work
+    would otherwise take the cores from the server and the streams, and the gaps would time the client."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def _p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 100 else max(values)
 
@@ -255,7 +261,7 @@ def run_hostile(model_dir, tmp: Path, streams: int, tokens: int, floods: dict[st
         jobs = [(kind, i) for kind, n in floods.items() for i in range(n)]
 
         def flood():
-            with ThreadPoolExecutor(32) as pool:
+            with ThreadPoolExecutor(32, initializer=_low_priority_thread) as pool:
                 return list(pool.map(lambda job: _hostile(srv.url, srv.port, *job), jobs))
 
         run = _run_streams(srv.url, streams, tokens, tmp / "flood.json", during=flood)
@@ -300,12 +306,13 @@ def test_hostile_flood_quick(seek_model_dir, tmp_path):
 def test_hostile_flood_64_streams(seek_model_dir, tmp_path):
     floods = {"huge": 8, "overflow": 2 * len(OVERFLOWS), "echo": 40, "long": 8, "drop_stream": 8,
               "drop_plain": 8}
+    load = os.getloadavg()[0]  # before the test: its own clients load the machine while it runs
     report = run_hostile(seek_model_dir, tmp_path, streams=64, tokens=160, floods=floods)
     figures = {k: round(v, 3) for k, v in report.items() if k not in ("log", "streams", "hostile")}
     print(figures)
     _check(report, 64, 160)
-    if os.getloadavg()[0] > (os.cpu_count() or 1):  # wall-clock bounds mean nothing on an oversubscribed machine
-        print(f"timing bounds not checked: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    if load > 0.5:  # wall-clock bounds mean nothing on a machine that was busy before the test began
+        print(f"timing bounds not checked: load average {load:.1f} before the test")
         return
     assert report["health_max_s"] < 1.0, figures
     # the flood adds at most a few decode steps to the streams' waits (vs the same streams without it)
