@@ -101,3 +101,50 @@ def test_distill_bad_input(teacher_dir, text_file, tmp_path, capsys):
                   "--steps", "2", *extra, "--out", str(out)])
         assert e.value.code == 2 and needle in capsys.readouterr().err
         assert not (out / "config.json").exists()
+
+
+# ====================================================================== pruning: merge, recovery
+def test_merge_averages_aligned_experts_by_frequency():
+    """A dropped expert that is a neuron-permuted copy of a kept one is recognised (router rows alike), aligned
+    and averaged by routing frequency: the kept expert's function is unchanged; dissimilar ones stay apart."""
+    from seekformer.compress.prune import merge_experts
+    from seekformer.nn.moe import MoE
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(n_group=1, topk_group=1, n_routed_experts=4)
+    moe = MoE(cfg)
+    ex = moe.experts
+    f = cfg.moe_intermediate_size
+    perm = torch.randperm(f)
+    with torch.no_grad():
+        ex.gate_up_proj[3] = torch.cat([ex.gate_up_proj[0][:f][perm], ex.gate_up_proj[0][f:][perm]])
+        ex.down_proj[3] = ex.down_proj[0][:, perm]
+        moe.gate.weight[3] = moe.gate.weight[0] * 1.01 + 1e-3
+        x = torch.randn(5, cfg.hidden_size)
+        before = ex.expert_forward(0, x)
+        other = ex.expert_forward(1, x)
+        into = merge_experts(moe, kept=[0, 1], freq=[30.0, 10.0, 5.0, 10.0])
+        assert 3 in into[0]
+        assert torch.allclose(ex.expert_forward(0, x), before, atol=1e-5)  # 30:10 mix of equal functions
+        if into.get(1):  # expert 2 was folded into 1: 10:5 average of two different experts
+            assert not torch.allclose(ex.expert_forward(1, x), other, atol=1e-4)
+
+
+def test_prune_merge_and_recover(teacher_dir, text_file, tmp_path):
+    """--merge records what was folded where; --recover-steps fine-tunes the pruned model by distillation from
+    the unpruned one and the validation loss falls; the output is a normal model directory."""
+    out = tmp_path / "pruned"
+    main(["compress", "prune", str(teacher_dir), "--keep", "0.5", "--calibration", str(text_file),
+          "--max-tokens", "600", "--merge", "--recover-steps", "6", "--recover-lr", "3e-3", "--out", str(out)])
+    stats = json.loads((out / "prune_stats.json").read_text())
+    assert stats["merge"] and stats["n_routed_experts"] == 4
+    merged = stats["merged_into"]["model.layers.1.mlp"]
+    assert sorted(d for ds in merged.values() for d in ds) == sorted(
+        set(range(8)) - set(stats["kept"]["model.layers.1.mlp"]))
+    rec = stats["recovery"]
+    assert rec["steps"] == 6 and rec["val_loss_after"] < rec["val_loss_before"]
+    m = SeekForCausalLM.from_pretrained(out)
+    assert m.config.n_routed_experts == 4
+    assert (out / "expert_usage.png").is_file() and not (out / "checkpoints").exists()

@@ -35,12 +35,16 @@ def prune_cmd(
     method: str = typer.Option("routing", "--method", help="routing (saliency) or random (seeded ablation)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --method random."),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="Calibration tokens read."),
+    merge: bool = typer.Option(False, "--merge/--no-merge", help="Fold each dropped expert into its most similar kept one (frequency-weighted)."),
+    recover_steps: int = typer.Option(0, "--recover-steps", help="Then fine-tune N steps by distillation from the unpruned model (0: off)."),
+    recover_lr: float = typer.Option(3e-4, "--recover-lr", help="Peak learning rate of the recovery steps."),
     out: Path = typer.Option(..., "--out", help="Directory for the pruned model (+ prune_stats.json, expert_usage.png)."),
 ) -> None:
     """Drop the least salient routed experts per layer (gate weight x output norm on calibration text)."""
     from ..compress.prune import prune_dir
 
-    path = prune_dir(model_dir, out, keep, calibration, method, seed, max_tokens)
+    path = prune_dir(model_dir, out, keep, calibration, method, seed, max_tokens, merge=merge,
+                     recover_steps=recover_steps, recover_lr=recover_lr, log=typer.echo)
     typer.echo(f"wrote {path} (+ prune_stats.json, expert_usage.png)")
 
 
