@@ -119,6 +119,8 @@ def test_merge_averages_aligned_experts_by_frequency():
     f = cfg.moe_intermediate_size
     perm = torch.randperm(f)
     with torch.no_grad():
+        for p_ in (ex.gate_up_proj, ex.down_proj, moe.gate.weight):  # a module's parameters start uninitialised
+            p_.copy_(torch.randn_like(p_) * 0.1)
         ex.gate_up_proj[3] = torch.cat([ex.gate_up_proj[0][:f][perm], ex.gate_up_proj[0][f:][perm]])
         ex.down_proj[3] = ex.down_proj[0][:, perm]
         moe.gate.weight[3] = moe.gate.weight[0] * 1.01 + 1e-3

@@ -141,25 +141,20 @@ def _align_neurons(gu_k: torch.Tensor, down_k: torch.Tensor, gu_d: torch.Tensor,
     return torch.cat([gu_d[:f][perm], gu_d[f:][perm]]), down_d[:, perm]
 
 
-def merge_experts(moe, kept: list[int], freq: list[float]) -> dict[int, list[int]]:
+def merge_experts(moe, kept: list[int], freq: list[float], n_group: int = 1) -> dict[int, list[int]]:
     """Fold each dropped routed expert into the kept one whose router row is most similar (cosine; within its
-    expert group when groups stay): the kept expert's weights become the routing-frequency-weighted average
+    expert group when `n_group` > 1, i.e. when groups stay): the kept expert's weights become the routing-frequency-weighted average
     of itself and the experts folded into it, their neurons aligned first. In place on the full-size
     `moe.experts` tensors (before the dropped rows are removed); returns {kept: [folded ones]}."""
     e = moe.num_experts
     rows = torch.nn.functional.normalize(moe.gate.weight.detach().float(), dim=-1)
     sim = rows @ rows.T  # [E,E]
-    group_of = {}
-    n_group = getattr(moe.gate, "n_group", 1) or 1
-    for g in range(n_group):
-        for i in range(g * e // n_group, (g + 1) * e // n_group):
-            group_of[i] = g
-    groups_kept = len({group_of[k] for k in kept}) == n_group and n_group > 1
+    group_of = {i: g for g in range(n_group) for i in range(g * e // n_group, (g + 1) * e // n_group)}
     into: dict[int, list[int]] = {k: [] for k in kept}
     for d in range(e):
         if d in into:
             continue
-        cands = [k for k in kept if not groups_kept or group_of[k] == group_of[d]] or kept
+        cands = [k for k in kept if group_of[k] == group_of[d]] or kept
         into[max(cands, key=lambda k: float(sim[d, k]))].append(d)
     gu, down = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
     for k, folded in into.items():
@@ -191,7 +186,7 @@ def prune_model(model, keep: int, stats: dict, method: str = "routing", seed: in
         kept = choose_experts(sal, keep, groups, method, gen)
         if merge:
             freq = stats[name]["tokens"] if name in stats else _mean_saliency(stats, "tokens")
-            merged_by_layer[name] = merge_experts(moe, kept, freq)
+            merged_by_layer[name] = merge_experts(moe, kept, freq, groups)
         idx = torch.tensor(kept)
         moe.gate.weight = torch.nn.Parameter(moe.gate.weight[idx].clone())
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias[idx].clone()
