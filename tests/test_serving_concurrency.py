@@ -13,16 +13,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir  # noqa: E402
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 
 NAME = "tiny-seek"
 PROMPTS = ["The United States", "Call me Ishmael.", "To be, or not to be", "Fellow citizens"]
-
-
-@pytest.fixture(scope="session")
-def seek_model_dir(tmp_path_factory):
-    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 def _server(model_dir, **config) -> ServerThread:
