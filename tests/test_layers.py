@@ -49,11 +49,7 @@ UPWARD = {("seekformer.models.causal_lm", "inference"),
           ("seekformer.models.vision_lm", "inference")}  # the vision LM's generate: the same exception
 NN_MAY_IMPORT = {"nn", "config", "errors"}
 # Cycles that exist today and are being removed; an entry that no longer exists must be deleted here.
-KNOWN_CYCLES: list[set[str]] = [
-    # SeekForMultiTask.from_pretrained opens vision directories as SeekForVisionMultiTask (a subclass):
-    # a loader function in models/ should do that dispatch instead
-    {"seekformer.models.multitask", "seekformer.models.vision_lm"},
-]
+KNOWN_CYCLES: list[set[str]] = []
 
 
 def module_name(path: Path) -> str:
@@ -175,12 +171,16 @@ def test_no_private_names_across_modules():
     assert not bad, "use a public name (or move the helper where both can use it):\n" + "\n".join(bad)
 
 
+# A decorator may read the signature of the function it decorates (it builds a typer command from it).
+SIGNATURE_OF_OWN_ARGUMENT = {"seekformer.cli.options"}
+
+
 def test_no_module_reads_another_modules_source():
     bad = []
     for path in ROOT.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for needle in ("inspect.getsource", "find_spec(", "inspect.signature("):
-            if needle in text:
+            if needle in text and not (needle == "inspect.signature(" and module_name(path) in SIGNATURE_OF_OWN_ARGUMENT):
                 bad.append(f"{module_name(path)} uses {needle}")
     assert not bad, "\n".join(bad)
 
