@@ -194,3 +194,15 @@ def test_import_seekformer_changes_no_environment():
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def test_architecture_doc_lists_every_layer():
+    """docs/architecture.md's table names every top-level module of LAYERS on its layer's row."""
+    doc = (ROOT.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in doc.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+    wrong = [f"{name} (layer {n})" for name, n in LAYERS.items() if f"`{name}`" not in rows.get(n, "")]
+    assert not wrong, f"docs/architecture.md: put these on their layer's row: {wrong}"
