@@ -150,3 +150,20 @@ def test_prune_merge_and_recover(teacher_dir, text_file, tmp_path):
     m = SeekForCausalLM.from_pretrained(out)
     assert m.config.n_routed_experts == 4
     assert (out / "expert_usage.png").is_file() and not (out / "checkpoints").exists()
+
+
+def test_bench_compress_table(teacher_dir, tmp_path):
+    """`bench compress` writes one table: fp32, int8, int4, pruned (plain and merged), students; with sizes,
+    speeds, perplexity and accuracy filled in, the header naming the command and machine."""
+    from seekformer.bench.compress import run_compress_bench
+
+    out = tmp_path / "compress.md"
+    rows = run_compress_bench(teacher_dir, out, distilled=teacher_dir, max_tokens=200, new_tokens=3, repeats=1,
+                              log=lambda _m: None, prune_tokens=300, with_llama_cpp=False)
+    names = [r["method"] for r in rows]
+    assert names[:6] == ["fp32", "int8", "int4", "pruned 50% (routing)", "pruned 50% (routing + merge)",
+                         "distilled student"]
+    assert all(r["ppl"] > 1 and 0 <= r["acc"] <= 1 and r["b1"] > 0 and r["b8"] > 0 for r in rows[:6])
+    assert rows[1]["size"] < 0.4 * rows[0]["size"] and rows[3]["size"] < rows[0]["size"]
+    text = out.read_text()
+    assert text.startswith("# Compression") and "Machine:" in text and text.count("\n| ") >= 7

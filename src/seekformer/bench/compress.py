@@ -11,7 +11,6 @@ same text (the task).
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..runtime import loadavg
+from .report import write_report
 
 
 def decode_rates(models: dict[str, Any], vocab: int, batch_sizes=(1, 8), new_tokens: int = 32,
@@ -104,11 +103,20 @@ def _llama_cpp_row(model_dir: Path, work: Path, tokenizer, max_tokens: int, new_
 
 def run_compress_bench(model_dir: str | Path, out_md: str | Path, distilled: str | Path | None = None,
                        max_tokens: int = 4000, new_tokens: int = 32, repeats: int = 3,
-                       log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Build the variants in a temporary directory, measure them, write the markdown table to `out_md`."""
+                       log: Callable[[str], None] = print,
+                       plain_student: str | Path | None = None, prune_tokens: int = 8000,
+                       with_llama_cpp: bool = True) -> list[dict[str, Any]]:
+    """Build the variants in a temporary directory, measure them, write the markdown table to `out_md`.
+    `distilled`: a student trained by `compress distill`; `plain_student`: the same student trained with
+    `--kd-weight 0` (the baseline row); `prune_tokens`: calibration tokens of the pruned rows; `with_llama_cpp`: add the llama.cpp row
+    when llama-cpp-python is installed."""
     from ..compress.common import load_with_tokenizer
     from ..compress.quantize import quantize_dir
     from ..models.causal_lm import SeekForCausalLM
+    from .report import Machine
+
+    machine = Machine()
+    notes: list[str] = []
 
     model_dir = Path(model_dir)
     base, tok, _ = load_with_tokenizer(model_dir)
@@ -132,12 +140,13 @@ def run_compress_bench(model_dir: str | Path, out_md: str | Path, distilled: str
             if prune_dir is not None:
                 for name, merge in (("pruned 50% (routing)", False), ("pruned 50% (routing + merge)", True)):
                     d = prune_dir(model_dir, work / name.replace(" ", "_"), keep=0.5, calibration="builtin",
-                                  merge=merge, log=log)
+                                  max_tokens=prune_tokens, merge=merge, log=log)
                     models[name] = SeekForCausalLM.from_pretrained(d)
                     sizes[name] = _size(d)
-        if distilled is not None:
-            models["distilled student"] = SeekForCausalLM.from_pretrained(distilled)
-            sizes["distilled student"] = _size(Path(distilled))
+        for name, d in (("distilled student", distilled), ("same student, no teacher", plain_student)):
+            if d is not None:
+                models[name] = SeekForCausalLM.from_pretrained(d)
+                sizes[name] = _size(Path(d))
         log(f"timing {', '.join(models)} (round-robin, {repeats} repeats)")
         rates = decode_rates(models, base.config.vocab_size, new_tokens=new_tokens, repeats=repeats)
         for name, m in models.items():
@@ -145,41 +154,40 @@ def run_compress_bench(model_dir: str | Path, out_md: str | Path, distilled: str
             rows.append({"method": name, "size": sizes[name], "b1": rates[name][1], "b8": rates[name][8],
                          "ppl": s["ppl"], "acc": s["acc"]})
             log(f"{name}: {rows[-1]}")
-        row = _llama_cpp_row(model_dir, work, tok, max_tokens, new_tokens, log)
+        row = _llama_cpp_row(model_dir, work, tok, max_tokens, new_tokens, log) if with_llama_cpp else None
         if row is not None:
             rows.append(row)
-    Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_md).write_text(to_markdown(rows, model_dir, max_tokens))
+        elif with_llama_cpp:
+            notes.append("llama.cpp row: `llama_cpp` (llama-cpp-python) is not installed here, so it was not measured.")
+    write_report(out_md, to_markdown(rows, model_dir, max_tokens, machine, notes))
     return rows
 
 
-def to_markdown(rows: list[dict[str, Any]], model_dir: Path, max_tokens: int) -> str:
+def to_markdown(rows: list[dict[str, Any]], model_dir: Path, max_tokens: int, machine, notes: list[str] = ()) -> str:
+    """The report (bench/report.py): header with the command and machine, one row per variant, notes."""
+    from .report import command_line, header, render, table
+
     fp = rows[0]
 
     def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
+        return None if v is None else format(v, fmt)
 
-    lines = [
-        "# Compression: size, speed and quality",
-        "",
-        f"Model `{model_dir}`; measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{torch.get_num_threads()} thread(s), load average {loadavg() or 0:.1f} (shared machine: compare ratios "
-        "within the table, the variants were timed round-robin in one run).",
-        f"Held-out perplexity / next-token accuracy: built-in validation documents, ~{max_tokens} tokens, "
-        "windows of 256.",
-        "",
-        "| method | file size | x fp32 | decode tok/s b=1 | x fp32 | decode tok/s b=8 | held-out ppl | ppl change "
-        "| next-token acc |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    body = []
     for r in rows:
-        ppl_change = None if r["ppl"] is None else 100 * (r["ppl"] / fp["ppl"] - 1)
-        lines.append(
-            f"| {r['method']} | {r['size'] / 2**20:.1f} MiB | {r['size'] / fp['size']:.2f} | {f(r['b1'], '.1f')} | "
-            f"{f(None if r['b1'] is None else r['b1'] / fp['b1'], '.2f')} | {f(r['b8'], '.1f')} | "
-            f"{f(r['ppl'], '.2f')} | {f(ppl_change, '+.2f')}{'' if ppl_change is None else '%'} | "
-            f"{f(r['acc'], '.3f')} |")
-    return "\n".join(lines) + "\n"
+        ppl_change = None if r["ppl"] is None or fp["ppl"] is None else 100 * (r["ppl"] / fp["ppl"] - 1)
+        body.append([r["method"], f"{r['size'] / 2**20:.1f} MiB", f"{r['size'] / fp['size']:.2f}", f(r["b1"], ".1f"),
+                     f(None if r["b1"] is None else r["b1"] / fp["b1"], ".2f"), f(r["b8"], ".1f"),
+                     f(None if r["b8"] is None else r["b8"] / fp["b8"], ".2f"), f(r["ppl"], ".2f"),
+                     None if ppl_change is None else f"{ppl_change:+.2f}%", f(r["acc"], ".3f")])
+    lines = header("Compression: size, speed and quality", command_line("compress"), machine)
+    lines += [f"Model `{model_dir}`. Decode tokens/s: greedy, the variants timed round-robin in one process "
+              "(ratios are the figure to read on a shared machine). "
+              + (f"Held-out perplexity / next-token top-1 accuracy (the task): built-in validation documents "
+                 f"(never trained on), ~{max_tokens} tokens, windows of 256." if max_tokens else
+                 "Random weights: size and speed only."), ""]
+    lines += table(["method", "file size", "x fp32", "decode tok/s b=1", "x fp32", "decode tok/s b=8", "x fp32",
+                    "held-out ppl", "ppl change", "next-token acc"], body)
+    return render([*lines, "", *notes] if notes else lines)
 
 
 def run_preset_speed(preset: str, out_md: str | Path, new_tokens: int = 32, repeats: int = 3, seed: int = 0,
@@ -190,6 +198,9 @@ def run_preset_speed(preset: str, out_md: str | Path, new_tokens: int = 32, repe
     from ..compress.quantize import quantize_dir
     from ..models.causal_lm import SeekForCausalLM
 
+    from .report import Machine
+
+    machine = Machine()
     cfg = SeekConfig.from_preset(preset)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,6 +220,5 @@ def run_preset_speed(preset: str, out_md: str | Path, new_tokens: int = 32, repe
             for n in models]
     for r in rows:
         log(f"{r['method']}: {r['size'] / 2**20:.1f} MiB, b1 {r['b1']:.2f} tok/s, b8 {r['b8']:.2f} tok/s")
-    Path(out_md).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_md).write_text(to_markdown(rows, Path(f"preset:{preset} (random weights)"), 0))
+    write_report(out_md, to_markdown(rows, Path(f"preset:{preset} (random weights)"), 0, machine))
     return rows

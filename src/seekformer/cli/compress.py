@@ -87,11 +87,13 @@ def bench_compress_cmd(
     model_dir: Optional[Path] = typer.Argument(None, help="Model directory with a tokenizer (e.g. the quickstart model)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Instead: size and speed only, random-weight preset."),
     distilled: Optional[Path] = typer.Option(None, "--distilled", help="A distilled student directory to include."),
+    plain_student: Optional[Path] = typer.Option(None, "--plain-student", help="The same student trained with --kd-weight 0 (baseline row)."),
     max_tokens: int = typer.Option(4000, "--max-tokens", help="Held-out tokens scored per variant."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens per timed generation."),
     repeats: int = typer.Option(3, "--repeats", help="Timed rounds (round-robin over the variants)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads (default: torch's choice)."),
-    out: Path = typer.Option(Path("benchmarks/results/compress.md"), "--out", help="Markdown table to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report to write (default benchmarks/results/compress.md; "
+                                       "with --preset P: benchmarks/results/compress_P.md)."),
 ) -> None:
     """fp32 / int8 / int4 / pruned / distilled / llama.cpp: size, decode tok/s, held-out perplexity, accuracy."""
     import torch
@@ -103,9 +105,11 @@ def bench_compress_cmd(
         torch.set_num_threads(threads)
     if (model_dir is None) == (preset is None):
         raise CompressError("pass a MODEL_DIR or --preset NAME (one of them)")
+    if out is None:
+        out = Path("benchmarks/results") / ("compress.md" if preset is None else f"compress_{preset}.md")
     if preset is not None:
         run_preset_speed(preset, out, new_tokens=new_tokens, repeats=repeats, log=typer.echo)
     else:
         run_compress_bench(model_dir, out, distilled=distilled, max_tokens=max_tokens, new_tokens=new_tokens,
-                           repeats=repeats, log=typer.echo)
+                           repeats=repeats, log=typer.echo, plain_student=plain_student)
     typer.echo(f"wrote {out}")
