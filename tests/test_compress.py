@@ -267,3 +267,14 @@ def test_llama_cpp_greedy_equals_seekformer(model_dir, tmp_path, out_type):
         theirs.append(t)
         llm.eval([t])
     assert theirs == ours
+
+
+def test_gguf_no_group_limit_when_every_group_is_used(moe_dir, tmp_path):
+    """topk_group == n_group routes over all groups (no limit); llama.cpp asserts used < count, so the export
+    leaves the group keys out (checked with llama-cpp-python 0.3.36: loads, 32 greedy tokens equal)."""
+    gguf = pytest.importorskip("gguf")
+    from seekformer.compress.gguf import export_gguf
+
+    path = export_gguf(moe_dir, tmp_path / "m.gguf", "f32")
+    keys = set(gguf.GGUFReader(str(path)).fields)
+    assert "deepseek2.expert_count" in keys and "deepseek2.expert_group_count" not in keys

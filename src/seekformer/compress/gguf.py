@@ -158,7 +158,8 @@ def _add_hparams(writer, gguf, cfg, file_type: int) -> None:
             w.add_expert_weights_norm(True)
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if cfg.scoring_func == "sigmoid"
                                  else gguf.ExpertGatingFuncType.SOFTMAX)
-        if (cfg.n_group or 1) > 1 and cfg.topk_method != "greedy":
+        # topk_group >= n_group keeps every group: no limit (llama.cpp asserts used < count, so leave it out)
+        if (cfg.n_group or 1) > 1 and cfg.topk_method != "greedy" and (cfg.topk_group or 1) < cfg.n_group:
             w.add_expert_group_count(cfg.n_group)
             w.add_expert_group_used_count(cfg.topk_group)
     rp = cfg.rope_parameters
