@@ -45,14 +45,14 @@ def _reference_drafts(model, tokens: list[int], k_max: int) -> list[int]:
 def test_drafts_equal_uncached_mtp(depth, monkeypatch):
     model = tiny_model(seed=2, num_nextn_predict_layers=depth)
     seen = []
-    real = spec._draft
+    real = spec.MTPDrafter.draft
 
-    def spy(model_, caches, toks, hid, k_max):
-        drafts = real(model_, caches, toks, hid, k_max)
+    def spy(self, toks):
+        drafts = real(self, toks)
         seen.append(([list(t) for t in toks], [list(d) for d in drafts]))
         return drafts
 
-    monkeypatch.setattr(spec, "_draft", spy)
+    monkeypatch.setattr(spec.MTPDrafter, "draft", spy)
     model.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=12, ignore_eos=True, speculative=True)
     assert len(seen) >= 6
     with torch.no_grad():
@@ -66,15 +66,15 @@ def test_verification_with_oracle_drafts(monkeypatch):
     model = tiny_model(num_nextn_predict_layers=2)
     greedy = model.generate([PROMPTS[0]], max_new_tokens=24, ignore_eos=True)[0].tolist()
     for wrong in (False, True):
-        def oracle(model_, caches, toks, hid, k_max):
+        def oracle(self, toks):
             out = []
             for t in toks:
-                nxt = greedy[len(t): len(t) + k_max]
-                nxt += [0] * (k_max - len(nxt))
+                nxt = greedy[len(t): len(t) + self.k]
+                nxt += [0] * (self.k - len(nxt))
                 out.append([(i + 1) % 256 for i in nxt] if wrong else nxt)
             return out
 
-        monkeypatch.setattr(spec, "_draft", oracle)
+        monkeypatch.setattr(spec.MTPDrafter, "draft", oracle)
         out = model.generate([PROMPTS[0]], max_new_tokens=24, ignore_eos=True, speculative=True, return_dict=True)
         assert out.sequences[0].tolist() == greedy
         rate = out.stats["acceptance_rate"]
