@@ -47,14 +47,15 @@ def _run(engine: Engine, params: list[SamplingParams]) -> tuple[dict, int]:
     return {i: out[rid] for i, rid in enumerate(ids)}, most
 
 
-@pytest.mark.parametrize("depth,mode", [(1, "latent"), (2, "latent"), (2, "naive")])
-def test_engine_speculation_gives_the_plain_tokens(depth, mode):
+@pytest.mark.parametrize("depth,k,mode", [(1, 1, "latent"), (2, 2, "latent"), (2, 2, "naive"), (1, 3, "latent")])
+def test_engine_speculation_gives_the_plain_tokens(depth, k, mode):
     model = tiny_model(seed=3, num_nextn_predict_layers=depth)
     params = _requests()
     # 7 requests through 3 rows (joins, leaves, row moves); prompts over 8 tokens are prefilled in chunks
     plain, _ = _run(Engine(model, max_batch_size=3, max_length=64, cache_mode=mode, prefill_chunk=8,
                            speculative=False), params)
-    fast_engine = Engine(model, max_batch_size=3, max_length=64, cache_mode=mode, prefill_chunk=8, speculative=True)
+    fast_engine = Engine(model, max_batch_size=3, max_length=64, cache_mode=mode, prefill_chunk=8, speculative=True,
+                         num_speculative_tokens=k)
     fast, _ = _run(fast_engine, params)
     for i in plain:
         assert fast[i][0] == plain[i][0], i
@@ -115,7 +116,7 @@ def test_requests_opt_in_and_bad_use():
     with pytest.raises(GenerationError, match="MTP"):
         Engine(tiny_model(), speculative=True)
     with pytest.raises(GenerationError, match="num_speculative_tokens"):
-        Engine(model, speculative=True, num_speculative_tokens=3)
+        Engine(model, speculative=True, num_speculative_tokens=spec.MAX_DRAFTS + 1)
 
 
 def test_long_plain_stretches_keep_the_drafter_bounded():

@@ -42,14 +42,18 @@ from .stopping import SequenceState, stop_ids
 SHORT = 8  # a row with a longer span than this is caught up alone first (a new prompt)
 
 
+MAX_DRAFTS = SHORT - 1  # drafts per step at most (the provisional positions of a run stay under SHORT)
+
+
 def check_speculative(model, num_speculative_tokens: int | None) -> int:
     """The number of drafts per step (default: the MTP depth); GenerationError when the model cannot draft."""
     depth = len(model.mtp)
     if depth == 0:
         raise GenerationError("speculative decoding needs MTP modules: the model has num_nextn_predict_layers = 0")
     k = depth if num_speculative_tokens is None else int(num_speculative_tokens)
-    if not 1 <= k <= depth:
-        raise GenerationError(f"num_speculative_tokens must be in [1, {depth}] (the MTP depth), got {k}")
+    if not 1 <= k <= MAX_DRAFTS:
+        raise GenerationError(f"num_speculative_tokens must be in [1, {MAX_DRAFTS}] (beyond the MTP depth {depth}, "
+                              f"the last MTP module drafts again from its own output), got {k}")
     return k
 
 
@@ -66,13 +70,14 @@ class MTPDrafter:
                  cache_mode: str = "latent") -> None:
         self.model = model
         self.k = check_speculative(model, num_tokens)
+        self.depth = min(self.k, len(model.mtp))  # MTP modules used; drafts past them chain the last one
         cfg = model.config
-        cap = max_length + self.k + SHORT + 1  # transient entries: right padding and provisional positions
+        cap = max_length + 2 * SHORT + 1  # transient entries: right padding, provisional positions, chained drafts
         self.caches = [KVCache(cfg, batch_size, cap, mode=cache_mode, dtype=model.dtype, device=model.device,
-                               num_layers=1, first_layer=cfg.num_hidden_layers + d) for d in range(self.k)]
+                               num_layers=1, first_layer=cfg.num_hidden_layers + d) for d in range(self.depth)]
         self.prefix: list[list[int]] = [[] for _ in range(batch_size)]
         # pend[d][r]: chunks [m,D] of confirmed h^d for positions caches[d].next_position[r] onwards
-        self.pend: list[list[list[torch.Tensor]]] = [[[] for _ in range(batch_size)] for _ in range(self.k)]
+        self.pend: list[list[list[torch.Tensor]]] = [[[] for _ in range(batch_size)] for _ in range(self.depth)]
 
     # ------------------------------------------------------------------ row bookkeeping (mirrors DecodeBatch)
     def reset_rows(self, rows: list[int]) -> None:
@@ -111,17 +116,38 @@ class MTPDrafter:
         n = len(toks)
         drafts: list[list[int]] = [[] for _ in range(n)]
         prev: list[tuple[int, torch.Tensor] | None] = [None] * n  # this step's h^{k-1}: (first position, [L,D])
-        for d in range(self.k):
+        for d in range(self.depth):
             long = [r for r in range(n) if len(toks[r]) - 1 - int(self.caches[d].next_position[r]) > SHORT]
             for r in long:  # confirmed positions only: SHORT > K - 1 provisional ones
                 span = len(toks[r]) - 1 - int(self.caches[d].next_position[r]) - SHORT
                 self._run(d, r, r + 1, toks, drafts, prev, [span], confirmed_only=True)
-            prev = self._run(d, 0, n, toks, drafts, prev, None, confirmed_only=False)
+            last_depth = d == self.depth - 1
+            prev, rollback = self._run(d, 0, n, toks, drafts, prev, None, confirmed_only=False,
+                                       keep=last_depth and self.k > self.depth)
+        if self.k > self.depth:
+            self._chain(n, drafts, prev, rollback)
         return drafts
 
-    def _run(self, d: int, lo: int, hi: int, toks, drafts, prev, spans, confirmed_only: bool):
+    def _chain(self, n: int, drafts, prev, rollback: list[int]) -> None:
+        """Drafts past the MTP depth (EAGLE-style): the last module runs again one position further, on its own
+        output there and the draft it just made; these entries and the last run's provisional ones and padding
+        (still in its cache, so positions and attention stay right) are rolled back at the end."""
+        d = self.depth - 1
+        cache = self.caches[d].rows(0, n) if n != self.caches[d].batch_size else self.caches[d]
+        dev = self.model.device
+        h = torch.stack([ph[-1] for _, ph in prev])[:, None]  # [n,1,D]
+        ones = torch.ones(n, 1, dtype=torch.long, device=dev)
+        for _ in range(self.k - self.depth):
+            ids = torch.tensor([[dr[-1]] for dr in drafts], device=dev)
+            h, logits = self.model.mtp_step(d, h, ids, ones, cache)
+            for dr, t in zip(drafts, logits.argmax(dim=-1).tolist()):
+                dr.append(t)
+        cache.rollback(torch.tensor(rollback, device=dev) + (self.k - self.depth))
+
+    def _run(self, d: int, lo: int, hi: int, toks, drafts, prev, spans, confirmed_only: bool, keep: bool = False):
         """Depth d+1 over rows [lo, hi): positions from its cache's next position, `spans[i]` of them (None:
-        up to n-1, appending a draft per row). Returns this run's outputs per row (first position, [L,D])."""
+        up to n-1, appending a draft per row). Returns this run's outputs per row (first position, [L,D]) and
+        the slots per row to roll back (rolled back here unless `keep`)."""
         k = d + 1
         cache = self.caches[d].rows(lo, hi) if (lo, hi) != (0, self.caches[d].batch_size) else self.caches[d]
         start = cache.next_position.tolist()
@@ -160,11 +186,12 @@ class MTPDrafter:
             conf = m if confirmed_only else max(0, min(m, ns[i] - k - start[i] + 1))  # positions j <= n-k
             rollback.append(width - conf)
             self.pend[d][r] = [have_by_row[i][conf:]] if have_by_row[i].shape[0] > conf else []
-            if d + 1 < self.k and conf:
+            if d + 1 < self.depth and conf:
                 self.pend[d + 1][r].append(h_out[i, :conf])
-            out[r] = (start[i], h_out[i, :m])
-        cache.rollback(torch.tensor(rollback, device=dev))
-        return out
+            out[r] = (start[i], h_out[i, :max(m, 1)])
+        if not keep:
+            cache.rollback(torch.tensor(rollback, device=dev))
+        return out, rollback
 
 
 def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
