@@ -39,7 +39,11 @@ def sampling(max_new_tokens: int, temperature: float, top_k: int = 0, top_p: flo
 
 
 def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads(threads) when given (>= 1, else ConfigError)."""
+    """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
+    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    from ..runtime import set_decode_threads
+
+    set_decode_threads("auto" if threads is None else None)
     if threads is not None:
         import torch
 

@@ -56,10 +56,9 @@ def register(app: typer.Typer) -> None:
         except ImportError as e:
             raise SeekformerError(f"serving needs the 'serve' extra ({e.name} is missing): "
                                   'pip install -e ".[serve]"') from None
-        if threads is not None:
-            import torch
+        from . import options as opts
 
-            torch.set_num_threads(threads)
+        opts.set_threads(threads)  # without --threads: few-row decode steps measure their thread count
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         adapter = None

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
 from .sampling import PenaltyState, choose
@@ -112,6 +113,31 @@ def new_cache(model, batch_size: int, max_length: int, mode: str = "latent", mtp
     return KVCache(cfg, batch_size, max_length, mode=mode, dtype=model.dtype, device=model.device, num_layers=layers)
 
 
+def step_threads(model, tokens: int) -> int | None:
+    """Threads for a decoding step of `tokens` tokens in all (runtime.decode_threads): None = leave torch's
+    setting; with "auto", steps of at most runtime.FEW_ROW_TOKENS tokens use the count measured once per
+    model and thread budget (a batch-1 step on a scratch cache, 1 thread vs torch's count)."""
+    policy = runtime.decode_threads()
+    if policy is None or tokens > runtime.FEW_ROW_TOKENS:
+        return None
+    if isinstance(policy, int):
+        return policy
+    budget = torch.get_num_threads()
+    chosen = model.__dict__.setdefault("_decode_threads", {})
+    if budget not in chosen:
+        cache = new_cache(model, 1, 40)
+        ids = torch.arange(3, 35, device=model.device)[None] % model.config.vocab_size
+        with torch.no_grad():
+            model(ids, cache=cache, logits_to_keep=1)
+
+            def one_step():
+                model.decode_step(ids[:, :1], cache)
+                cache.rollback(1)
+
+            chosen[budget] = runtime.fastest_threads(one_step, [1, budget])
+    return chosen[budget]
+
+
 # ---------------------------------------------------------------------- the decode loop's state
 class Row:
     """One sequence of a DecodeBatch: its `state` (SequenceState), random `generator` and a caller's `key`."""
@@ -187,9 +213,10 @@ class DecodeBatch:
         n = len(self.rows)
         last = torch.tensor([[r.state.tokens[-1]] for r in self.rows], device=self.model.device)
         cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-        if self.drafter is None:
-            return self.model.decode_step(last, cache)
-        logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
+        with runtime.torch_threads(step_threads(self.model, n)):
+            if self.drafter is None:
+                return self.model.decode_step(last, cache)
+            logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
         for i in range(n):
             self.drafter.add_hidden(i, hidden[i])
         if self.drafter.backlog(n) > BACKLOG:  # no row drafted for a while: catch up (bounds the memory)
@@ -208,10 +235,12 @@ class DecodeBatch:
         """
         n, d = len(self.rows), self.drafter
         k = d.k
-        drafts = d.draft([self._tokens(i) for i in range(n)])
-        chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)], device=self.model.device)
-        cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-        logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
+        with runtime.torch_threads(step_threads(self.model, n * (k + 1))):
+            drafts = d.draft([self._tokens(i) for i in range(n)])
+            chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
+                                 device=self.model.device)
+            cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+            logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
         self.spec_stats["forwards"] += 1
         spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
         idx = [i for i in range(n) if spec[i]]
