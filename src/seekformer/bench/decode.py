@@ -33,7 +33,8 @@ from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
 from ..runtime import loadavg
-from .train import build_pair, cpu_name as _cpu_name, require_transformers as _require_transformers
+from .report import cpu_name as _cpu_name
+from .train import build_pair, require_transformers as _require_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -104,14 +104,16 @@ def bench_serve_cmd(
 
     if url is None:
         prefer_passive_openmp()  # inherited by the server subprocess: it runs as `seekformer serve` does
-    from ..bench.serve import markdown, run_serve_bench, write_markdown
+    from ..bench.report import command_line, write_report
+    from ..bench.serve import markdown, run_serve_bench
 
     levels = tuple(sorted(set(clients or [1, 4, 16])))
     if levels[0] < 1:
         raise SeekformerError("--clients must be >= 1")
     rows, info = run_serve_bench(model_dir, levels, requests, max_tokens, threads, url, model_name)
-    typer.echo(markdown(rows, info))
-    typer.echo(f"written to {write_markdown(rows, info, out)}", err=True)
+    md = markdown(rows, info, command_line("serve"))
+    typer.echo(md)
+    typer.echo(f"written to {write_report(out, md)}", err=True)
 
 
 # ---- `seekformer bench compress` (compress worker; the command lives in cli/compress.py)
@@ -131,16 +133,13 @@ def distributed(
     out: Path = typer.Option(Path("benchmarks/results/distributed.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Tokens/s of 1 process vs 2 processes (DDP, FSDP2, FSDP2 + expert parallel) on this machine, as ratios."""
-    import sys
-
     from ..bench.distributed import run_distributed_bench, to_markdown
-    from ..checkpoint import atomic_write_text
+    from ..bench.report import command_line, write_report
 
     res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads)
-    md = to_markdown(res, "seekformer bench " + " ".join(sys.argv[sys.argv.index("distributed"):]))
+    md = to_markdown(res, command_line("distributed"))
     typer.echo(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, md)
+    write_report(out, md)
 
 
 def register(app: typer.Typer) -> None:

@@ -169,10 +169,9 @@ def _mean_saliency(stats: dict) -> list[float]:
 
 def plot_usage(stats: dict, kept: dict, path: Path) -> None:
     """Per-layer bar chart of the share of routed tokens per expert, kept experts highlighted."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [k for k in stats if not k.startswith("_")]
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers) + 0.5), squeeze=False)
@@ -187,8 +186,7 @@ def plot_usage(stats: dict, kept: dict, path: Path) -> None:
     axes[0, 0].set_title("share of routed tokens per expert (blue: kept)")
     axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def prune_dir(model_dir: str | os.PathLike, out: str | os.PathLike, keep: str | float | int,

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import SeekConfig

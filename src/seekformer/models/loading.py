@@ -1,4 +1,5 @@
-"""The one way to open a model directory for use: `load_model_and_tokenizer(dir, device, dtype)`.
+"""The one way to open a model directory for use: `load_model_and_tokenizer(dir, device, dtype)`, and for a
+fine-tuned multi-task directory (task heads, perhaps a vision tower) `load_multitask(dir, device)`.
 
 `generate`, `chat`, `eval`, `serve` and the benchmarks all load through it, so every command accepts the
 same devices and the same dtype names: `fp32|float32`, `bf16|bfloat16`, `fp16|float16` (`parse_dtype`).
@@ -66,3 +67,14 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str = "cpu",
     tokenizer = SeekTokenizer.load(path)
     model = SeekForCausalLM.from_pretrained(path, device=device, dtype=torch_dtype)
     return model.eval(), tokenizer
+
+
+def load_multitask(model_dir: str | os.PathLike, device: str = "cpu"):
+    """A directory written by `seekformer finetune`: SeekForVisionMultiTask when it has a vision tower, else
+    SeekForMultiTask (CheckpointError when it is not a fine-tuned multi-task model)."""
+    from .multitask import SeekForMultiTask
+    from .vision_lm import SeekForVisionMultiTask, is_vision_dir
+
+    check_device(device)
+    kind = SeekForVisionMultiTask if is_vision_dir(model_dir) else SeekForMultiTask
+    return kind.from_pretrained(model_dir, device=device)

@@ -178,26 +178,32 @@ class Backend:
     # ------------------------------------------------------------------ state
     @property
     def capacity(self) -> int:
+        """Sequences the server holds at once: decoding rows plus the waiting queue."""
         return self.max_batch_size + self.max_queue
 
     @property
     def outstanding(self) -> int:
+        """Sequences submitted and not yet finished (running or waiting)."""
         return self._outstanding
 
     @property
     def running(self) -> int:
+        """Sequences in the decode batch now."""
         return self.engine.num_running
 
     @property
     def waiting(self) -> int:
+        """Sequences submitted but not yet decoding (queued or being prefilled)."""
         return max(0, self._outstanding - self.engine.num_running)
 
     @property
     def alive(self) -> bool:
+        """Whether the decode thread runs (False before `start()` and after it failed or stopped)."""
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Backend:
+        """Start the decode thread (a daemon); returns self."""
         self._thread = threading.Thread(target=self._run, name="seekformer-decode", daemon=True)
         self._thread.start()
         return self

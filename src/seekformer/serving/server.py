@@ -35,12 +35,14 @@ def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
+    """The uvicorn.Config every server uses: on shutdown it waits for open responses to finish."""
     import uvicorn
 
     # timeout_graceful_shutdown=None: on shutdown, wait for every open response to finish
@@ -130,9 +132,12 @@ class ServerThread:
 
     @property
     def url(self) -> str:
+        """http://HOST:PORT of the running server."""
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServerThread:
+        """Start serving in the thread; returns once the server accepts connections (RuntimeError after
+        `timeout` seconds)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

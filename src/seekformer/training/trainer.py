@@ -41,7 +41,7 @@ from ..models.causal_lm import SeekForCausalLM
 from ..models.loading import parse_dtype
 from ..nn.moe import load_stats
 from ..runtime import tune_malloc
-from .checkpointing import CHECKPOINTS, LATEST, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
+from .checkpointing import CHECKPOINTS, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, plot_training
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
