@@ -63,6 +63,7 @@ class ServerConfig:
     # MTP self-speculative decoding (Engine's `speculative`): True = greedy requests speculate by default,
     # None = requests that ask ("speculative": true), False = off
     speculative: bool | None = None
+    speculative_tokens: int | None = None  # drafts per speculative step (None: the MTP depth)
     vision: Any = None  # a SeekForVisionLM sharing `model`: image_url content parts (serving/vision.py)
     vision_options: Any = None  # serving.vision.VisionOptions (remote URLs, byte and pixel limits)
 
@@ -195,7 +196,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `model` (a SeekForCausalLM) with `tokenizer` (a SeekTokenizer)."""
     config = config or ServerConfig()
     backend = Backend(model, tokenizer, config.max_batch_size, config.max_queue, config.prefill_chunk,
-                      config.speculative)
+                      config.speculative, config.speculative_tokens)
     metrics = ServerMetrics(lambda: backend.waiting, lambda: backend.running)
     backend.on_tokens = metrics.generation_tokens.inc
     backend.on_first_token = metrics.ttft.observe
