@@ -135,8 +135,9 @@ class LoraRecipe:
 
 @dataclass
 class VisionRecipe:
-    """The image encoder of a fine-tune with image tasks (models/vision_lm.py). A base model that already
-    has vision files keeps its own tower; these keys then do not apply.
+    """the image encoder of a fine-tune with image tasks (models/vision_lm.py).
+
+    A base model that already has vision files keeps its own tower; these keys then do not apply.
 
     Keys:
         encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)

@@ -435,13 +435,3 @@ def update_config(target: SeekConfig, source: SeekConfig, names) -> None:
     """Copy the fields `names` from `source` into `target` in place (modules keep a reference to `target`)."""
     for name in names:
         setattr(target, name, getattr(source, name))
-
-
-def pretrain(recipe: Recipe, console=None) -> TrainResult:
-    """Pretrain as `recipe` says (on every process of a torchrun launch); returns the TrainResult."""
-    trainer = Trainer(recipe, console=console)
-    try:
-        trainer.prepare()
-        return trainer.run()
-    finally:
-        trainer.par.close()
