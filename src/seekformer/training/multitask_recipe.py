@@ -188,7 +188,7 @@ class FinetuneRecipe:
         privacy: DP-SGD: an epsilon budget or a noise multiplier (section below; null: not private)
         federated: federated fine-tuning over simulated or real clients (section below; null: central)
         parallel: several processes (torchrun / --nproc): strategy ddp only (replicated weights, gradients
-            summed over ranks); backend, activation_checkpointing as in pretraining recipes
+            summed over ranks); keys as in the pretraining `parallel:` section above
     """
 
     base: str = ""
