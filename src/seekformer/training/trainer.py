@@ -304,6 +304,15 @@ class Trainer:
         if fractions:
             rec["load_fractions"] = fractions
         self._interval_counts = {}
+        # expert parallelism: the all-to-all bytes one token moved per MoE layer since the last record
+        traffic = [m.experts.traffic for _, m in self.model.moe_layers() if hasattr(m.experts, "traffic")]
+        tokens = sum(t["tokens"] for t in traffic)
+        if tokens:
+            sent = sum(t["bytes"] for t in traffic)
+            rec["a2a_bytes_per_token_layer"] = sent / tokens
+            rec["a2a_remote_fraction"] = sum(t["remote_bytes"] for t in traffic) / max(1, sent)
+            for t in traffic:
+                t.update(tokens=0, bytes=0, remote_bytes=0)
         return rec
 
     def trainer_state(self) -> dict[str, Any]:
