@@ -86,7 +86,11 @@ def with_sampling(**defaults: Any) -> Callable[[Callable], Callable]:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads(threads) when given (>= 1, else ConfigError)."""
+    """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
+    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    from ..runtime import set_decode_threads
+
+    set_decode_threads("auto" if threads is None else None)
     if threads is not None:
         import torch
 
