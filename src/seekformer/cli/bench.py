@@ -130,13 +130,15 @@ def distributed(
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(16, "--batch-size", help="Global batch (sequences per step)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads in all: 1 process x T, or P processes x T/P."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds; the configurations are interleaved in each."),
     out: Path = typer.Option(Path("benchmarks/results/distributed.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Tokens/s of 1 process vs 2 processes (DDP, FSDP2, FSDP2 + expert parallel) on this machine, as ratios."""
     from ..bench.distributed import run_distributed_bench, to_markdown
     from ..bench.report import command_line, write_report
 
-    res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads)
+    res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads,
+                                rounds=rounds)
     md = to_markdown(res, command_line("distributed"))
     typer.echo(md)
     write_report(out, md)
