@@ -29,7 +29,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
-from .sampling import PenaltyState, choose
+from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
 BACKLOG = 64  # see DecodeBatch.decode: plain steps with a drafter catch it up past this many positions
@@ -44,9 +44,10 @@ def greedy_choices(logits: torch.Tensor, states: Sequence[SequenceState]) -> tor
 
 
 def drafts_apply(params) -> bool:
-    """Whether speculative drafts can serve a row with these SamplingParams: greedy, no penalties, no
-    constraint (any other row takes one token per step through `choose`)."""
-    return params.greedy and not params.penalised and params.constraint is None
+    """Whether speculative drafts can serve a row with these SamplingParams: no penalties, no constraint
+    (greedy rows accept matching drafts, sampled rows by `speculative_sample`; any other row takes one
+    token per step through `choose`)."""
+    return not params.penalised and params.constraint is None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -225,9 +226,10 @@ class DecodeBatch:
 
     def speculate(self, wants: Sequence[bool], isolate: bool = False):
         """One speculative step of every row (needs a drafter): K drafts per row, verified by one
-        `model.decode_step` of K+1 tokens; a row with `wants[i]` whose params allow drafts (`drafts_apply`)
-        takes the longest prefix of drafts equal to the greedy choices plus the next greedy token (exactly
-        what plain greedy decoding emits), any other row one token by `choose`.
+        `model.decode_step` of K+1 tokens; a greedy row with `wants[i]` whose params allow drafts
+        (`drafts_apply`) takes the longest prefix of drafts equal to the greedy choices plus the next greedy
+        token (exactly what plain greedy decoding emits), a sampled one the tokens of `speculative_sample`
+        (the same distribution as plain sampling, not the same draws), any other row one token by `choose`.
 
         Returns (tokens, pieces, logits, errors): per row the emitted tokens and text pieces (rows may
         finish on any of them), logits [n,K+1,V] (the j-th token of row i was chosen from logits[i, j]), and
@@ -243,8 +245,23 @@ class DecodeBatch:
             logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
         self.spec_stats["forwards"] += 1
         spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
-        idx = [i for i in range(n) if spec[i]]
+        idx = [i for i in range(n) if spec[i] and self.rows[i].state.params.greedy]
         greedy = greedy_choices(logits[idx], [self.rows[i].state for i in idx]).tolist() if idx else []
+        accepted = {}  # row -> tokens it emits: accepted drafts, then one more
+        for g, i in zip(greedy, idx):
+            a = 0
+            while a < k and drafts[i][a] == g[a]:
+                a += 1
+            accepted[i] = drafts[i][:a] + [g[a]]
+        for i in range(n):
+            if spec[i] and i not in accepted:  # sampled: speculative sampling on the processed distributions
+                st = self.rows[i].state
+                lg = logits[i].float()
+                banned = early_stop_mask([st], lg.shape[-1], lg.device, k + 1)
+                lg = lg if banned is None else lg.masked_fill(banned[0], float("-inf"))
+                probs = truncate(lg, [st.params] * (k + 1)).softmax(dim=-1)
+                gen = self.generator if self.generator is not None else self.rows[i].generator
+                accepted[i] = speculative_sample(probs, drafts[i], gen)
         tokens: list[list[int]] = [[] for _ in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
         errors: dict[int, Exception] = {}
@@ -254,14 +271,11 @@ class DecodeBatch:
                 tokens[i], pieces[i] = out[0].tolist(), out[1]
                 if isolate and out[2]:
                     errors[i], tokens[i], pieces[i] = out[2][0], [], []
-        for g, i in zip(greedy, idx):
-            a = 0
-            while a < k and drafts[i][a] == g[a]:
-                a += 1
+        for i, emit in accepted.items():
             self.spec_stats["proposed"] += k
-            self.spec_stats["accepted"] += a
+            self.spec_stats["accepted"] += len(emit) - 1
             st = self.rows[i].state
-            for t in drafts[i][:a] + [g[a]]:
+            for t in emit:
                 if st.finished:
                     break
                 try:
