@@ -119,22 +119,31 @@ def test_requests_opt_in_and_bad_use():
         Engine(model, speculative=True, num_speculative_tokens=spec.MAX_DRAFTS + 1)
 
 
-def test_long_plain_stretches_keep_the_drafter_bounded():
-    """Plain steps of a drafting engine hand their hidden states to the drafter, which catches up past
-    BACKLOG positions; a later speculative request still decodes the plain tokens."""
-    from seekformer.inference.decoding import BACKLOG
+def test_plain_steps_with_a_drafter_stay_bounded_then_speculate_exactly():
+    """DecodeBatch.decode hands the hidden states of tracked rows to the drafter, which catches up past
+    BACKLOG positions; speculative steps afterwards still give the greedy tokens. The engine tracks only
+    requests that speculate."""
+    from seekformer.inference.decoding import BACKLOG, DecodeBatch, Row, new_cache
+    from seekformer.inference.stopping import SequenceState
 
     model = tiny_model(seed=7, num_nextn_predict_layers=1)
-    engine = Engine(model, max_batch_size=2, max_length=256)
-    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=BACKLOG * 2, ignore_eos=True))
-    while engine.has_work():
-        engine.step()
-        assert engine.batch.drafter.backlog(engine.num_running) <= BACKLOG + 1
-    assert rid
+    n_plain, n_all = BACKLOG * 2, BACKLOG * 2 + 30
+    want = model.generate([PROMPTS[0]], max_new_tokens=n_all, ignore_eos=True)[0, len(PROMPTS[0]):].tolist()
+    batch = DecodeBatch(model, new_cache(model, 1, 200), drafter=spec.MTPDrafter(model, 1, 200, 2))
+    batch.admit([Row(SequenceState(SamplingParams(max_new_tokens=n_all, ignore_eos=True), set()))])
+    ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
-        out = engine.generate([PROMPTS[1], PROMPTS[2]], max_new_tokens=40, ignore_eos=True, speculative=True)
-    assert [c.token_ids for c in out] == [model.generate([p], max_new_tokens=40, ignore_eos=True)[0, len(p):].tolist()
-                                          for p in (PROMPTS[1], PROMPTS[2])]
+        batch.choose(batch.prefill(0, 1, ids, torch.ones_like(ids)), 0, 1)
+        for _ in range(n_plain - 1):
+            batch.choose(batch.decode())
+            assert batch.drafter.backlog(1) <= BACKLOG + 1
+        while batch.rows and not batch.rows[0].state.finished:
+            batch.speculate([True])
+    assert batch.rows[0].state.tokens == want
+    engine = Engine(model, max_batch_size=2, max_length=256)
+    engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    engine.step()
+    assert engine.batch.drafter.prefix[0] == [] and engine.batch.drafter.backlog(1) == 0  # not tracked
 
 
 def test_speculative_sampling_keeps_the_target_distribution():

@@ -162,6 +162,8 @@ class DecodeBatch:
         self.model = model
         self.cache = cache
         self.drafter = drafter  # speculative.MTPDrafter or None; follows the rows (prompts, moves, hidden states)
+        # which rows the drafter tracks (the engine: requests that speculate); None = every row
+        self.drafts_for = None
         self.spec_stats = {"proposed": 0, "accepted": 0, "forwards": 0}
         self.vocab = model.config.vocab_size
         self.penalties = penalties or PenaltyState.create([[]] * cache.batch_size, self.vocab, model.device,
@@ -190,7 +192,8 @@ class DecodeBatch:
         out = self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1, return_hidden=self.drafter is not None)
         if self.drafter is not None:
             for i, (ids, m) in enumerate(zip(input_ids, attention_mask.bool())):
-                self.drafter.add_prompt(lo + i, ids[m].tolist(), out.hidden_states[i][m])
+                if self.tracked(self.rows[lo + i]):
+                    self.drafter.add_prompt(lo + i, ids[m].tolist(), out.hidden_states[i][m])
         return out.logits[:, -1]
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -205,9 +208,14 @@ class DecodeBatch:
         if self.drafter is not None:
             self.drafter.move_row(src, dst)
 
-    def _tokens(self, i: int) -> list[int]:
-        """Row i's confirmed tokens (prompt + generated) as the drafter sees them."""
-        return self.drafter.prefix[i] + self.rows[i].state.tokens
+    def tracked(self, row) -> bool:
+        """Whether the drafter keeps state for `row` (`drafts_for`; every row by default)."""
+        return self.drafts_for is None or bool(self.drafts_for(row))
+
+    def _tokens(self, i: int) -> list[int] | None:
+        """Row i's confirmed tokens (prompt + generated) as the drafter sees them; None for an untracked row."""
+        row = self.rows[i]
+        return self.drafter.prefix[i] + row.state.tokens if self.tracked(row) else None
 
     def decode(self) -> torch.Tensor:
         """One decoding step of every row on its last token: -> logits [n,V] (`model.decode_step`)."""
@@ -219,7 +227,8 @@ class DecodeBatch:
                 return self.model.decode_step(last, cache)
             logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
         for i in range(n):
-            self.drafter.add_hidden(i, hidden[i])
+            if self.tracked(self.rows[i]):
+                self.drafter.add_hidden(i, hidden[i])
         if self.drafter.backlog(n) > BACKLOG:  # no row drafted for a while: catch up (bounds the memory)
             self.drafter.draft([self._tokens(i) for i in range(n)])
         return logits
@@ -293,7 +302,8 @@ class DecodeBatch:
                     one.update(torch.tensor([t], device=logits.device))
         self.cache.rows(0, n).rollback(torch.tensor([k + 1 - max(len(t), 1) for t in tokens], device=self.model.device))
         for i in range(n):
-            d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])
+            if self.tracked(self.rows[i]):
+                d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])
         return tokens, pieces, logits, errors
 
     def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None, isolate: bool = False):
