@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
         allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image_url "
                                                  "parts (default: only inline data: URLs; remote ones get a 400)."),
         speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="MTP "
-                                                   "self-speculative decoding for greedy requests: on for every "
-                                                   "request, or off (default: for requests that send "
+                                                   "self-speculative decoding (greedy: the same tokens; sampled: "
+                                                   "speculative sampling): on for every request, or off (default: for requests that send "
                                                    "\"speculative\": true, when the model has MTP modules)."),
         speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, max=7,
                                                          help="Drafts per speculative step (default: the MTP "

@@ -23,8 +23,10 @@ Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_toke
 Speculative decoding (a model with MTP modules): the engine keeps an `MTPDrafter` beside the cache, and a
 step in which some running request wants speculation (`SamplingParams.speculative`, default the engine's
 `speculative`) is one `DecodeBatch.speculate`: MTP drafts verified in one forward of K+1 tokens per row,
-so a greedy request advances by 1 to K+1 tokens (exactly the tokens plain greedy decoding gives) and
-yields that many events; the other rows advance by one token as usual.
+so a request (without penalties or a constraint) advances by 1 to K+1 tokens and yields that many events:
+greedy ones exactly the tokens plain greedy decoding gives, sampled ones by speculative sampling (the same
+distribution); the other rows advance by one token as usual. The drafter keeps state only for requests
+that speculate.
 
 Failure isolation: an exception while serving one request (its sampling setup, its stop strings, its
 sampling) ends only that request, with an event whose finish_reason is "error" and `error` the exception;

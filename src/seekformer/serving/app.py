@@ -60,7 +60,7 @@ class ServerConfig:
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413; None: no limit
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser ("*": any)
     prefill_chunk: int = 512  # prompt tokens encoded between two decode steps (chunked prefill and scoring)
-    # MTP self-speculative decoding (Engine's `speculative`): True = greedy requests speculate by default,
+    # MTP self-speculative decoding (Engine's `speculative`): True = requests speculate by default,
     # None = requests that ask ("speculative": true), False = off
     speculative: bool | None = None
     speculative_tokens: int | None = None  # drafts per speculative step (None: the MTP depth)

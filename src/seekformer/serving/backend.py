@@ -152,7 +152,7 @@ class Backend:
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
                  prefill_chunk: int = 512, speculative: bool | None = None,
                  speculative_tokens: int | None = None) -> None:
-        """`speculative` as `Engine` takes it: True = every greedy request speculates unless it says
+        """`speculative` as `Engine` takes it: True = every request speculates unless it says
         otherwise, None = requests that ask (a model with MTP modules), False = never;
         `speculative_tokens`: drafts per step (None: the MTP depth)."""
         from ..inference.engine import Engine
