@@ -20,7 +20,6 @@ latent but re-expands the whole cache through kv_b_proj at every step, seekforme
 
 from __future__ import annotations
 
-import datetime as _dt
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,7 @@ import torch
 from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
-from ..runtime import loadavg
-from .report import cpu_name as _cpu_name
+from .report import Machine, command_line, header, render, table, write_report
 from .train import build_pair, require_transformers as _require_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -133,25 +131,92 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
 
 
 def bench_speculative(name: str, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
-                      log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Greedy vs MTP self-speculative decoding at batch 1 (None when the model has no MTP module)."""
+                      log: Callable[[str], None], draft_counts: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:
+    """Greedy vs MTP self-speculative decoding at batch 1, for each number of drafts per step in
+    `draft_counts` (None: the MTP depth); greedy and every speculative setting interleaved in each repeat.
+    [] when the model has no MTP module."""
     if not len(model.mtp):
-        return None
+        return []
     kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
+    counts = [len(model.mtp) if k is None else int(k) for k in draft_counts]
     with torch.no_grad():
         plain = model.generate(prompt_ids, **kw)
-        spec = model.generate(prompt_ids, speculative=True, return_dict=True, **kw)
-        t_plain, t_spec = [], []
+        specs = {k: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k, return_dict=True, **kw)
+                 for k in counts}
+        t_plain, t_spec = [], {k: [] for k in counts}
         for _ in range(repeats):
             t_plain.append(_timed(lambda: model.generate(prompt_ids, **kw)))
-            t_spec.append(_timed(lambda: model.generate(prompt_ids, speculative=True, **kw)))
-    row = {"model": name, "new_tokens": new_tokens, "identical": bool(torch.equal(plain, spec.sequences)),
-           "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
-           "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
-           "speculative_tokens_per_s": new_tokens / statistics.median(t_spec)}
-    row["speedup"] = row["speculative_tokens_per_s"] / row["greedy_tokens_per_s"]
-    log(f"{name} speculative: acceptance {row['acceptance_rate']:.1%}, {row['tokens_per_forward']:.2f} tokens/forward,"
-        f" x{row['speedup']:.2f} over greedy (identical: {row['identical']})")
+            for k in counts:
+                t_spec[k].append(_timed(lambda: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k,
+                                                               **kw)))
+    rows = []
+    for k in counts:
+        spec = specs[k]
+        row = {"model": name, "new_tokens": new_tokens, "drafts": k, "mtp_depth": len(model.mtp),
+               "identical": bool(torch.equal(plain, spec.sequences)),
+               "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
+               "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
+               "speculative_tokens_per_s": new_tokens / statistics.median(t_spec[k])}
+        row["speedup"] = statistics.median(t_plain) / statistics.median(t_spec[k])
+        log(f"{name} speculative, {k} drafts/step: acceptance {row['acceptance_rate']:.1%}, "
+            f"{row['tokens_per_forward']:.2f} tokens/forward, x{row['speedup']:.2f} over greedy "
+            f"(identical: {row['identical']})")
+        rows.append(row)
+    return rows
+
+
+def bench_llama_cpp(name: str, model_dir: str | Path, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
+                    log: Callable[[str], None], gguf_type: str = "f32") -> dict[str, Any] | None:
+    """Batch-1 greedy decode tokens/s of seekformer and llama.cpp (llama-cpp-python) on the same weights (the
+    model's GGUF export), interleaved; None when llama_cpp is not installed. Prefill is left out on both sides."""
+    try:
+        import llama_cpp
+    except ImportError:
+        log("llama_cpp is not installed (pip install llama-cpp-python): no llama.cpp comparison")
+        return None
+    import tempfile
+
+    from ..compress.gguf import export_gguf
+
+    ids = prompt_ids[0].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_gguf(model_dir, Path(tmp) / "model.gguf", gguf_type)
+        llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + new_tokens + 8, n_threads=torch.get_num_threads(),
+                              n_threads_batch=torch.get_num_threads(), n_batch=512, logits_all=True, verbose=False)
+
+        def theirs() -> tuple[list[int], float]:
+            llm.reset()
+            llm.eval(ids)
+            out, t1 = [], time.perf_counter()
+            for _ in range(new_tokens):
+                tok = int(llm.scores[llm.n_tokens - 1].argmax()) if llm.n_tokens else 0
+                out.append(tok)
+                if len(out) < new_tokens:
+                    llm.eval([tok])
+            return out, (new_tokens - 1) / (time.perf_counter() - t1)
+
+        def ours() -> tuple[list[int], float]:
+            t0 = time.perf_counter()
+            model.generate(prompt_ids, max_new_tokens=1, ignore_eos=True)
+            t1 = time.perf_counter()
+            out = model.generate(prompt_ids, max_new_tokens=new_tokens, ignore_eos=True)[0, len(ids):].tolist()
+            decode = (time.perf_counter() - t1) - (t1 - t0)
+            return out, (new_tokens - 1) / max(decode, 1e-9)
+
+        with torch.no_grad():
+            a, _ = ours()
+            b, _ = theirs()
+            sf, lc = [], []
+            for _ in range(repeats):
+                sf.append(ours()[1])
+                lc.append(theirs()[1])
+        del llm
+    row = {"model": name, "gguf": gguf_type, "new_tokens": new_tokens, "sf_decode": statistics.median(sf),
+           "llama_decode": statistics.median(lc), "same_tokens": sum(x == y for x, y in zip(a, b)) / len(a),
+           "llama_cpp": llama_cpp.__version__}
+    row["ratio"] = row["sf_decode"] / row["llama_decode"]
+    log(f"{name} vs llama.cpp {gguf_type}: {row['sf_decode']:.1f} vs {row['llama_decode']:.1f} tok/s "
+        f"(x{row['ratio']:.2f}); greedy tokens equal: {row['same_tokens']:.0%}")
     return row
 
 
@@ -159,8 +224,11 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                      batch_sizes: Sequence[int] = (1, 8), prompt_lens: Sequence[int] = (32, 512),
                      new_tokens: int = 64, repeats: int = 3, dtype: str = "fp32", threads: int | None = None,
                      prompt_text: str | None = None, out_md: str | Path | None = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the decode benchmark; returns {"rows", "kv", "speculative", "settings"} and writes markdown."""
+                     log: Callable[[str], None] = print, draft_counts: Sequence[int | None] = (None,),
+                     llama_cpp: bool = True) -> dict[str, Any]:
+    """Run the decode benchmark; returns {"rows", "kv", "speculative", "llama_cpp", "settings"} and writes
+    markdown. For model directories: speculative decoding with `draft_counts` drafts per step and, with
+    `llama_cpp` (and llama-cpp-python installed), batch-1 decoding against llama.cpp on the F32 GGUF export."""
     _require_transformers()
     if dtype not in DTYPES:
         raise SeekformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -170,8 +238,8 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
-    load_before = loadavg()
-    rows, kv, spec = [], {}, []
+    machine = Machine()
+    rows, kv, spec, lcpp = [], {}, [], []
     models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
     for name, directory in models:
         if directory is None:
@@ -188,68 +256,65 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                 from ..tokenizer import SeekTokenizer
 
                 ids = torch.tensor([SeekTokenizer.load(directory).encode(prompt_text, add_bos=True)])
-            r = bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log)
+            spec += bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log, draft_counts)
+        if directory is not None and llama_cpp and torch_dtype == torch.float32:
+            ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+            r = bench_llama_cpp(name, directory, model, ids, new_tokens, repeats, log)
             if r:
-                spec.append(r)
+                lcpp.append(r)
         del model, hf
     settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
-                "load": (load_before, loadavg())}
-    result = {"rows": rows, "kv": kv, "speculative": spec, "settings": settings}
+                "machine": machine.line()}
+    result = {"rows": rows, "kv": kv, "speculative": spec, "llama_cpp": lcpp, "settings": settings}
     if out_md:
-        out = Path(out_md)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_markdown(result))
-        log(f"wrote {out}")
+        log(f"wrote {write_report(out_md, to_markdown(result, command_line('decode')))}")
     return result
 
 
-def _fmt_load(load) -> str:
-    if not load or None in load:
-        return "n/a"
-    return f"{load[0]:.1f} / {load[1]:.1f}"
-
-
-def to_markdown(result: dict[str, Any]) -> str:
+def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode") -> str:
+    """The benchmarks/results/decode.md report of `run_decode_bench`'s result."""
     import transformers
 
     s = result["settings"]
-    lines = [
-        "# Decoding: seekformer vs transformers",
-        "",
-        f"`seekformer bench decode` on {_dt.date.today().isoformat()}: {_cpu_name()}, {s['threads']} threads, "
-        f"{s['dtype']}, torch {torch.__version__}, transformers {transformers.__version__}. Greedy decoding of "
-        f"{s['new_tokens']} tokens per row from random prompts (eos off); median of "
-        f"{s['repeats']} interleaved runs. Random weights for the presets (same weights on both sides). "
-        f"Machine load average (1 min) at start / end: {_fmt_load(s.get('load'))}.",
+    lines = header("Decoding: seekformer vs transformers", command, s.get("machine", "n/a"))
+    lines += [
+        f"{s['dtype']}, transformers {transformers.__version__}. Greedy decoding of {s['new_tokens']} tokens per row "
+        f"from random prompts (eos off); median of {s['repeats']} interleaved runs. Random weights for the presets "
+        "(same weights on both sides).",
         "",
         "Decode tok/s excludes the prefill (batch x (new - 1) tokens over the time beyond the first token); "
         "first token = prefill time; end-to-end tok/s = batch x new tokens over the whole generate() call.",
         "",
-        "| model | prompt | batch | decode tok/s seekformer | decode tok/s transformers | decode speedup |"
-        " first token ms (sf / hf) | end-to-end tok/s (sf / hf) | identical rows |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['prompt_len']} | {r['batch']} | {r['sf_decode']:.1f} | "
-                     f"{r['hf_decode']:.1f} | **{r['speedup']:.2f}x** | {1e3 * r['sf_ttft']:.0f} / "
-                     f"{1e3 * r['hf_ttft']:.0f} | {r['sf_e2e']:.1f} / {r['hf_e2e']:.1f} | {r['identical']:.0%} |")
+    lines += table(["model", "prompt", "batch", "decode tok/s seekformer", "decode tok/s transformers",
+                    "decode speedup", "first token ms (sf / hf)", "end-to-end tok/s (sf / hf)", "identical rows"],
+                   [[r["model"], r["prompt_len"], r["batch"], f"{r['sf_decode']:.1f}", f"{r['hf_decode']:.1f}",
+                     f"**{r['speedup']:.2f}x**", f"{1e3 * r['sf_ttft']:.0f} / {1e3 * r['hf_ttft']:.0f}",
+                     f"{r['sf_e2e']:.1f} / {r['hf_e2e']:.1f}", f"{r['identical']:.0%}"] for r in result["rows"]])
     lines += ["", "KV cache, bytes per token (all decoder layers). transformers 5 caches the same compressed latent "
               "(and re-expands all of it through kv_b_proj at every step); the per-head column is the K/V a "
-              "standard cache would hold for the same model (seekformer's `naive` mode).", "",
-              "| model | seekformer (latent) | transformers | per-head K/V | per-head / seekformer |",
-              "|---|---:|---:|---:|---:|"]
-    for name, k in result["kv"].items():
-        lines.append(f"| {name} | {k['seekformer']:.0f} | {k['transformers']:.0f} | {k['per_head']:.0f} | "
-                     f"{k['per_head'] / k['seekformer']:.1f}x |")
+              "standard cache would hold for the same model (seekformer's `naive` mode).", ""]
+    lines += table(["model", "seekformer (latent)", "transformers", "per-head K/V", "per-head / seekformer"],
+                   [[name, f"{k['seekformer']:.0f}", f"{k['transformers']:.0f}", f"{k['per_head']:.0f}",
+                     f"{k['per_head'] / k['seekformer']:.1f}x"] for name, k in result["kv"].items()])
     if result["speculative"]:
-        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): one "
-                  "draft per main forward from the model's MTP module, verified by the main model (output "
-                  "identical to greedy).", "",
-                  "| model | tokens | acceptance | tokens / forward | greedy tok/s | speculative tok/s | speedup |"
-                  " identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-        for r in result["speculative"]:
-            lines.append(f"| {r['model']} | {r['new_tokens']} | {r['acceptance_rate']:.1%} | "
-                         f"{r['tokens_per_forward']:.2f} | {r['greedy_tokens_per_s']:.1f} | "
-                         f"{r['speculative_tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | {r['identical']} |")
-    lines.append("")
-    return "\n".join(lines)
+        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): K "
+                  "drafts per step from the model's MTP modules (past the MTP depth the last module chains on its "
+                  "own output), verified in one forward of K+1 tokens by the main model (output identical to "
+                  "greedy). Greedy and every K interleaved in each repeat; speedup = ratio of median times.", ""]
+        lines += table(["model", "MTP depth", "drafts K", "tokens", "acceptance", "tokens / forward", "greedy tok/s",
+                        "speculative tok/s", "speedup", "identical"],
+                       [[r["model"], r.get("mtp_depth", ""), r.get("drafts", ""), r["new_tokens"],
+                         f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_forward']:.2f}",
+                         f"{r['greedy_tokens_per_s']:.1f}", f"{r['speculative_tokens_per_s']:.1f}",
+                         f"**{r['speedup']:.2f}x**", r["identical"]] for r in result["speculative"]],
+                       align="lrrrrrrrrl")
+    if result.get("llama_cpp"):
+        lines += ["", "llama.cpp (llama-cpp-python, the model's GGUF export, same weights), batch 1, greedy, "
+                  "random 32-token prompt, decode tokens/s without the prefill, interleaved.", ""]
+        lines += table(["model", "GGUF", "llama_cpp", "seekformer tok/s", "llama.cpp tok/s", "seekformer / llama.cpp",
+                        "greedy tokens equal"],
+                       [[r["model"], r["gguf"], r["llama_cpp"], f"{r['sf_decode']:.1f}", f"{r['llama_decode']:.1f}",
+                         f"**{r['ratio']:.2f}x**", f"{r['same_tokens']:.0%}"] for r in result["llama_cpp"]],
+                       align="lllrrrr")
+    return render(lines)

@@ -30,6 +30,14 @@ PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="Open
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")]
 
+# several processes (pretrain, finetune): torchrun underneath, see distributed/launch.py and docs/distributed.md
+Nproc = Annotated[int, typer.Option("--nproc", help="Processes on this machine (torchrun underneath); the "
+                                    "recipe's parallel: section says how they split the work.")]
+Nnodes = Annotated[int, typer.Option("--nnodes", help="Machines taking part (multi-node: same command on each).")]
+NodeRank = Annotated[int, typer.Option("--node-rank", help="This machine's index, 0 .. nnodes-1.")]
+RdzvEndpoint = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous "
+                                                     "(multi-node).")]
+
 
 def sampling(max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
@@ -78,7 +86,11 @@ def with_sampling(**defaults: Any) -> Callable[[Callable], Callable]:
 
 
 def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads(threads) when given (>= 1, else ConfigError)."""
+    """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
+    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    from ..runtime import set_decode_threads
+
+    set_decode_threads("auto" if threads is None else None)
     if threads is not None:
         import torch
 

@@ -43,6 +43,8 @@ class SamplingParams:
     # constrained decoding (inference/constrained.py): an object with allowed() -> bool [V] | None and
     # advance(token); one per sequence (stateful), applied in `choose`
     constraint: object | None = field(default=None, compare=False, repr=False)
+    # MTP self-speculative decoding in the serving engine (greedy rows): None = the engine's default
+    speculative: bool | None = None
 
     @property
     def greedy(self) -> bool:
@@ -238,6 +240,31 @@ def _pick(logits: torch.Tensor, params: Sequence[SamplingParams],
     for r, g in enumerate(greedy):
         if not g:
             out[r] = torch.multinomial(probs[r], 1, generator=generators[r])[0]
+    return out
+
+
+def speculative_sample(probs: torch.Tensor, drafts: Sequence[int], generator: torch.Generator | None = None
+                       ) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for drafts proposed deterministically
+    (the draft distribution q is one-hot on the draft): probs [K+1,V] are the target distributions at the
+    K+1 verified positions, given the drafts before each. Draft j is accepted with probability p_j(d_j);
+    at the first rejection the token is drawn from p_j with d_j removed, renormalised ((p - q)+); after K
+    acceptances one more token is drawn from p_K. Returns the accepted drafts and that one token: each token
+    follows the target distribution exactly, as plain sampling would give."""
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        p = probs[j]
+        if float(torch.rand((), generator=generator, device=p.device)) < float(p[d]):
+            out.append(int(d))
+            continue
+        resid = p.clone()
+        resid[d] = 0.0
+        if float(resid.sum()) <= 0:  # p is one-hot on d (then the draw above accepts it): numerical guard
+            out.append(int(d))
+            continue
+        out.append(int(torch.multinomial(resid, 1, generator=generator)[0]))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)[0]))
     return out
 
 

@@ -166,7 +166,10 @@ class OpenAIHandlers:
             top_k=top_k, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
             frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
             seed=req.seed, stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()) + tuple(extra_stop_ids),
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, speculative=req.speculative)
+        if req.speculative and not self.backend.speculative_available:
+            raise bad_request("speculative decoding is not available: the model has no MTP modules "
+                              "(num_nextn_predict_layers = 0) or the server runs with --no-speculative", "speculative")
         try:
             return params.validate(self.vocab)
         except SeekformerError as e:

@@ -318,6 +318,15 @@ class Trainer:
         if fractions:
             rec["load_fractions"] = fractions
         self._interval_counts = {}
+        # expert parallelism: the all-to-all bytes one token moved per MoE layer since the last record
+        traffic = [m.experts.traffic for _, m in self.model.moe_layers() if hasattr(m.experts, "traffic")]
+        tokens = sum(t["tokens"] for t in traffic)
+        if tokens:
+            sent = sum(t["bytes"] for t in traffic)
+            rec["a2a_bytes_per_token_layer"] = sent / tokens
+            rec["a2a_remote_fraction"] = sum(t["remote_bytes"] for t in traffic) / max(1, sent)
+            for t in traffic:
+                t.update(tokens=0, bytes=0, remote_bytes=0)
         return rec
 
     def trainer_state(self) -> dict[str, Any]:
@@ -449,13 +458,3 @@ def update_config(target: SeekConfig, source: SeekConfig, names) -> None:
     """Copy the fields `names` from `source` into `target` in place (modules keep a reference to `target`)."""
     for name in names:
         setattr(target, name, getattr(source, name))
-
-
-def pretrain(recipe: Recipe, console=None) -> TrainResult:
-    """Pretrain as `recipe` says (on every process of a torchrun launch); returns the TrainResult."""
-    trainer = Trainer(recipe, console=console)
-    try:
-        trainer.prepare()
-        return trainer.run()
-    finally:
-        trainer.par.close()
