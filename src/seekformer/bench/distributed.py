@@ -25,6 +25,16 @@ import yaml
 from ..runtime import loadavg
 
 
+NOTES_MARKER = "<!-- hand-written notes below: `seekformer bench distributed` keeps them when it rewrites the file -->"
+
+
+def with_notes(md: str, previous: str | None) -> str:
+    """The new measured part `md` followed by the hand-written notes of the `previous` file (after
+    NOTES_MARKER), so re-running the benchmark refreshes the figures without losing the discussion."""
+    notes = previous.split(NOTES_MARKER, 1)[1] if previous and NOTES_MARKER in previous else "\n"
+    return md + "\n" + NOTES_MARKER + notes
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

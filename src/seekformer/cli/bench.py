@@ -129,7 +129,7 @@ def distributed(
     """Tokens/s of 1 process vs 2 processes (DDP, FSDP2, FSDP2 + expert parallel) on this machine, as ratios."""
     import sys
 
-    from ..bench.distributed import run_distributed_bench, to_markdown
+    from ..bench.distributed import run_distributed_bench, to_markdown, with_notes
     from ..checkpoint import atomic_write_text
 
     res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads,
@@ -137,7 +137,7 @@ def distributed(
     md = to_markdown(res, "seekformer bench " + " ".join(sys.argv[sys.argv.index("distributed"):]))
     typer.echo(md)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, md)
+    atomic_write_text(out, with_notes(md, out.read_text() if out.is_file() else None))
 
 
 def register(app: typer.Typer) -> None:
