@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
         """Pretrain a model as RECIPE describes; override any key with --section.key value."""
         from ..distributed.launch import relaunch, wants_launch
         from ..training.recipe import load_recipe
-        from ..training.trainer import pretrain
+        from ..training.pretrain import pretrain
 
         r = load_recipe(recipe, list(ctx.args))
         r.train.resume = r.train.resume or resume

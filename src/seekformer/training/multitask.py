@@ -26,7 +26,6 @@ Output directory (OUT = recipe.out):
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -468,10 +467,9 @@ def _summary(res: dict[str, dict[str, float]], primary: dict[str, str], data: di
 
 def plot_multitask(out_dir: str | Path) -> Path:
     """OUT/finetune.png: per-task training loss, loss weight, gradient norm, and validation metrics."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     records = read_metrics(out)
@@ -498,11 +496,7 @@ def plot_multitask(out_dir: str | Path) -> Path:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path, tmp = out / PLOT_FILE, out / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / PLOT_FILE)
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:

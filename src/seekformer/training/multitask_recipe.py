@@ -137,8 +137,9 @@ class LoraRecipe:
 
 @dataclass
 class VisionRecipe:
-    """The image encoder of a fine-tune with image tasks (models/vision_lm.py). A base model that already
-    has vision files keeps its own tower; these keys then do not apply.
+    """the image encoder of a fine-tune with image tasks (models/vision_lm.py).
+
+    A base model that already has vision files keeps its own tower; these keys then do not apply.
 
     Keys:
         encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
@@ -163,10 +164,12 @@ class VisionRecipe:
     lr: float | None = None  # encoder and projector learning rate (default train.lr)
 
     def overrides(self) -> dict[str, Any]:
+        """The VisionConfig fields this section sets on top of the encoder preset."""
         return {"image_size": self.image_size if self.image_size is not None else 32, "patch_size": self.patch_size,
                 "channels": self.channels, "pixel_shuffle": self.pixel_shuffle}
 
     def validate(self) -> None:
+        """RecipeError for an unknown stage or a non-positive learning rate."""
         if self.stage not in (1, 2):
             raise RecipeError(f"vision.stage must be 1 (projector only) or 2 (everything), got {self.stage}")
         if self.lr is not None and not self.lr > 0:
