@@ -139,7 +139,7 @@ class VisionRecipe:
     has vision files keeps its own tower; these keys then do not apply.
 
     Keys:
-        encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
+        encoder: the encoder preset: vit-nano | vit-tiny | conv-tiny | vit-small | vit-base (nn/vision.py)
         image_size: pixels per side (default 32)
         patch_size: pixels per patch side (default: the preset's)
         channels: 1 (grey) or 3 (RGB, default)
@@ -150,7 +150,7 @@ class VisionRecipe:
         lr: encoder and projector learning rate (default train.lr)
     """
 
-    encoder: str = "vit-tiny"  # preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
+    encoder: str = "vit-tiny"  # preset: vit-nano | vit-tiny | conv-tiny | vit-small | vit-base (nn/vision.py)
     image_size: int | None = None  # pixels per side (default 32)
     patch_size: int | None = None  # default: the preset's
     channels: int | None = None  # 1 (grey) or 3 (RGB, default)
