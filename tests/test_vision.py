@@ -49,7 +49,7 @@ def test_tower_shapes_and_pixel_shuffle():
 
 
 def test_conv_stem_layers_and_old_configs():
-    cfg = VisionConfig.from_preset("conv-tiny", image_size=16, pixel_shuffle=True, lm_hidden_size=32)
+    cfg = VisionConfig.from_preset("vit-tiny", image_size=16, pixel_shuffle=True, lm_hidden_size=32, stem_layers=3)
     tower = VisionTower(cfg)
     convs = [m for m in tower.encoder.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
     assert cfg.stem_layers == 3 and len(convs) == 3 and tower(torch.randn(2, 3, 16, 16)).shape == (2, 4, 32)
@@ -58,7 +58,7 @@ def test_conv_stem_layers_and_old_configs():
     assert VisionConfig.from_dict(old).stem_layers == 1
     assert "encoder.patch_embed.stem.0.weight" in VisionTower(VisionConfig.from_dict(old)).state_dict()
     with pytest.raises(Exception, match="stem_layers"):
-        VisionConfig.from_preset("conv-tiny", stem_layers=0)
+        VisionConfig.from_preset("vit-tiny", stem_layers=0)
 
 
 def test_splice_puts_image_tokens_at_placeholders():

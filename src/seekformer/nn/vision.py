@@ -26,10 +26,6 @@ VISION_PRESETS: dict[str, dict[str, Any]] = {
     "vit-nano": dict(hidden_size=32, num_layers=1, num_heads=2, mlp_ratio=2.0, patch_size=4, conv_stem=False),
     # ~0.2M parameters: digits / shapes from scratch in minutes on 2 cores
     "vit-tiny": dict(hidden_size=64, num_layers=2, num_heads=4, mlp_ratio=2.0, patch_size=4, conv_stem=True),
-    # ~0.1M parameters: a 3-layer conv stem (10 px receptive field per patch) + one attention block; learns
-    # colours and small shapes of tiny synthetic images much faster from scratch than a plain ViT
-    "conv-tiny": dict(hidden_size=64, num_layers=1, num_heads=4, mlp_ratio=2.0, patch_size=4, conv_stem=True,
-                      stem_layers=3),
     # ~1.2M parameters
     "vit-small": dict(hidden_size=128, num_layers=4, num_heads=4, mlp_ratio=4.0, patch_size=4, conv_stem=True),
     # ~5M parameters: 64..224 px images on a GPU
