@@ -147,7 +147,7 @@ def _ep_worker(rank: int, world: int, init: str, result: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from seekformer.distributed.expert_parallel import ExpertParallelExperts
-    from seekformer.nn.moe import MoE
+    from seekformer.nn.moe import Experts, MoE
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -171,7 +171,12 @@ def _ep_worker(rank: int, world: int, init: str, result: dict) -> None:
         y = ep(x_ep, routing.indices, routing.weights)
         y.square().sum().backward()
         traffic = dict(ep.traffic)
-        result[rank] = {"traffic": traffic, "k": cfg.num_experts_per_tok, "d": cfg.hidden_size,
+        # an Experts like any other: expert_forward on this rank's experts is the full module's
+        mine = range(ep.first_expert, ep.first_expert + ep.num_local)
+        with torch.no_grad():
+            same_expert = isinstance(ep, Experts) and all(
+                torch.equal(ep.expert_forward(e, x[:3]), moe.experts.expert_forward(e, x[:3])) for e in mine)
+        result[rank] = {"same_expert_forward": same_expert, "traffic": traffic, "k": cfg.num_experts_per_tok, "d": cfg.hidden_size,
                         "max_diff": float((y - local).abs().max().detach()), "exact": bool(torch.equal(y, local)),
                         "grad_ok": bool(x_ep.grad is not None and torch.isfinite(x_ep.grad).all())}
     finally:
@@ -184,7 +189,7 @@ def test_expert_parallel_dispatch_equals_local_dispatch(tmp_path):
         mp.spawn(_ep_worker, args=(2, f"file://{tmp_path}/store", result), nprocs=2, join=True)
         res = dict(result)
     for rank in (0, 1):
-        assert res[rank]["grad_ok"]
+        assert res[rank]["grad_ok"] and res[rank]["same_expert_forward"]
         # each expert sees the same rows in the same order (source rank, then token) as one process
         # dispatching all ranks' tokens: the same kernels on the same blocks, bit-identical outputs
         assert res[rank]["exact"], res

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -22,7 +21,17 @@ from typing import Any
 
 import yaml
 
-from ..runtime import loadavg
+from .report import Machine
+
+
+NOTES_MARKER = "<!-- hand-written notes below: `seekformer bench distributed` keeps them when it rewrites the file -->"
+
+
+def with_notes(md: str, previous: str | None) -> str:
+    """The new measured part `md` followed by the hand-written notes of the `previous` file (after
+    NOTES_MARKER), so re-running the benchmark refreshes the figures without losing the discussion."""
+    notes = previous.split(NOTES_MARKER, 1)[1] if previous and NOTES_MARKER in previous else "\n"
+    return md + "\n" + NOTES_MARKER + notes
 
 
 def _port() -> int:
@@ -58,7 +67,7 @@ def run_distributed_bench(preset: str = "tiny", steps: int = 30, seq_len: int = 
               "train": {"steps": steps, "seq_len": seq_len, "batch_size": batch_size, "eval_every": 0,
                         "eval_batches": 1, "save_every": 0, "log_every": 5, "progress": False}}
     (root / "r.yaml").write_text(yaml.safe_dump(recipe))
-    load_start = loadavg()
+    machine = Machine(threads)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in configs}
     for i in range(rounds):
         for name, nproc, strategy, ep in configs:
@@ -94,29 +103,30 @@ def run_distributed_bench(preset: str = "tiny", steps: int = 30, seq_len: int = 
     cfg = SeekConfig.from_preset(preset)
     return {"rows": rows, "preset": preset, "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
             "rounds": rounds, "a2a": all_to_all_bytes_per_token(cfg.hidden_size, cfg.num_experts_per_tok),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "loadavg": (load_start, loadavg())}
+            "machine": machine.line()}
 
 
 def to_markdown(res: dict[str, Any], command: str) -> str:
-    """The benchmarks/results/distributed.md table."""
-    la = ["n/a" if v is None else f"{v:.1f}" for v in res["loadavg"]]
-    lines = [f"`{command}`", "",
-             f"preset `{res['preset']}`, {res['steps']} steps, global batch {res['batch_size']} x {res['seq_len']}, "
-             f"fp32, gloo; {res['machine']}; configurations interleaved over {res['rounds']} rounds; 1-minute load "
-             f"average {la[0]} at the start and {la[1]} at the end (the machine is shared: ratios, not absolute "
-             "figures, are the result)", "",
-             "| configuration | processes x threads | tokens/s (median of rounds) | vs 1 process (median) | "
-             "per round | all-to-all B/token/layer (measured) |", "|---|---|---:|---:|---|---:|"]
+    """The measured part of benchmarks/results/distributed.md (bench.report's header and table)."""
+    from .report import header, render, table
+
+    lines = header("Distributed training: 1 process vs 2 processes", command, res["machine"])
+    lines += [f"Preset `{res['preset']}`, {res['steps']} steps per run, global batch {res['batch_size']} x "
+              f"{res['seq_len']} tokens, fp32, gloo; the {len(res['rows'])} configurations interleaved over "
+              f"{res['rounds']} rounds. The machine is shared: ratios measured in the same round, not absolute "
+              "figures, are the result.", ""]
+    rows = []
     for r in res["rows"]:
         a2a = r["a2a_bytes_per_token_layer"]
-        a2a_s = "-" if a2a != a2a else f"{a2a:,.0f} ({r['a2a_remote_fraction']:.0%} remote)"
-        rounds = ", ".join(f"{x:.2f}" for x in r["round_ratios"])
-        lines.append(f"| {r['name']} | {r['processes']} x {r['threads_per_process']} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['ratio']:.2f}x | {rounds} | {a2a_s} |")
+        rows.append([r["name"], f"{r['processes']} x {r['threads_per_process']}", f"{r['tokens_per_s']:,.0f}",
+                     f"{r['ratio']:.2f}x", ", ".join(f"{x:.2f}" for x in r["round_ratios"]),
+                     None if a2a != a2a else f"{a2a:,.0f} ({r['a2a_remote_fraction']:.0%} remote)"])
+    lines += table(["configuration", "processes x threads", "tokens/s (median of rounds)", "vs 1 process (median)",
+                    "vs 1 process, per round", "all-to-all B/token/layer (measured)"], rows, align="lrrrrr")
     a = res["a2a"]
     lines += ["", f"All-to-all per token per MoE layer (fp32): formula 2*k*hidden*4 = {a['formula']:,} bytes; "
               f"seekformer sends {a['sent']:,} (k rows of hidden+1 values out -- the gate weight rides as one extra "
               "column -- and k rows of hidden back). The measured column is the expert-parallel run's own counter "
               "(`ExpertParallelExperts.traffic`, logged as `a2a_bytes_per_token_layer`); 'remote' is the share "
               "whose expert lives on the other rank, i.e. what crosses the wire."]
-    return "\n".join(lines) + "\n"
+    return render(lines)

@@ -134,14 +134,14 @@ def distributed(
     out: Path = typer.Option(Path("benchmarks/results/distributed.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Tokens/s of 1 process vs 2 processes (DDP, FSDP2, FSDP2 + expert parallel) on this machine, as ratios."""
-    from ..bench.distributed import run_distributed_bench, to_markdown
+    from ..bench.distributed import run_distributed_bench, to_markdown, with_notes
     from ..bench.report import command_line, write_report
 
     res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads,
                                 rounds=rounds)
     md = to_markdown(res, command_line("distributed"))
     typer.echo(md)
-    write_report(out, md)
+    write_report(out, with_notes(md, out.read_text() if out.is_file() else None))
 
 
 def register(app: typer.Typer) -> None:

@@ -15,12 +15,17 @@ MoE layer (as torchtitan's expert parallel, without its padding):
        the grouped SwiGLU of `nn.moe.Experts` on the local weights;
     3. combine: send the results back (the inverse all_to_all) and sum them per token with index_add.
 
+`ExpertParallelExperts` is an `nn.moe.Experts` that replaces `dispatch` (1.) and `combine` (3.) only; the
+grouped compute (2.) and `expert_forward` are the base class's, on `local_weights()`.
+
 Gradients reach the expert shards through the all-to-all backward: rank r's experts get the sum over the
 group's ranks of d(local loss)/d(weights). `sync_expert_grads` then sums over the "dp_rep" replicas and
 divides by the world size, matching the averaging DDP/FSDP apply to every other parameter.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -29,22 +34,36 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..nn.moe import Experts, MoE
+from ..nn.moe import Dispatch, Experts, MoE
 
 
-class ExpertParallelExperts(nn.Module):
-    """Drop-in for `nn.moe.Experts` holding this rank's L experts; forward(x_ND, indices_NK, weights_NK)."""
+@dataclass
+class ExchangedDispatch(Dispatch):
+    """What this rank's experts received (x [R,D], gate [R,1], counts [L] rows per local expert, grouped by
+    local expert), plus how to send the results back: `source` is the local dispatch of this rank's own
+    tokens, `inverse` puts the results back in arrival order, the splits are rows per peer rank."""
+
+    source: Dispatch | None = None
+    inverse: torch.Tensor | None = None
+    send_splits: list[int] = field(default_factory=list)
+    recv_splits: list[int] = field(default_factory=list)
+
+
+class ExpertParallelExperts(Experts):
+    """`nn.moe.Experts` holding this rank's L experts: `dispatch` and `combine` become all-to-all exchanges,
+    the grouped compute and `expert_forward` (for this rank's experts) are the base class's."""
 
     def __init__(self, experts: Experts, mesh: DeviceMesh) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not Experts.__init__: that would allocate all E experts
         ep_mesh = mesh["ep"] if mesh.ndim > 1 else mesh
         self.group = ep_mesh.get_group()
         self.ep_size = ep_mesh.size()
         self.ep_rank = ep_mesh.get_local_rank()
         self.num_experts = experts.num_experts
         self.num_local = self.num_experts // self.ep_size
+        self.first_expert = self.ep_rank * self.num_local
         placements = [Replicate(), Shard(0)] if mesh.ndim > 1 else [Shard(0)]
-        lo, hi = self.ep_rank * self.num_local, (self.ep_rank + 1) * self.num_local
+        lo, hi = self.first_expert, self.first_expert + self.num_local
 
         def shard(p: torch.Tensor) -> nn.Parameter:
             local = p.detach()[lo:hi].clone()
@@ -57,44 +76,44 @@ class ExpertParallelExperts(nn.Module):
         # this rank (rows whose expert lives elsewhere), in both directions
         self.traffic = {"tokens": 0, "bytes": 0, "remote_bytes": 0}
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N,D], indices/weights [N,K] -> sum_k weights[:,k] * expert_{indices[:,k]}(x) [N,D]."""
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's experts [first_expert, first_expert + L) as plain (local) tensors."""
+        return self.gate_up_proj.to_local(), self.down_proj.to_local()
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> ExchangedDispatch:
+        """Sort this rank's N*K token copies by expert (as local dispatch does), then exchange them: every
+        rank receives the rows of its experts from every rank (the gate weight rides as one extra column)."""
         ep, local = self.ep_size, self.num_local
-        n, k = indices.shape
-        flat = indices.reshape(-1)
-        order = flat.argsort(stable=True)  # [S] copies grouped by expert, hence by destination rank
-        token = order // k
-        counts = torch.bincount(flat, minlength=self.num_experts)  # [E] rows for each expert
-        gate_w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)  # [S,1]
-        send = torch.cat([x.index_select(0, token), gate_w], dim=-1)  # [S,D+1]
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)  # chunk s: source s's rows per local expert
-        send_splits = counts.view(ep, local).sum(1).tolist()
+        own = super().dispatch(x, indices, weights)  # [S,D] by expert, hence by destination rank
+        send = torch.cat([own.x, own.gate.to(own.x.dtype)], dim=-1)  # [S,D+1]
+        recv_counts = torch.empty_like(own.counts)
+        dist.all_to_all_single(recv_counts, own.counts, group=self.group)  # chunk s: source s's rows per expert
+        send_splits = own.counts.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts.view(ep, local).sum(1).tolist()
         recv = _all_to_all(send, recv_splits, send_splits, self.group)  # [R,D+1] by (source, expert)
         expert_of_row = torch.arange(local, device=x.device).repeat(ep).repeat_interleave(recv_counts)
-        perm = expert_of_row.argsort(stable=True)  # regroup by local expert
+        perm = expert_of_row.argsort(stable=True)  # regroup by local expert (stable: source rank, then token)
         rows = recv.index_select(0, perm)
-        local_counts = recv_counts.view(ep, local).sum(0)
-        y = self._compute(rows[:, :-1].contiguous(), rows[:, -1:].contiguous(), local_counts)  # [R,D]
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-        back = _all_to_all(y.index_select(0, inverse), send_splits, recv_splits, self.group)  # [S,D]
-        self._count(n, send, y, send_splits)
-        return torch.zeros_like(x).index_add_(0, token, back.to(x.dtype))
+        return ExchangedDispatch(rows[:, :-1].contiguous(), own.token, rows[:, -1:].contiguous(),
+                                 recv_counts.view(ep, local).sum(0), source=own, inverse=inverse,
+                                 send_splits=send_splits, recv_splits=recv_splits)
 
-    def _count(self, n: int, send: torch.Tensor, y: torch.Tensor, send_splits: list[int]) -> None:
-        """Add the all-to-all traffic this rank's n tokens cause: their S = n*K rows out (D+1 wide) and their
-        results back (D wide); `remote_bytes` counts only rows whose expert lives on another rank."""
-        row = send.shape[1] * send.element_size() + y.shape[1] * y.element_size()
+    def combine(self, ys: torch.Tensor, d: ExchangedDispatch, x: torch.Tensor) -> torch.Tensor:
+        """Send the results ys [R,D] back to the ranks their tokens came from, then sum them per token."""
+        back = _all_to_all(ys.index_select(0, d.inverse), d.send_splits, d.recv_splits, self.group)  # [S,D]
+        self._count(x.shape[0], d.source.x.shape[1] + 1, d.source.x.element_size(), ys, d.send_splits)
+        return super().combine(back, d.source, x)
+
+    def _count(self, n: int, width: int, item: int, y: torch.Tensor, send_splits: list[int]) -> None:
+        """Add the all-to-all traffic this rank's n tokens cause: their S = n*K rows out (`width` = D+1 values
+        of `item` bytes) and their results back (D wide); `remote_bytes` counts only rows whose expert lives
+        on another rank."""
+        row = width * item + y.shape[1] * y.element_size()
         self.traffic["tokens"] += n
         self.traffic["bytes"] += sum(send_splits) * row
         self.traffic["remote_bytes"] += (sum(send_splits) - send_splits[self.ep_rank]) * row
-
-    def _compute(self, xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The grouped SwiGLU of the local experts on rows grouped by expert: xs [R,D], gate_w [R,1] -> [R,D]."""
-        w_gu, w_down = self.gate_up_proj.to_local(), self.down_proj.to_local()
-        return Experts.grouped_swiglu(xs, gate_w, counts, w_gu, w_down, self.use_grouped_mm)
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -124,8 +124,12 @@ class Experts(nn.Module):
     `forward` = dispatch -> grouped compute -> combine; each stage is a method a subclass may replace
     (expert parallelism swaps `dispatch`/`combine` for all-to-all exchanges, a quantized version swaps
     `compute` and `expert_forward`). On disk the experts are per-expert
-    `experts.{e}.{gate,up,down}_proj.weight` (see checkpoint.py).
+    `experts.{e}.{gate,up,down}_proj.weight` (see checkpoint.py). `compute` and `expert_forward` read the
+    weights through `local_weights()`, the experts [first_expert, first_expert + L) this module computes
+    (all of them here; this rank's shard under expert parallelism).
     """
+
+    first_expert = 0  # global index of local_weights()'s first expert
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -162,11 +166,16 @@ class Experts(nn.Module):
         xs = x.to(self.compute_dtype(x)).index_select(0, token)  # [S,D]
         return Dispatch(xs, token, weights.reshape(-1)[order].unsqueeze(-1), counts)
 
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up_proj [L,2F,D], down_proj [L,D,F]) of the experts this module computes, as plain tensors."""
+        return self.gate_up_proj, self.down_proj
+
     def compute(self, d: Dispatch) -> torch.Tensor:
         """Every expert on its block of rows, scaled by the routing weights: [S,D] -> [S,D]."""
         dtype = d.x.dtype
-        return self.grouped_swiglu(d.x, d.gate.to(dtype), d.counts, self.gate_up_proj.to(dtype),
-                                   self.down_proj.to(dtype), self.use_grouped_mm)
+        w_gu, w_down = self.local_weights()
+        return self.grouped_swiglu(d.x, d.gate.to(dtype), d.counts, w_gu.to(dtype), w_down.to(dtype),
+                                   self.use_grouped_mm)
 
     def combine(self, ys: torch.Tensor, d: Dispatch, x: torch.Tensor) -> torch.Tensor:
         """Sum the expert outputs ys [S,D] back per token: -> [N,D] in x's dtype."""
@@ -192,8 +201,9 @@ class Experts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on its rows: x [M,D] -> [M,D] (unweighted; the few-token decoding path)."""
-        gate, up = few_rows_linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return few_rows_linear(F.silu(gate) * up, self.down_proj[e])
+        w_gu, w_down = self.local_weights()
+        gate, up = few_rows_linear(x, w_gu[e - self.first_expert]).chunk(2, dim=-1)
+        return few_rows_linear(F.silu(gate) * up, w_down[e - self.first_expert])
 
     def dense_forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Same result as `forward` with plain differentiable ops (see nn/plain.py): every expert on every
