@@ -48,6 +48,19 @@ def test_tower_shapes_and_pixel_shuffle():
         VisionConfig.from_preset("vit-nano", image_size=18)
 
 
+def test_conv_stem_layers_and_old_configs():
+    cfg = VisionConfig.from_preset("vit-tiny", image_size=16, pixel_shuffle=True, lm_hidden_size=32, stem_layers=3)
+    tower = VisionTower(cfg)
+    convs = [m for m in tower.encoder.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    assert cfg.stem_layers == 3 and len(convs) == 3 and tower(torch.randn(2, 3, 16, 16)).shape == (2, 4, 32)
+    # a vision.json written before stem_layers existed still loads (one stem conv, same weight names)
+    old = {k: v for k, v in VisionConfig.from_preset("vit-tiny").to_dict().items() if k != "stem_layers"}
+    assert VisionConfig.from_dict(old).stem_layers == 1
+    assert "encoder.patch_embed.stem.0.weight" in VisionTower(VisionConfig.from_dict(old)).state_dict()
+    with pytest.raises(Exception, match="stem_layers"):
+        VisionConfig.from_preset("vit-tiny", stem_layers=0)
+
+
 def test_splice_puts_image_tokens_at_placeholders():
     emb = torch.zeros(2, 5, 3)
     is_img = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)

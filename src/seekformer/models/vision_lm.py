@@ -362,7 +362,7 @@ def setup_vision(base: str | os.PathLike, tokenizer, lm: SeekForCausalLM, encode
                  pretrained: str | None = None, **overrides: Any) -> VisionSetup:
     """Prepare `lm` and `tokenizer` for image tasks: add `<|image|>` (growing the vocabulary when needed) and
     choose the tower: the base's own (a vision model dir), else preset `encoder` with `overrides`
-    (image_size, patch_size, channels, pixel_shuffle), with the weights of `pretrained` when given."""
+    (image_size, patch_size, channels, pixel_shuffle, conv_stem), with the weights of `pretrained` when given."""
     from ..errors import RecipeError
 
     tid = add_image_token(tokenizer)

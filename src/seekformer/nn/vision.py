@@ -3,7 +3,8 @@
 Shapes: B images, C channels, S image side (pixels), P patch side, N = (S/P)^2 patches, E encoder width,
 D the language model's hidden size, M image tokens after the projector (N, or N/4 with pixel shuffle).
 
-    pixels_BCSS -> PatchEmbed (conv P x P stride P, optional 3x3 conv stem) + learned positions -> x_BNE
+    pixels_BCSS -> PatchEmbed (optional stem of `stem_layers` 3x3 convs, then conv P x P stride P)
+                   + learned positions -> x_BNE
     x_BNE -> `layers` pre-norm Transformer blocks (bidirectional attention, GELU MLP) -> LayerNorm -> x_BNE
     Projector: optional 2x2 pixel shuffle (x_BNE -> x_B(N/4)(4E)), then Linear -> GELU -> Linear -> y_BMD
 
@@ -45,6 +46,7 @@ class VisionConfig:
     num_heads: int = 4
     mlp_ratio: float = 2.0
     conv_stem: bool = True
+    stem_layers: int = 1  # 3x3 convs (width hidden_size/2, GELU) in the conv stem
     pixel_shuffle: bool = False  # 2x2 patches -> one image token (4x fewer tokens)
     projector_hidden_size: int | None = None  # default: lm_hidden_size
     lm_hidden_size: int = 64
@@ -103,18 +105,23 @@ class VisionConfig:
         need(self.channels in (1, 3), f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
         need(self.hidden_size % self.num_heads == 0, "hidden_size must be a multiple of num_heads")
         need(self.num_layers >= 0, "num_layers must be >= 0")
+        need(self.stem_layers >= 1, "stem_layers must be >= 1")
         need(not self.pixel_shuffle or self.grid % 2 == 0,
              f"pixel_shuffle needs an even number of patches per side (image_size/patch_size = {self.grid})")
 
 
 class PatchEmbed(nn.Module):
-    """pixels [B,C,S,S] -> patch embeddings [B,N,E] (+ learned positions). The optional stem is a 3x3 conv
-    (C -> E/2, GELU) before the P x P patch conv: cheap local features for small images."""
+    """pixels [B,C,S,S] -> patch embeddings [B,N,E] (+ learned positions). The optional stem is `stem_layers`
+    3x3 convs (C -> E/2 -> ... -> E/2, GELU each) before the P x P patch conv: cheap local features for small
+    images."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         e = cfg.hidden_size
-        self.stem = nn.Sequential(nn.Conv2d(cfg.channels, e // 2, 3, padding=1), nn.GELU()) if cfg.conv_stem else None
+        stem: list[nn.Module] = []
+        for i in range(cfg.stem_layers if cfg.conv_stem else 0):
+            stem += [nn.Conv2d(cfg.channels if i == 0 else e // 2, e // 2, 3, padding=1), nn.GELU()]
+        self.stem = nn.Sequential(*stem) if stem else None
         self.proj = nn.Conv2d(e // 2 if cfg.conv_stem else cfg.channels, e, cfg.patch_size, stride=cfg.patch_size)
         self.pos = nn.Parameter(torch.randn(1, cfg.num_patches, e) * 0.02)
 

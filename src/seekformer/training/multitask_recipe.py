@@ -142,11 +142,12 @@ class VisionRecipe:
     A base model that already has vision files keeps its own tower; these keys then do not apply.
 
     Keys:
-        encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
+        encoder: the encoder preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
         image_size: pixels per side (default 32)
         patch_size: pixels per patch side (default: the preset's)
         channels: 1 (grey) or 3 (RGB, default)
         pixel_shuffle: merge 2x2 patches into one image token (fewer image tokens)
+        conv_stem: put the preset's 3x3 conv stem before the patch embedding (default: the preset's)
         pretrained: a model directory with a trained vision tower to start from
         freeze: keep the encoder's weights fixed (its features are cached per image)
         stage: 1 trains only the projector and task heads (LLaVA stage 1); 2 everything trainable
@@ -158,6 +159,7 @@ class VisionRecipe:
     patch_size: int | None = None  # default: the preset's
     channels: int | None = None  # 1 (grey) or 3 (RGB, default)
     pixel_shuffle: bool | None = None  # merge 2x2 patches into one image token
+    conv_stem: bool | None = None  # 3x3 conv stem before the patch embedding (default: the preset's)
     pretrained: str | None = None  # a model directory with a trained vision tower to start from
     freeze: bool = False  # keep the encoder's weights fixed (its features are cached per image)
     stage: int = 2  # 1: train only the projector (and task heads; LLaVA stage 1); 2: everything trainable
@@ -166,7 +168,7 @@ class VisionRecipe:
     def overrides(self) -> dict[str, Any]:
         """The VisionConfig fields this section sets on top of the encoder preset."""
         return {"image_size": self.image_size if self.image_size is not None else 32, "patch_size": self.patch_size,
-                "channels": self.channels, "pixel_shuffle": self.pixel_shuffle}
+                "channels": self.channels, "pixel_shuffle": self.pixel_shuffle, "conv_stem": self.conv_stem}
 
     def validate(self) -> None:
         """RecipeError for an unknown stage or a non-positive learning rate."""
