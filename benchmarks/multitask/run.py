@@ -77,7 +77,7 @@ def baselines(base: Path, work: Path) -> dict[str, dict[str, float]]:
 
 
 def run_all(work: Path, steps: int) -> dict:
-    from seekformer.training.multitask import finetune
+    from seekformer.training.finetune import finetune
     from seekformer.training.multitask_recipe import finetune_recipe_from_dict
 
     base = pretrain_base(work)

@@ -1,4 +1,5 @@
-"""The multi-task fine-tuning loop: `finetune(recipe)` -> FinetuneResult.
+"""The multi-task fine-tuning loop: `MultiTaskTrainer(recipe).run()` -> FinetuneResult (`training.finetune.finetune`
+runs it, or the private / federated loop a recipe asks for).
 
 Each step trains the tasks of the step (all of them, or `tasks_per_step` drawn by size / temperature):
 for each task, one batch, forward, backward of w_i * L_i (w from the weighting strategy); the task's
@@ -499,16 +500,4 @@ def plot_multitask(out_dir: str | Path) -> Path:
     return save_figure(fig, out / PLOT_FILE)
 
 
-def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
-    """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult. Recipes with a
-    `privacy:` or `federated:` section go through `training.finetune.finetune`, which dispatches."""
-    trainer = MultiTaskTrainer(recipe, console=console)
-    try:
-        trainer.prepare()
-        return trainer.run()
-    finally:
-        trainer.par.close()
-
-
-
-__all__ = ["MultiTaskTrainer", "FinetuneResult", "finetune", "prepare_tasks", "plot_multitask", "RESULTS_FILE"]
+__all__ = ["MultiTaskTrainer", "FinetuneResult", "prepare_tasks", "plot_multitask", "RESULTS_FILE"]
