@@ -95,10 +95,18 @@ def _register() -> None:
 _register()
 
 
+RANK_ERROR_GRACE_S = 3.0  # how long a rank other than 0 waits before it exits on a user error
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with code 2."""
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
         typer.echo(f"error: {message}", err=True)
+    else:
+        # the other ranks give rank 0 time to say it: torchrun stops every process once one exits
+        import time
+
+        time.sleep(RANK_ERROR_GRACE_S)
     raise SystemExit(2)
 
 
