@@ -13,7 +13,7 @@
       clients: 8
       rounds: 10
       fraction_fit: 1.0
-      local_steps: 20
+      local_steps: 5
       local_batch_size: 16
       strategy: fedavg            # fedavg | fedprox | fedadam
       proximal_mu: 0.01           # fedprox
@@ -41,7 +41,7 @@ PARTITIONS = ("iid", "dirichlet", "by_label")
 # train.* values a privacy run uses unless the recipe sets them (see the module docstring).
 DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "steps": 150, "warmup_steps": 0,
                      "weight_decay": 0.0}
-FEDERATED_TRAIN_DEFAULTS = {"lr": 1e-3, "warmup_steps": 0}
+FEDERATED_TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 0}
 
 
 @dataclass
@@ -84,7 +84,7 @@ class FederatedRecipe:
     clients: int = 8
     rounds: int = 10
     fraction_fit: float = 1.0
-    local_steps: int = 20
+    local_steps: int = 5
     local_batch_size: int = 16
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
