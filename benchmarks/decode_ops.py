@@ -10,7 +10,11 @@ sys.path.insert(0, sys.argv[1])
 from seekformer_base.config import SeekConfig as OC
 from seekformer_base.models.causal_lm import SeekForCausalLM as Old
 from seekformer_base.nn.kv_cache import KVCache as OK
-from seekformer_base.inference.runner import decode_forward
+try:  # a tree from before the house refactor (issue 11): decode in inference/runner.py
+    from seekformer_base.inference.runner import decode_forward
+except ImportError:  # a later tree: the model owns its decode step
+    def decode_forward(model, tok, cache):
+        return model.decode_step(tok, cache)
 from seekformer.config import SeekConfig
 from seekformer.models.causal_lm import SeekForCausalLM
 from seekformer.nn.kv_cache import KVCache

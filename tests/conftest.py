@@ -38,3 +38,12 @@ def small_text() -> str:
         if size > 60_000:
             break
     return "\n\n\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def seek_model_dir(tmp_path_factory):
+    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together (one per test
+    module, so a module that writes next to it cannot disturb another)."""
+    from seekformer.serving.demo import build_demo_model_dir
+
+    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))

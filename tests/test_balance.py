@@ -8,7 +8,6 @@ b += gamma * sign(mean load - load) after each step, max/mean load is <= 1.5 in 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from seekformer import SeekForCausalLM

@@ -36,3 +36,17 @@ def test_bench_cli_rejects_unknown_preset():
     proc = subprocess.run([sys.executable, "-m", "seekformer", "bench", "train", "--preset", "huge"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_writer(tmp_path):
+    """bench/report.py, the one writer of benchmarks/results/*.md: header, tables, atomic write."""
+    from seekformer.bench.report import Machine, header, table, write_report
+
+    lines = header("T", "seekformer bench x --y 1", Machine(threads=1))
+    assert lines[0] == "# T" and "`seekformer bench x --y 1`" in lines[2] and "1 thread(s)" in lines[4]
+    rows = table(["name", "tok/s"], [["a|b", "1.0"], ["c", None]])
+    assert rows == ["| name | tok/s |", "|---|---:|", "| a\\|b | 1.0 |", "| c | - |"]
+    with pytest.raises(ValueError):
+        table(["a", "b"], [["only one"]])
+    out = write_report(tmp_path / "r" / "x.md", lines + rows)
+    assert out.read_text().endswith("| c | - |\n") and list(out.parent.iterdir()) == [out]

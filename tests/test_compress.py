@@ -31,7 +31,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("bits,rows", [(8, 1), (8, 3), (8, 8), (8, 13), (4, 1), (4, 2), (4, 8), (4, 20)])
 def test_quant_linear_matches_its_dequantized_weight(bits, rows):
     """The fused kernel (few rows), the dequantize+GEMM path (many rows) and F.linear on the dequantized
-    weight agree; the quantized weight is close to the float one."""
+    weight agree (the int4 kernel takes its activations as int8 per group: within 2%); the quantized weight
+    is close to the float one."""
     torch.manual_seed(bits * 100 + rows)
     lin = torch.nn.Linear(128, 96, bias=True)
     q = quant.QuantLinear(lin.weight, lin.bias, bits, group_size=64)
@@ -39,7 +40,10 @@ def test_quant_linear_matches_its_dequantized_weight(bits, rows):
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, q.dequantize(), lin.bias)
         y = q(x)
-        assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
+        if bits == 4 and rows <= 2 * quant_kernels.KERNEL_ROWS and quant_kernels.kernels() is not None:
+            assert _rel(y, ref) < 0.02
+        else:
+            assert torch.allclose(y, ref, atol=1e-4, rtol=1e-4)
         assert _rel(q.dequantize(), lin.weight) < (0.01 if bits == 8 else 0.1)
         assert _rel(y, lin(x)) < (0.02 if bits == 8 else 0.15)
 

@@ -16,16 +16,9 @@ from seekformer.evaluation.multiple_choice import (
 )
 from seekformer.evaluation.perplexity import evaluate_perplexity, rolling_windows
 from seekformer.inference.scoring import loglikelihood, next_token_logprobs, score_tokens
-from seekformer.serving.demo import build_demo_model_dir
 from seekformer.serving.server import load_model_dir
 
 TEXT = "Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse."
-
-
-@pytest.fixture(scope="session")
-def seek_model_dir(tmp_path_factory):
-    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 @pytest.fixture(scope="module")

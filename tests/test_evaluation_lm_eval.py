@@ -21,7 +21,6 @@ import seekformer.evaluation.lm_eval_adapter  # noqa: E402,F401  (registers --mo
 from seekformer.evaluation.perplexity import evaluate_perplexity
 from seekformer.inference.scoring import loglikelihood  # noqa: E402
 from seekformer.inference import generate_text  # noqa: E402
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 from seekformer.serving.server import load_model_dir  # noqa: E402
 
 QUESTIONS = [
@@ -61,12 +60,6 @@ metric_list:
   - metric: exact_match
 """,
 }
-
-
-@pytest.fixture(scope="session")
-def seek_model_dir(tmp_path_factory):
-    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,25 @@ def test_bench_decode_smoke(tmp_path):
     cfg = model.config
     assert kv["seekformer"] == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     assert kv["transformers"] >= kv["seekformer"]  # transformers 5 caches the same latent (older: per-head K/V)
-    spec = bench_speculative("t", model, torch.tensor([[5, 6, 7]]), 6, 1, logs.append)
-    assert spec["identical"]
-    md = to_markdown({"rows": rows, "kv": {"t": kv}, "speculative": [spec],
+    spec = bench_speculative("t", model, torch.tensor([[5, 6, 7]]), 6, 1, logs.append, draft_counts=(None, 3))
+    assert [r["drafts"] for r in spec] == [1, 3] and all(r["identical"] for r in spec)
+    md = to_markdown({"rows": rows, "kv": {"t": kv}, "speculative": spec,
                       "settings": {"threads": 1, "dtype": "fp32", "repeats": 1, "new_tokens": 4, "load": None}})
-    assert md.count("| t |") == 4 and "speculative" in md.lower()
+    assert md.count("| t |") == 5 and "speculative" in md.lower()
+
+
+def test_bench_decode_against_llama_cpp(tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from seekformer.bench.decode import bench_llama_cpp, to_markdown
+    from seekformer.models.causal_lm import SeekForCausalLM
+    from seekformer.serving.demo import build_demo_model_dir
+
+    d = build_demo_model_dir(tmp_path / "m")
+    model = SeekForCausalLM.from_pretrained(d).eval()
+    row = bench_llama_cpp("m", d, model, torch.tensor([[5, 6, 7, 8, 9]]), 8, 1, lambda _: None)
+    assert row["sf_decode"] > 0 and row["llama_decode"] > 0
+    assert row["same_tokens"] >= 0.5  # the same weights: greedy paths agree (fp32 rounding may split near-ties)
+    md = to_markdown({"rows": [], "kv": {}, "speculative": [], "llama_cpp": [row],
+                      "settings": {"threads": 1, "dtype": "fp32", "repeats": 1, "new_tokens": 8, "load": None}})
+    assert "llama.cpp" in md and "| m | f32 |" in md

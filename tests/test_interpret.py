@@ -3,7 +3,6 @@ and the `seekformer inspect` command (JSON, PNGs, bad input)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -38,3 +38,33 @@ def test_the_cli_sets_the_spin_before_torch_loads():
     code = ("import os, sys; from seekformer.cli import main; sys.argv = ['seekformer', 'version']\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\nprint(os.environ.get('GOMP_SPINCOUNT'))")
     assert _run(code)[-1] == "1000"
+
+
+def test_decode_threads_policy():
+    """"auto" measures the thread count of few-row decode steps once per model; the tokens do not change
+    and torch's own setting is restored after each step."""
+    import pytest
+    import torch
+
+    from seekformer import runtime
+    from seekformer.inference.decoding import step_threads
+
+    from .test_inference import tiny_model
+
+    model = tiny_model()
+    budget = torch.get_num_threads()
+    want = model.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True)
+    try:
+        runtime.set_decode_threads("auto")
+        got = model.generate([[5, 6, 7]], max_new_tokens=8, ignore_eos=True)
+        assert torch.get_num_threads() == budget
+        assert model.__dict__["_decode_threads"][budget] in (1, budget)
+        assert step_threads(model, runtime.FEW_ROW_TOKENS + 1) is None  # wide steps keep torch's count
+        runtime.set_decode_threads(1)
+        assert step_threads(model, 1) == 1
+        with pytest.raises(ValueError):
+            runtime.set_decode_threads(0)
+    finally:
+        runtime.set_decode_threads(None)
+    assert torch.equal(got, want)
+    assert runtime.fastest_threads(lambda: None, [1]) == 1

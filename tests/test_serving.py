@@ -18,17 +18,10 @@ pytest.importorskip("fastapi")
 from seekformer.inference.scoring import score_tokens  # noqa: E402
 from seekformer.inference import generate_text  # noqa: E402
 from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir  # noqa: E402
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 
 KEY = "sk-test-key"
 NAME = "tiny-seek"
 PROMPT = "The United States"
-
-
-@pytest.fixture(scope="session")
-def seek_model_dir(tmp_path_factory):
-    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir  # noqa: E402
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 
 NAME = "tiny-seek"
 PROMPTS = ["The United States", "Call me Ishmael.", "To be, or not to be", "Fellow citizens"]
-
-
-@pytest.fixture(scope="session")
-def seek_model_dir(tmp_path_factory):
-    """A 2-layer random SeekForCausalLM (hidden 48) + a 512-token BPE tokenizer, saved together."""
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 def _server(model_dir, **config) -> ServerThread:
@@ -119,8 +112,8 @@ def test_bench_measure_reports_every_level(seek_model_dir):
         rows = measure(srv.url, NAME, levels=(1, 2), requests=1, max_tokens=4)
     assert [r["clients"] for r in rows] == [1, 2] and [r["tokens"] for r in rows] == [4, 8]
     assert rows[0]["speedup"] == 1.0 and all(r["p95_latency_s"] >= r["p50_latency_s"] > 0 for r in rows)
-    table = markdown(rows, {"model": "tiny", "max_tokens": 4, "requests_per_client": 1, "cpu": "x", "cores": 2,
-                            "threads": 1, "torch": "t", "date": "d"})
+    table = markdown(rows, {"model": "tiny", "max_tokens": 4, "requests_per_client": 1, "machine": "x"},
+                     "seekformer bench serve")
     assert table.count("\n| ") == 3  # header + 2 rows
 
 

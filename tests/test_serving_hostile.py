@@ -28,16 +28,10 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 from seekformer.serving.server import free_port  # noqa: E402
 
 NAME = "tiny-seek"
 LIMIT = 1_000_000  # --max-body-bytes
-
-
-@pytest.fixture(scope="module")
-def seek_model_dir(tmp_path_factory):
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 def _rss_mb(pid: int) -> float:

@@ -26,15 +26,9 @@ from seekformer.inference import decoding as decoding_mod  # noqa: E402
 from seekformer.inference.engine import Engine  # noqa: E402
 from seekformer.inference.sampling import SamplingParams  # noqa: E402
 from seekformer.serving import ServerConfig, ServerThread, create_app, load_model_dir  # noqa: E402
-from seekformer.serving.demo import build_demo_model_dir  # noqa: E402
 from seekformer.serving.prompt_work import PromptJob, PromptWork  # noqa: E402
 
 NAME = "tiny-seek"
-
-
-@pytest.fixture(scope="module")
-def seek_model_dir(tmp_path_factory):
-    return build_demo_model_dir(tmp_path_factory.mktemp("seek-model"))
 
 
 @pytest.fixture(scope="module")

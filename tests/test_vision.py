@@ -157,7 +157,7 @@ def test_vision_lm_forward_generate_save_load(tok_lm, tmp_path):
 
 
 def test_vision_multitask_save_load(tok_lm, tmp_path):
-    from seekformer.models.multitask import SeekForMultiTask
+    from seekformer.models.loading import load_multitask
 
     tok, lm, tid = tok_lm
     decls = [{"name": "img", "type": "image_classification", "labels": ["a", "b"], "dropout": 0.0},
@@ -167,7 +167,7 @@ def test_vision_multitask_save_load(tok_lm, tmp_path):
     pix = torch.randn(1, 3, 8, 8)
     logits = m("img", ids, pixel_values=pix).logits
     m.save_pretrained(tmp_path / "mt", tokenizer=tok)
-    loaded = SeekForMultiTask.from_pretrained(tmp_path / "mt")
+    loaded = load_multitask(tmp_path / "mt")
     assert isinstance(loaded, SeekForVisionMultiTask)
     assert torch.allclose(loaded("img", ids, pixel_values=pix).logits, logits, atol=1e-5)
 
@@ -215,7 +215,7 @@ def test_stage1_trains_projector_only_and_caches_features(tok_lm):
 
 def test_lora_on_vision_multitask_saves_merged(tok_lm, tmp_path):
     pytest.importorskip("peft")
-    from seekformer.models.multitask import SeekForMultiTask
+    from seekformer.models.loading import load_multitask
 
     tok, lm, tid = tok_lm
     m = SeekForVisionMultiTask(SeekForCausalLM(lm.config), [{"name": "v", "type": "vqa"}],
@@ -230,6 +230,6 @@ def test_lora_on_vision_multitask_saves_merged(tok_lm, tmp_path):
     m.eval()
     before = m("v", ids, pixel_values=pix).logits
     m.save_pretrained(tmp_path / "lora", tokenizer=tok)
-    loaded = SeekForMultiTask.from_pretrained(tmp_path / "lora")
+    loaded = load_multitask(tmp_path / "lora")
     assert not loaded.has_lora()
     assert torch.allclose(loaded("v", ids, pixel_values=pix).logits, before, atol=1e-4)

@@ -56,7 +56,7 @@ def recipe_for(base: Path, out: Path, steps: int, change: dict) -> dict:
 
 def pretrain_base(work: Path) -> Path:
     from seekformer.training.recipe import load_recipe
-    from seekformer.training.trainer import pretrain
+    from seekformer.training.pretrain import pretrain
 
     base = work / "base"
     if not (base / "model.safetensors").is_file():

@@ -74,3 +74,65 @@ def loadavg() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+# ---------------------------------------------------------------------- threads of few-row decoding steps
+# A decoding step of a few rows is a chain of small, memory-bound products: a second thread often gains
+# nothing and each parallel op pays a hand-off (measured on the 2-vCPU development VM: batch-1 decoding is
+# faster on one thread than on two), while prefill and wide batches do gain from every core. The CLI turns
+# on "auto": the thread count for steps of at most FEW_ROW_TOKENS tokens is measured once per model (1
+# thread vs torch's count, interleaved), other work keeps torch's count. `--threads N` fixes N everywhere.
+FEW_ROW_TOKENS = 4
+_decode_threads: str | int | None = None  # None: torch's setting everywhere (the library default)
+
+
+def set_decode_threads(policy: str | int | None) -> None:
+    """Threads of few-row decoding steps: "auto" (measured per model), a number, or None (torch's setting)."""
+    global _decode_threads
+    if policy is not None and policy != "auto" and (not isinstance(policy, int) or policy < 1):
+        raise ValueError(f"decode threads must be 'auto', an integer >= 1 or None, got {policy!r}")
+    _decode_threads = policy
+
+
+def decode_threads() -> str | int | None:
+    return _decode_threads
+
+
+class torch_threads:
+    """Context manager: torch.set_num_threads(n) inside (n None: unchanged), the previous count restored after."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.before = n, None
+
+    def __enter__(self) -> None:
+        import torch
+
+        if self.n is not None and self.n != torch.get_num_threads():
+            self.before = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        if self.before is not None:
+            import torch
+
+            torch.set_num_threads(self.before)
+
+
+def fastest_threads(fn, candidates, repeats: int = 7) -> int:
+    """The thread count among `candidates` under which `fn()` runs fastest (median of `repeats` calls, the
+    candidates interleaved in each round so a busy machine slows them alike; one warm-up call each)."""
+    import statistics
+    import time
+
+    cands = list(dict.fromkeys(int(c) for c in candidates))
+    if len(cands) == 1:
+        return cands[0]
+    times: dict[int, list[float]] = {c: [] for c in cands}
+    for rnd in range(repeats + 1):
+        for c in cands:
+            with torch_threads(c):
+                t0 = time.perf_counter()
+                fn()
+                if rnd:
+                    times[c].append(time.perf_counter() - t0)
+    return min(cands, key=lambda c: statistics.median(times[c]))

@@ -130,9 +130,11 @@ def run_compress_bench(model_dir: str | Path, out_md: str | Path, distilled: str
             except ImportError:
                 prune_dir = None
             if prune_dir is not None:
-                d = prune_dir(model_dir, work / "pruned", keep=0.5, calibration="builtin")
-                models["pruned 50% (routing)"] = SeekForCausalLM.from_pretrained(d)
-                sizes["pruned 50% (routing)"] = _size(d)
+                for name, merge in (("pruned 50% (routing)", False), ("pruned 50% (routing + merge)", True)):
+                    d = prune_dir(model_dir, work / name.replace(" ", "_"), keep=0.5, calibration="builtin",
+                                  merge=merge, log=log)
+                    models[name] = SeekForCausalLM.from_pretrained(d)
+                    sizes[name] = _size(d)
         if distilled is not None:
             models["distilled student"] = SeekForCausalLM.from_pretrained(distilled)
             sizes["distilled student"] = _size(Path(distilled))

@@ -33,7 +33,8 @@ from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
 from ..runtime import loadavg
-from .train import build_pair, cpu_name as _cpu_name, require_transformers as _require_transformers
+from .report import cpu_name as _cpu_name
+from .train import build_pair, require_transformers as _require_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -132,25 +133,92 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
 
 
 def bench_speculative(name: str, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
-                      log: Callable[[str], None]) -> dict[str, Any] | None:
-    """Greedy vs MTP self-speculative decoding at batch 1 (None when the model has no MTP module)."""
+                      log: Callable[[str], None], draft_counts: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:
+    """Greedy vs MTP self-speculative decoding at batch 1, for each number of drafts per step in
+    `draft_counts` (None: the MTP depth); greedy and every speculative setting interleaved in each repeat.
+    [] when the model has no MTP module."""
     if not len(model.mtp):
-        return None
+        return []
     kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
+    counts = [len(model.mtp) if k is None else int(k) for k in draft_counts]
     with torch.no_grad():
         plain = model.generate(prompt_ids, **kw)
-        spec = model.generate(prompt_ids, speculative=True, return_dict=True, **kw)
-        t_plain, t_spec = [], []
+        specs = {k: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k, return_dict=True, **kw)
+                 for k in counts}
+        t_plain, t_spec = [], {k: [] for k in counts}
         for _ in range(repeats):
             t_plain.append(_timed(lambda: model.generate(prompt_ids, **kw)))
-            t_spec.append(_timed(lambda: model.generate(prompt_ids, speculative=True, **kw)))
-    row = {"model": name, "new_tokens": new_tokens, "identical": bool(torch.equal(plain, spec.sequences)),
-           "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
-           "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
-           "speculative_tokens_per_s": new_tokens / statistics.median(t_spec)}
-    row["speedup"] = row["speculative_tokens_per_s"] / row["greedy_tokens_per_s"]
-    log(f"{name} speculative: acceptance {row['acceptance_rate']:.1%}, {row['tokens_per_forward']:.2f} tokens/forward,"
-        f" x{row['speedup']:.2f} over greedy (identical: {row['identical']})")
+            for k in counts:
+                t_spec[k].append(_timed(lambda: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k,
+                                                               **kw)))
+    rows = []
+    for k in counts:
+        spec = specs[k]
+        row = {"model": name, "new_tokens": new_tokens, "drafts": k, "mtp_depth": len(model.mtp),
+               "identical": bool(torch.equal(plain, spec.sequences)),
+               "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
+               "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
+               "speculative_tokens_per_s": new_tokens / statistics.median(t_spec[k])}
+        row["speedup"] = statistics.median(t_plain) / statistics.median(t_spec[k])
+        log(f"{name} speculative, {k} drafts/step: acceptance {row['acceptance_rate']:.1%}, "
+            f"{row['tokens_per_forward']:.2f} tokens/forward, x{row['speedup']:.2f} over greedy "
+            f"(identical: {row['identical']})")
+        rows.append(row)
+    return rows
+
+
+def bench_llama_cpp(name: str, model_dir: str | Path, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
+                    log: Callable[[str], None], gguf_type: str = "f32") -> dict[str, Any] | None:
+    """Batch-1 greedy decode tokens/s of seekformer and llama.cpp (llama-cpp-python) on the same weights (the
+    model's GGUF export), interleaved; None when llama_cpp is not installed. Prefill is left out on both sides."""
+    try:
+        import llama_cpp
+    except ImportError:
+        log("llama_cpp is not installed (pip install llama-cpp-python): no llama.cpp comparison")
+        return None
+    import tempfile
+
+    from ..compress.gguf import export_gguf
+
+    ids = prompt_ids[0].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_gguf(model_dir, Path(tmp) / "model.gguf", gguf_type)
+        llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + new_tokens + 8, n_threads=torch.get_num_threads(),
+                              n_threads_batch=torch.get_num_threads(), n_batch=512, logits_all=True, verbose=False)
+
+        def theirs() -> tuple[list[int], float]:
+            llm.reset()
+            llm.eval(ids)
+            out, t1 = [], time.perf_counter()
+            for _ in range(new_tokens):
+                tok = int(llm.scores[llm.n_tokens - 1].argmax()) if llm.n_tokens else 0
+                out.append(tok)
+                if len(out) < new_tokens:
+                    llm.eval([tok])
+            return out, (new_tokens - 1) / (time.perf_counter() - t1)
+
+        def ours() -> tuple[list[int], float]:
+            t0 = time.perf_counter()
+            model.generate(prompt_ids, max_new_tokens=1, ignore_eos=True)
+            t1 = time.perf_counter()
+            out = model.generate(prompt_ids, max_new_tokens=new_tokens, ignore_eos=True)[0, len(ids):].tolist()
+            decode = (time.perf_counter() - t1) - (t1 - t0)
+            return out, (new_tokens - 1) / max(decode, 1e-9)
+
+        with torch.no_grad():
+            a, _ = ours()
+            b, _ = theirs()
+            sf, lc = [], []
+            for _ in range(repeats):
+                sf.append(ours()[1])
+                lc.append(theirs()[1])
+        del llm
+    row = {"model": name, "gguf": gguf_type, "new_tokens": new_tokens, "sf_decode": statistics.median(sf),
+           "llama_decode": statistics.median(lc), "same_tokens": sum(x == y for x, y in zip(a, b)) / len(a),
+           "llama_cpp": llama_cpp.__version__}
+    row["ratio"] = row["sf_decode"] / row["llama_decode"]
+    log(f"{name} vs llama.cpp {gguf_type}: {row['sf_decode']:.1f} vs {row['llama_decode']:.1f} tok/s "
+        f"(x{row['ratio']:.2f}); greedy tokens equal: {row['same_tokens']:.0%}")
     return row
 
 
@@ -158,8 +226,11 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                      batch_sizes: Sequence[int] = (1, 8), prompt_lens: Sequence[int] = (32, 512),
                      new_tokens: int = 64, repeats: int = 3, dtype: str = "fp32", threads: int | None = None,
                      prompt_text: str | None = None, out_md: str | Path | None = None,
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the decode benchmark; returns {"rows", "kv", "speculative", "settings"} and writes markdown."""
+                     log: Callable[[str], None] = print, draft_counts: Sequence[int | None] = (None,),
+                     llama_cpp: bool = True) -> dict[str, Any]:
+    """Run the decode benchmark; returns {"rows", "kv", "speculative", "llama_cpp", "settings"} and writes
+    markdown. For model directories: speculative decoding with `draft_counts` drafts per step and, with
+    `llama_cpp` (and llama-cpp-python installed), batch-1 decoding against llama.cpp on the F32 GGUF export."""
     _require_transformers()
     if dtype not in DTYPES:
         raise SeekformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -170,7 +241,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
         torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
     load_before = loadavg()
-    rows, kv, spec = [], {}, []
+    rows, kv, spec, lcpp = [], {}, [], []
     models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
     for name, directory in models:
         if directory is None:
@@ -187,13 +258,16 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                 from ..tokenizer import SeekTokenizer
 
                 ids = torch.tensor([SeekTokenizer.load(directory).encode(prompt_text, add_bos=True)])
-            r = bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log)
+            spec += bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log, draft_counts)
+        if directory is not None and llama_cpp and torch_dtype == torch.float32:
+            ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+            r = bench_llama_cpp(name, directory, model, ids, new_tokens, repeats, log)
             if r:
-                spec.append(r)
+                lcpp.append(r)
         del model, hf
     settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
                 "load": (load_before, loadavg())}
-    result = {"rows": rows, "kv": kv, "speculative": spec, "settings": settings}
+    result = {"rows": rows, "kv": kv, "speculative": spec, "llama_cpp": lcpp, "settings": settings}
     if out_md:
         out = Path(out_md)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,14 +315,24 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {k['seekformer']:.0f} | {k['transformers']:.0f} | {k['per_head']:.0f} | "
                      f"{k['per_head'] / k['seekformer']:.1f}x |")
     if result["speculative"]:
-        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): one "
-                  "draft per main forward from the model's MTP module, verified by the main model (output "
-                  "identical to greedy).", "",
-                  "| model | tokens | acceptance | tokens / forward | greedy tok/s | speculative tok/s | speedup |"
-                  " identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): K "
+                  "drafts per step from the model's MTP modules (past the MTP depth the last module chains on its "
+                  "own output), verified in one forward of K+1 tokens by the main model (output identical to "
+                  "greedy). Greedy and every K interleaved in each repeat; speedup = ratio of median times.", "",
+                  "| model | MTP depth | drafts K | tokens | acceptance | tokens / forward | greedy tok/s |"
+                  " speculative tok/s | speedup | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in result["speculative"]:
-            lines.append(f"| {r['model']} | {r['new_tokens']} | {r['acceptance_rate']:.1%} | "
-                         f"{r['tokens_per_forward']:.2f} | {r['greedy_tokens_per_s']:.1f} | "
-                         f"{r['speculative_tokens_per_s']:.1f} | **{r['speedup']:.2f}x** | {r['identical']} |")
+            lines.append(f"| {r['model']} | {r.get('mtp_depth', '')} | {r.get('drafts', '')} | {r['new_tokens']} | "
+                         f"{r['acceptance_rate']:.1%} | {r['tokens_per_forward']:.2f} | "
+                         f"{r['greedy_tokens_per_s']:.1f} | {r['speculative_tokens_per_s']:.1f} | "
+                         f"**{r['speedup']:.2f}x** | {r['identical']} |")
+    if result.get("llama_cpp"):
+        lines += ["", "llama.cpp (llama-cpp-python, the model's GGUF export, same weights), batch 1, greedy, "
+                  "random 32-token prompt, decode tokens/s without the prefill, interleaved.", "",
+                  "| model | GGUF | llama_cpp | seekformer tok/s | llama.cpp tok/s | seekformer / llama.cpp |"
+                  " greedy tokens equal |", "|---|---|---|---:|---:|---:|---:|"]
+        for r in result["llama_cpp"]:
+            lines.append(f"| {r['model']} | {r['gguf']} | {r['llama_cpp']} | {r['sf_decode']:.1f} | "
+                         f"{r['llama_decode']:.1f} | **{r['ratio']:.2f}x** | {r['same_tokens']:.0%} |")
     lines.append("")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Serving throughput: aggregate tokens/s and latency with 1, 4 and 16 concurrent clients.
 
-    rows = run_serve_bench(model_dir)            # starts `seekformer serve` in a subprocess on a free port
-    write_markdown(rows, info, "benchmarks/results/serve.md")
+    rows, info = run_serve_bench(model_dir)      # starts `seekformer serve` in a subprocess on a free port
+    write_report("benchmarks/results/serve.md", markdown(rows, info, command_line("serve")))
 
 Each level runs C clients at once; each client sends `requests` streaming completions one after another
 (a closed loop), every one generating exactly `max_tokens` tokens (`ignore_eos`), so levels do the same
@@ -14,10 +14,8 @@ equal to the largest level, so requests that arrive together are decoded in one 
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import SeekformerError
-from ..runtime import loadavg
+from .report import Machine, header, table
 
 QUICKSTART_DIR = Path("seekformer-quickstart")
 PROMPTS = ["The United States", "Call me Ishmael. Some years ago", "To be, or not to be", "Fellow citizens of the"]
@@ -143,6 +141,7 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
     """Benchmark a server (started here on `model_dir`, or the one at `url`); returns (rows, info)."""
     import torch
 
+    machine = Machine(threads or torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         if url is not None:
             rows = measure(url.rstrip("/"), model_name, levels, requests, max_tokens)
@@ -158,38 +157,24 @@ def run_serve_bench(model_dir: str | os.PathLike | None = None, levels=(1, 4, 16
             params = (cfg.num_parameters(), cfg.num_parameters(active=True))
             with ServerProcess(path, max_batch_size=max(levels), threads=threads) as srv:
                 rows = measure(srv.url, "bench", levels, requests, max_tokens)
-    info = {"load": loadavg(), "model": desc, "parameters": params, "max_tokens": max_tokens,
-            "requests_per_client": requests,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
-            "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M")}
+    info = {"machine": machine.line(), "model": desc, "parameters": params, "max_tokens": max_tokens,
+            "requests_per_client": requests}
     return rows, info
 
 
-def markdown(rows: list[dict], info: dict) -> str:
+def markdown(rows: list[dict], info: dict, command: str) -> str:
+    """The benchmarks/results/serve.md report of `run_serve_bench`'s (rows, info)."""
     size = ""
     if info.get("parameters"):
         size = f", {info['parameters'][0] / 1e6:.1f}M parameters ({info['parameters'][1] / 1e6:.1f}M active)"
-    lines = ["# `seekformer serve` throughput", "", f"Model: {info['model']}{size}.",
-             f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads), "
-             f"{info['date']}. Each client sends {info['requests_per_client']} streaming completions in a row, "
-             f"{info['max_tokens']} tokens each (greedy, ignore_eos); the server decodes up to "
-             f"{max(r['clients'] for r in rows)} sequences per step."
-             + (f" 1-minute load average at the end, this benchmark included: {info['load']:.1f} (when other jobs "
-                "share the cores, absolute numbers are noisy; the ratio to one client is the figure to compare)."
-                if info.get("load") else ""), "",
-             "| clients | requests | tokens | wall (s) | aggregate tokens/s | vs 1 client | p50 latency (s) "
-             "| p95 latency (s) | p50 TTFT (s) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['p50_latency_s']:.3f} | "
-                     f"{r['p95_latency_s']:.3f} | {r['p50_ttft_s']:.3f} |")
+    lines = header("`seekformer serve` throughput", command, info["machine"])
+    lines += [f"Model: {info['model']}{size}. Each client sends {info['requests_per_client']} streaming completions "
+              f"in a row, {info['max_tokens']} tokens each (greedy, ignore_eos); the server decodes up to "
+              f"{max(r['clients'] for r in rows)} sequences per step. When other jobs share the cores, absolute "
+              "numbers are noisy; the ratio to one client is the figure to compare.", ""]
+    lines += table(["clients", "requests", "tokens", "wall (s)", "aggregate tokens/s", "vs 1 client",
+                    "p50 latency (s)", "p95 latency (s)", "p50 TTFT (s)"],
+                   [[r["clients"], r["requests"], r["tokens"], f"{r['wall_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+                     f"{r['speedup']:.2f}x", f"{r['p50_latency_s']:.3f}", f"{r['p95_latency_s']:.3f}",
+                     f"{r['p50_ttft_s']:.3f}"] for r in rows], align="r" * 9)
     return "\n".join(lines) + "\n"
-
-
-def write_markdown(rows: list[dict], info: dict, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(rows, info))
-    return out

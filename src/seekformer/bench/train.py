@@ -18,9 +18,7 @@ plus causal attention (3 x 2 x B x H x T^2/2 x (qk_head_dim + v_head_dim) per la
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ import torch
 from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..models.causal_lm import SeekForCausalLM
+from .report import Machine, command_line, header, table, write_report
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -197,6 +196,7 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    machine = Machine()
     try:
         peaks = {d: measure_matmul_peak(DTYPES[d]) for d in dtypes if d in DTYPES}
         log("matmul peak: " + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
@@ -209,31 +209,18 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
     finally:
         torch.set_num_threads(previous_threads)
     if out_md:
-        out = Path(out_md)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_markdown(results, peaks))
-        log(f"wrote {out}")
+        log(f"wrote {write_report(out_md, to_markdown(results, peaks, machine, command_line('train')))}")
     return results
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
-    """The results as a markdown table with the machine and settings it was measured on."""
+def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float], machine: Machine | str,
+                command: str = "seekformer bench train") -> str:
+    """The results as a markdown report with the machine and settings they were measured on."""
     import transformers
 
     r0 = results[0] if results else {}
-    lines = [
-        "# Training step: seekformer vs transformers",
-        "",
-        f"`seekformer bench train` on {_dt.date.today().isoformat()}: {cpu_name()}, "
-        f"{r0.get('threads', torch.get_num_threads())} threads, torch {torch.__version__}, "
+    lines = header("Training step: seekformer vs transformers", command, machine)
+    lines += [
         f"transformers {transformers.__version__}. Batch {r0.get('batch_size')} x {r0.get('seq_len')} tokens, "
         f"median of {r0.get('steps')} interleaved steps (forward, backward, AdamW) after warm-up. "
         f"transformers: `{r0.get('hf_attn_implementation')}` attention, "
@@ -244,13 +231,10 @@ def to_markdown(results: list[dict[str, Any]], peaks: dict[str, float]) -> str:
         "MFU against the measured matmul peak (" + ", ".join(f"{d} {p:.0f} GFLOP/s" for d, p in peaks.items())
         + ").",
         "",
-        "| preset | dtype | seekformer tok/s | transformers tok/s | speedup | seekformer MFU | transformers MFU |"
-        " step-0 loss diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(f"| {r['preset']} | {r['dtype']} | {r['sf_tokens_per_s']:.0f} | {r['hf_tokens_per_s']:.0f} | "
-                     f"**{r['speedup']:.2f}x** | {100 * r['sf_mfu']:.1f}% | {100 * r['hf_mfu']:.1f}% | "
-                     f"{r['first_loss_diff']:.1e} |")
-    lines.append("")
-    return "\n".join(lines)
+    lines += table(["preset", "dtype", "seekformer tok/s", "transformers tok/s", "speedup", "seekformer MFU",
+                    "transformers MFU", "step-0 loss diff"],
+                   [[r["preset"], r["dtype"], f"{r['sf_tokens_per_s']:.0f}", f"{r['hf_tokens_per_s']:.0f}",
+                     f"**{r['speedup']:.2f}x**", f"{100 * r['sf_mfu']:.1f}%", f"{100 * r['hf_mfu']:.1f}%",
+                     f"{r['first_loss_diff']:.1e}"] for r in results], align="llrrrrrr")
+    return "\n".join(lines) + "\n"

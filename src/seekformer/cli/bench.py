@@ -56,6 +56,10 @@ def bench_decode_cmd(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32|float32 or bf16|bfloat16 (weights and cache)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
     prompt: str = typer.Option("The United States", "--prompt", help="Prompt for the speculative run on a trained model."),
+    drafts: Optional[list[int]] = typer.Option(None, "--drafts", min=1, help="Speculative drafts per step to time "
+                                               "on a trained model with MTP (repeatable; default: the MTP depth)."),
+    llama_cpp: bool = typer.Option(True, "--llama-cpp/--no-llama-cpp", help="Compare a --model-dir with llama.cpp "
+                                   "on its F32 GGUF export (batch 1; needs llama-cpp-python)."),
     out: Path = typer.Option(Path("benchmarks/results/decode.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Decode tokens/s (batch 1 and 8) and KV-cache bytes/token of seekformer and transformers generate()."""
@@ -77,7 +81,8 @@ def bench_decode_cmd(
             check_model_dir(d)
     run_decode_bench(presets=presets, model_dirs=model_dir or [], batch_sizes=batch_size or [1, 8],
                      prompt_lens=prompt_len or [32, 512], new_tokens=new_tokens, repeats=repeats, dtype=dtype,
-                     threads=threads, prompt_text=prompt, out_md=out, log=typer.echo)
+                     threads=threads, prompt_text=prompt, out_md=out, log=typer.echo,
+                     draft_counts=drafts or [None], llama_cpp=llama_cpp)
 
 
 @bench_app.command("serve")
@@ -99,14 +104,16 @@ def bench_serve_cmd(
 
     if url is None:
         prefer_passive_openmp()  # inherited by the server subprocess: it runs as `seekformer serve` does
-    from ..bench.serve import markdown, run_serve_bench, write_markdown
+    from ..bench.report import command_line, write_report
+    from ..bench.serve import markdown, run_serve_bench
 
     levels = tuple(sorted(set(clients or [1, 4, 16])))
     if levels[0] < 1:
         raise SeekformerError("--clients must be >= 1")
     rows, info = run_serve_bench(model_dir, levels, requests, max_tokens, threads, url, model_name)
-    typer.echo(markdown(rows, info))
-    typer.echo(f"written to {write_markdown(rows, info, out)}", err=True)
+    md = markdown(rows, info, command_line("serve"))
+    typer.echo(md)
+    typer.echo(f"written to {write_report(out, md)}", err=True)
 
 
 # ---- `seekformer bench compress` (compress worker; the command lives in cli/compress.py)
@@ -123,19 +130,18 @@ def distributed(
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per sequence."),
     batch_size: int = typer.Option(16, "--batch-size", help="Global batch (sequences per step)."),
     threads: int = typer.Option(2, "--threads", help="CPU threads in all: 1 process x T, or P processes x T/P."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds; the configurations are interleaved in each."),
     out: Path = typer.Option(Path("benchmarks/results/distributed.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Tokens/s of 1 process vs 2 processes (DDP, FSDP2, FSDP2 + expert parallel) on this machine, as ratios."""
-    import sys
-
     from ..bench.distributed import run_distributed_bench, to_markdown
-    from ..checkpoint import atomic_write_text
+    from ..bench.report import command_line, write_report
 
-    res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads)
-    md = to_markdown(res, "seekformer bench " + " ".join(sys.argv[sys.argv.index("distributed"):]))
+    res = run_distributed_bench(preset=preset, steps=steps, seq_len=seq_len, batch_size=batch_size, threads=threads,
+                                rounds=rounds)
+    md = to_markdown(res, command_line("distributed"))
     typer.echo(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, md)
+    write_report(out, md)
 
 
 def register(app: typer.Typer) -> None:

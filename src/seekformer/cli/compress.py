@@ -35,13 +35,48 @@ def prune_cmd(
     method: str = typer.Option("routing", "--method", help="routing (saliency) or random (seeded ablation)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --method random."),
     max_tokens: int = typer.Option(20000, "--max-tokens", help="Calibration tokens read."),
+    merge: bool = typer.Option(False, "--merge/--no-merge", help="Fold each dropped expert into its most similar kept one (frequency-weighted)."),
+    recover_steps: int = typer.Option(0, "--recover-steps", help="Then fine-tune N steps by distillation from the unpruned model (0: off)."),
+    recover_lr: float = typer.Option(3e-4, "--recover-lr", help="Peak learning rate of the recovery steps."),
     out: Path = typer.Option(..., "--out", help="Directory for the pruned model (+ prune_stats.json, expert_usage.png)."),
 ) -> None:
     """Drop the least salient routed experts per layer (gate weight x output norm on calibration text)."""
     from ..compress.prune import prune_dir
 
-    path = prune_dir(model_dir, out, keep, calibration, method, seed, max_tokens)
+    path = prune_dir(model_dir, out, keep, calibration, method, seed, max_tokens, merge=merge,
+                     recover_steps=recover_steps, recover_lr=recover_lr, log=typer.echo)
     typer.echo(f"wrote {path} (+ prune_stats.json, expert_usage.png)")
+
+
+@compress_app.command("distill")
+def distill_cmd(
+    teacher_dir: Path = typer.Argument(..., help="Float teacher model directory (with its tokenizer)."),
+    student: str = typer.Option(..., "--student", help="Student: a preset name, a config.json or a recipe .yaml."),
+    data: list[str] = typer.Option(["builtin"], "--data", help="Training text (repeatable): builtin, file, folder, hf:NAME."),
+    steps: int = typer.Option(..., "--steps", help="Optimizer steps."),
+    kd_weight: float = typer.Option(0.5, "--kd-weight", help="W in (1-W)*CE + W*T^2*KL; 0 = no teacher (the baseline)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="T of the softened distributions."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="Weight of the projected final hidden-state MSE (0: off)."),
+    set_: list[str] = typer.Option([], "--set", help="Student config field KEY=VALUE (repeatable), e.g. num_hidden_layers=2."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the teacher's recipe, else 256)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Sequences per step (default: the teacher's recipe, else 16)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default: the teacher's recipe, else 3e-3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (default: the teacher's recipe's)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its newest checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Run directory: the student model, checkpoints/, metrics, plot."),
+) -> None:
+    """Train a smaller student on the teacher's softened outputs (the pretraining trainer, exact resume)."""
+    from ..compress.distill import distill_dir, parse_overrides
+
+    train = {k: v for k, v in {"seq_len": seq_len, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                    "threads": threads}.items() if v is not None}
+    if resume:
+        train["resume"] = True
+    result = distill_dir(teacher_dir, student, data, steps, out, kd_weight, temperature, hidden_weight,
+                         parse_overrides(set_), train)
+    last = result.val_losses[-1][1] if result.val_losses else float("nan")
+    typer.echo(f"wrote {out} (student after {result.steps} steps: validation loss {last:.4f})")
 
 
 def register(app: typer.Typer) -> None:

@@ -138,10 +138,10 @@ def evaluate_task_cli(model_dir: str | Path, task: str | None = None, data: str 
     """
     from ..data.tasks import Encoder, TaskRecipe, load_split
     from ..evaluation.metrics import evaluate_task
-    from ..models.multitask import SeekForMultiTask
+    from ..models.loading import load_multitask
     from ..tokenizer import SeekTokenizer
 
-    model = SeekForMultiTask.from_pretrained(model_dir, device=device)
+    model = load_multitask(model_dir, device=device)
     tokenizer = SeekTokenizer.load(model_dir)
     results: dict[str, dict[str, float]] = {}
     for decl, src in _eval_tasks(model, model_dir, task, data, recipe):

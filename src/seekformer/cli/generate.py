@@ -14,19 +14,11 @@ from . import options as opts
 
 def register(app: typer.Typer) -> None:
     @app.command("generate")
+    @opts.with_sampling(max_new_tokens=64, temperature=0.0, top_p=1.0)
     def generate_cmd(
         model_dir: Path = typer.Argument(..., help="Model directory (config.json, safetensors, tokenizer.json)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text ('-' reads stdin)."),
-        max_new_tokens: opts.MaxNewTokens = 64,
-        temperature: opts.Temperature = 0.0,
-        top_k: opts.TopK = 0,
-        top_p: opts.TopP = 1.0,
-        min_p: opts.MinP = 0.0,
-        repetition_penalty: opts.RepetitionPenalty = 1.0,
-        frequency_penalty: opts.FrequencyPenalty = 0.0,
-        presence_penalty: opts.PresencePenalty = 0.0,
-        seed: opts.Seed = None,
-        stop: opts.Stop = None,
+        options: Optional[dict] = None,  # the sampling options (@opts.with_sampling)
         num_beams: int = typer.Option(1, help="Beam search with this many beams (greedy scoring)."),
         length_penalty: float = typer.Option(1.0, help="Beam search length penalty exponent."),
         speculative: bool = typer.Option(False, help="Greedy self-speculative decoding with the MTP modules."),
@@ -50,8 +42,6 @@ def register(app: typer.Typer) -> None:
             prompt = sys.stdin.read()
         if not prompt:
             raise GenerationError("empty prompt: pass --prompt TEXT")
-        options = opts.sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                frequency_penalty, presence_penalty, seed, stop)
         if image:  # inference/vision.py
             from ..inference.vision import load_vision_model, stream_with_images
 
@@ -89,19 +79,11 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"[{out_tokens} tokens in {dt:.2f}s, {out_tokens / dt:.1f} tokens/s{info}]", err=True)
 
     @app.command("chat")
+    @opts.with_sampling(max_new_tokens=256, temperature=0.7, top_p=0.95)
     def chat_cmd(
         model_dir: Path = typer.Argument(..., help="Model directory (config.json, safetensors, tokenizer.json)."),
         system: Optional[str] = typer.Option(None, help="System message."),
-        max_new_tokens: opts.MaxNewTokens = 256,
-        temperature: opts.Temperature = 0.7,
-        top_k: opts.TopK = 0,
-        top_p: opts.TopP = 0.95,
-        min_p: opts.MinP = 0.0,
-        repetition_penalty: opts.RepetitionPenalty = 1.0,
-        frequency_penalty: opts.FrequencyPenalty = 0.0,
-        presence_penalty: opts.PresencePenalty = 0.0,
-        seed: opts.Seed = None,
-        stop: opts.Stop = None,
+        options: Optional[dict] = None,  # the sampling options (@opts.with_sampling)
         device: opts.Device = "cpu",
         dtype: opts.Dtype = None,
         threads: opts.Threads = None,
@@ -116,8 +98,6 @@ def register(app: typer.Typer) -> None:
         from ..models.vision_lm import is_vision_dir
 
         opts.set_threads(threads)
-        options = opts.sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                frequency_penalty, presence_penalty, seed, stop)
         if is_vision_dir(model_dir):  # a model with a vision tower: /image PATH attaches an image
             from ..inference.vision import VisionChatSession, load_vision_model
 

@@ -1,12 +1,15 @@
 """Options shared by several commands, defined once: `def cmd(temperature: opts.Temperature = 0.7)`.
 
-Each is an `Annotated` type (name, help); the command gives the default. `sampling(...)` turns the sampling
-options into the keyword arguments of `inference.generate`.
+Each is an `Annotated` type (name, help); the command gives the default. `@with_sampling(temperature=0.7)`
+adds all the sampling options to a command at once (with that command's defaults) and hands the command
+`options`: the keyword arguments of `inference.generate` (what `sampling(...)` makes of them).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -27,6 +30,14 @@ PresencePenalty = Annotated[float, typer.Option("--presence-penalty", help="Open
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for reproducible sampling.")]
 Stop = Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).")]
 
+# several processes (pretrain, finetune): torchrun underneath, see distributed/launch.py and docs/distributed.md
+Nproc = Annotated[int, typer.Option("--nproc", help="Processes on this machine (torchrun underneath); the "
+                                    "recipe's parallel: section says how they split the work.")]
+Nnodes = Annotated[int, typer.Option("--nnodes", help="Machines taking part (multi-node: same command on each).")]
+NodeRank = Annotated[int, typer.Option("--node-rank", help="This machine's index, 0 .. nnodes-1.")]
+RdzvEndpoint = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the rendezvous "
+                                                     "(multi-node).")]
+
 
 def sampling(max_new_tokens: int, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
@@ -38,8 +49,48 @@ def sampling(max_new_tokens: int, temperature: float, top_k: int = 0, top_p: flo
                 stop=tuple(stop or ()))
 
 
+# (name, option type, default) of every sampling option, in --help order
+SAMPLING_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("max_new_tokens", MaxNewTokens, 64), ("temperature", Temperature, 0.0), ("top_k", TopK, 0),
+    ("top_p", TopP, 1.0), ("min_p", MinP, 0.0), ("repetition_penalty", RepetitionPenalty, 1.0),
+    ("frequency_penalty", FrequencyPenalty, 0.0), ("presence_penalty", PresencePenalty, 0.0),
+    ("seed", Seed, None), ("stop", Stop, None)]
+
+
+def with_sampling(**defaults: Any) -> Callable[[Callable], Callable]:
+    """Decorator: add the sampling options (`SAMPLING_OPTIONS`; `defaults` overrides their defaults) to a
+    typer command after its own parameters; the command receives them as one `options` dict (keyword
+    arguments of `inference.generate`) and declares `options: dict` instead of the ten parameters."""
+    unknown = set(defaults) - {name for name, _, _ in SAMPLING_OPTIONS}
+    if unknown:
+        raise TypeError(f"unknown sampling options {sorted(unknown)}")
+
+    def decorate(command: Callable) -> Callable:
+        own = inspect.signature(command, eval_str=True)
+        if "options" not in own.parameters:
+            raise TypeError(f"{command.__name__} must take an `options` parameter")
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults.get(name, default),
+                                   annotation=kind) for name, kind, default in SAMPLING_OPTIONS]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            chosen = {name: kwargs.pop(name) for name, _, _ in SAMPLING_OPTIONS}
+            return command(*args, options=sampling(**chosen), **kwargs)
+
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own.parameters.values() if p.name != "options"]
+        wrapper.__signature__ = own.replace(parameters=params + added)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params + added}
+        return wrapper
+
+    return decorate
+
+
 def set_threads(threads: int | None) -> None:
-    """torch.set_num_threads(threads) when given (>= 1, else ConfigError)."""
+    """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
+    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    from ..runtime import set_decode_threads
+
+    set_decode_threads("auto" if threads is None else None)
     if threads is not None:
         import torch
 

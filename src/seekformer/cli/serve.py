@@ -38,6 +38,10 @@ def register(app: typer.Typer) -> None:
                                            "adapter in DIR folded in, as model NAME."),
         allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image_url "
                                                  "parts (default: only inline data: URLs; remote ones get a 400)."),
+        speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="MTP "
+                                                   "self-speculative decoding for greedy requests: on for every "
+                                                   "request, or off (default: for requests that send "
+                                                   "\"speculative\": true, when the model has MTP modules)."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -52,10 +56,9 @@ def register(app: typer.Typer) -> None:
         except ImportError as e:
             raise SeekformerError(f"serving needs the 'serve' extra ({e.name} is missing): "
                                   'pip install -e ".[serve]"') from None
-        if threads is not None:
-            import torch
+        from . import options as opts
 
-            torch.set_num_threads(threads)
+        opts.set_threads(threads)  # without --threads: few-row decode steps measure their thread count
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         adapter = None
@@ -67,4 +70,4 @@ def register(app: typer.Typer) -> None:
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
               max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
               max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk,
-              lora=adapter, allow_remote_images=allow_remote_images)
+              lora=adapter, allow_remote_images=allow_remote_images, speculative=speculative)

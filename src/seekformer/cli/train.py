@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import RecipeError
+from . import options as opts
 
 QUICKSTART_PROMPTS = ("The United States", "Call me Ishmael. Some years ago", "To be, or not to be")
 
@@ -149,34 +150,28 @@ def register(app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in train.out."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in a train.out that holds an earlier "
                                        "run's checkpoints (they are deleted)."),
-        nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (torchrun underneath); the "
-                                  "recipe's parallel: section says how they split the work."),
-        nnodes: int = typer.Option(1, "--nnodes", help="Machines taking part (multi-node: same command on each)."),
-        node_rank: int = typer.Option(0, "--node-rank", help="This machine's index, 0 .. nnodes-1."),
-        rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint",
-                                                    help="HOST:PORT of the rendezvous (multi-node)."),
+        nproc: opts.Nproc = 1,
+        nnodes: opts.Nnodes = 1,
+        node_rank: opts.NodeRank = 0,
+        rdzv_endpoint: opts.RdzvEndpoint = None,
     ) -> None:
         """Pretrain a model as RECIPE describes; override any key with --section.key value."""
+        from ..distributed.launch import relaunch, wants_launch
         from ..training.recipe import load_recipe
-        from ..training.trainer import pretrain
+        from ..training.pretrain import pretrain
 
         r = load_recipe(recipe, list(ctx.args))
         r.train.resume = r.train.resume or resume
         r.train.overwrite = r.train.overwrite or overwrite
-        if nproc > 1 or nnodes > 1:
+        if wants_launch(nproc, nnodes):
             from ..distributed import check_parallel
-            from ..distributed.launch import launch
-            from ..errors import RecipeError
 
-            if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-                raise RecipeError("--nproc and --nnodes must be >= 1 and --node-rank in [0, nnodes)")
-            if nnodes > 1 and not rdzv_endpoint:
-                raise RecipeError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-            # checked here once, so a bad recipe is one line and exit 2 before any process starts
-            check_parallel(r.parallel, nproc * nnodes, r.train.batch_size, r.model_config().n_routed_experts)
+            def check(world: int) -> None:
+                check_parallel(r.parallel, world, r.train.batch_size, r.model_config().n_routed_experts)
+
             argv = ["pretrain", recipe, *ctx.args] + (["--resume"] if resume else []) \
                 + (["--overwrite"] if overwrite else [])
-            raise SystemExit(launch(nproc, argv, nnodes, node_rank, rdzv_endpoint))
+            relaunch(argv, nproc, nnodes, node_rank, rdzv_endpoint, check)
         console = _console()
         result = pretrain(r, console=console)
         v = result.val_losses

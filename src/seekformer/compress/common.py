@@ -30,12 +30,11 @@ def check_out(out: str | os.PathLike, source: str | os.PathLike | None = None, i
 
 
 def load_with_tokenizer(model_dir: str | os.PathLike):
-    """(model in eval mode, tokenizer or None, path) of a model directory."""
+    """(model in eval mode, tokenizer or None, path) of a model directory, through the one loader
+    (models/loading.py); a directory without tokenizer.json gives None for the tokenizer."""
     from ..checkpoint import check_model_dir
-    from ..models.causal_lm import SeekForCausalLM
-    from ..tokenizer import TOKENIZER_FILE, SeekTokenizer
+    from ..models.loading import load_model_and_tokenizer
 
     path = check_model_dir(model_dir)
-    model = SeekForCausalLM.from_pretrained(path).eval()
-    tok = SeekTokenizer.load(path) if (path / TOKENIZER_FILE).is_file() else None
+    model, tok = load_model_and_tokenizer(path, require_tokenizer=False)
     return model, tok, path

@@ -128,19 +128,65 @@ def choose_experts(saliency: list[float], keep: int, n_group: int, method: str, 
     return sorted(kept)
 
 
+def _align_neurons(gu_k: torch.Tensor, down_k: torch.Tensor, gu_d: torch.Tensor, down_d: torch.Tensor):
+    """Expert d's weights with its F hidden neurons permuted to match expert k's (gate_up [2F,D], down [D,F]):
+    the assignment maximising the summed inner products of each neuron's gate row, up row and down column
+    (weight matching, as MC-SMoE does before averaging)."""
+    from scipy.optimize import linear_sum_assignment
+
+    f = down_k.shape[1]
+    sim = gu_k[:f] @ gu_d[:f].T + gu_k[f:] @ gu_d[f:].T + down_k.T @ down_d  # [F,F]
+    _, perm = linear_sum_assignment(sim.double().numpy(), maximize=True)
+    perm = torch.as_tensor(perm)
+    return torch.cat([gu_d[:f][perm], gu_d[f:][perm]]), down_d[:, perm]
+
+
+def merge_experts(moe, kept: list[int], freq: list[float], n_group: int = 1) -> dict[int, list[int]]:
+    """Fold each dropped routed expert into the kept one whose router row is most similar (cosine; within its
+    expert group when `n_group` > 1, i.e. when groups stay): the kept expert's weights become the routing-frequency-weighted average
+    of itself and the experts folded into it, their neurons aligned first. In place on the full-size
+    `moe.experts` tensors (before the dropped rows are removed); returns {kept: [folded ones]}."""
+    e = moe.num_experts
+    rows = torch.nn.functional.normalize(moe.gate.weight.detach().float(), dim=-1)
+    sim = rows @ rows.T  # [E,E]
+    group_of = {i: g for g in range(n_group) for i in range(g * e // n_group, (g + 1) * e // n_group)}
+    into: dict[int, list[int]] = {k: [] for k in kept}
+    for d in range(e):
+        if d in into:
+            continue
+        cands = [k for k in kept if group_of[k] == group_of[d]] or kept
+        into[max(cands, key=lambda k: float(sim[d, k]))].append(d)
+    gu, down = moe.experts.gate_up_proj.data, moe.experts.down_proj.data
+    for k, folded in into.items():
+        if not folded:
+            continue
+        w = torch.tensor([freq[k]] + [freq[d] for d in folded], dtype=torch.float64) + 1e-6
+        w = (w / w.sum()).float()
+        acc_gu, acc_down = gu[k] * w[0], down[k] * w[0]
+        for wd, d in zip(w[1:], folded):
+            a_gu, a_down = _align_neurons(gu[k], down[k], gu[d], down[d])
+            acc_gu, acc_down = acc_gu + wd * a_gu, acc_down + wd * a_down
+        gu[k], down[k] = acc_gu, acc_down
+    return {k: v for k, v in into.items() if v}
+
+
 @torch.no_grad()
-def prune_model(model, keep: int, stats: dict, method: str = "routing", seed: int = 0) -> dict:
-    """Keep `keep` routed experts per MoE layer (MTP blocks included) in place; returns what was kept."""
+def prune_model(model, keep: int, stats: dict, method: str = "routing", seed: int = 0, merge: bool = False) -> dict:
+    """Keep `keep` routed experts per MoE layer (MTP blocks included) in place; returns what was kept (and,
+    with `merge`, which dropped experts were folded into which kept one)."""
     cfg = model.config
     g = cfg.n_group or 1
     per_group_ok = g > 1 and keep % g == 0 and (keep // g >= 2 or cfg.topk_method != "noaux_tc") \
         and cfg.num_experts_per_tok <= (cfg.topk_group or 1) * (keep // g)
     groups = g if per_group_ok else 1
     gen = torch.Generator().manual_seed(seed)
-    kept_by_layer = {}
+    kept_by_layer, merged_by_layer = {}, {}
     for name, moe in model.moe_layers():
         sal = stats[name]["saliency"] if name in stats else _mean_saliency(stats)  # MTP blocks: no statistics
         kept = choose_experts(sal, keep, groups, method, gen)
+        if merge:
+            freq = stats[name]["tokens"] if name in stats else _mean_saliency(stats, "tokens")
+            merged_by_layer[name] = merge_experts(moe, kept, freq, groups)
         idx = torch.tensor(kept)
         moe.gate.weight = torch.nn.Parameter(moe.gate.weight[idx].clone())
         moe.gate.e_score_correction_bias = moe.gate.e_score_correction_bias[idx].clone()
@@ -159,20 +205,22 @@ def prune_model(model, keep: int, stats: dict, method: str = "routing", seed: in
         moe.gate.n_group = cfg.n_group or 1
         moe.gate.topk_group = cfg.topk_group or 1
     cfg.validate()
-    return {"kept": kept_by_layer, "group_routing_kept": bool(per_group_ok or g == 1), **new}
+    info = {"kept": kept_by_layer, "group_routing_kept": bool(per_group_ok or g == 1), **new}
+    if merge:
+        info["merged_into"] = merged_by_layer
+    return info
 
 
-def _mean_saliency(stats: dict) -> list[float]:
-    layers = [v["saliency"] for k, v in stats.items() if not k.startswith("_")]
+def _mean_saliency(stats: dict, key: str = "saliency") -> list[float]:
+    layers = [v[key] for k, v in stats.items() if not k.startswith("_")]
     return torch.tensor(layers).mean(0).tolist()
 
 
 def plot_usage(stats: dict, kept: dict, path: Path) -> None:
     """Per-layer bar chart of the share of routed tokens per expert, kept experts highlighted."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [k for k in stats if not k.startswith("_")]
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 * len(layers) + 0.5), squeeze=False)
@@ -187,18 +235,50 @@ def plot_usage(stats: dict, kept: dict, path: Path) -> None:
     axes[0, 0].set_title("share of routed tokens per expert (blue: kept)")
     axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def recover(model_dir: Path, pruned, tokenizer, calibration: str, steps: int, lr: float, work: Path,
+            log=print) -> dict:
+    """Fine-tune the pruned model in place for `steps` steps on the calibration source by distillation from
+    the unpruned model in `model_dir` (compress/distill.py: W=0.5, T=1, the pretraining trainer). Returns
+    the run's validation losses (before, after)."""
+    from ..checkpoint import save_model
+    from .distill import DistillTrainer, student_recipe
+
+    teacher, _, _ = load_with_tokenizer(model_dir)
+    save_model(pruned, work / "pruned")
+    recipe = student_recipe(model_dir, str(work / "pruned" / "config.json"), [calibration], steps, work / "run",
+                            train={"lr": lr, "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1,
+                                   "progress": False, "save_every": steps, "eval_every": steps})
+    trainer = DistillTrainer(recipe, teacher, kd_weight=0.5, temperature=1.0,
+                             init_state={k: v.clone() for k, v in pruned.state_dict().items()})
+    try:
+        trainer.prepare()
+        result = trainer.run()
+    finally:
+        trainer.par.close()
+    pruned.load_state_dict(trainer.model.state_dict())
+    losses = [v for _, v in result.val_losses]
+    log(f"recovery: validation loss {losses[0]:.4f} -> {losses[-1]:.4f} over {steps} steps")
+    return {"steps": steps, "lr": lr, "val_loss_before": losses[0], "val_loss_after": losses[-1]}
 
 
 def prune_dir(model_dir: str | os.PathLike, out: str | os.PathLike, keep: str | float | int,
               calibration: str = "builtin", method: str = "routing", seed: int = 0,
-              max_tokens: int = 20000) -> Path:
-    """Prune a model directory into `out` (model, tokenizer, prune_stats.json, expert_usage.png), atomically."""
+              max_tokens: int = 20000, merge: bool = False, recover_steps: int = 0,
+              recover_lr: float = 3e-4, log=print) -> Path:
+    """Prune a model directory into `out` (model, tokenizer, prune_stats.json, expert_usage.png), atomically;
+    `merge` folds the dropped experts into kept ones, `recover_steps` > 0 fine-tunes the result by
+    distillation from the unpruned model."""
+    import tempfile
+
     from ..checkpoint import atomic_directory, load_config, save_model
 
     if method not in ("routing", "random"):
         raise CompressError(f"--method must be 'routing' or 'random', got {method!r}")
+    if recover_steps < 0 or not recover_lr > 0:
+        raise CompressError("--recover-steps must be >= 0 and --recover-lr > 0")
     out = check_out(out, model_dir)
     cfg = load_config(model_dir)
     if cfg.quantization_config:
@@ -210,9 +290,14 @@ def prune_dir(model_dir: str | os.PathLike, out: str | os.PathLike, keep: str | 
     if tok is None:
         raise CompressError(f"{model_dir} has no tokenizer.json: it is needed to read the calibration text")
     stats = routing_statistics(model, tok, calibration, max_tokens=max_tokens)
-    info = prune_model(model, n_keep, stats, method, seed)
+    info = prune_model(model, n_keep, stats, method, seed, merge=merge)
+    if recover_steps:
+        with tempfile.TemporaryDirectory(prefix="seekformer-recover-") as work:
+            info["recovery"] = recover(Path(model_dir), model, tok, calibration, recover_steps, recover_lr,
+                                       Path(work), log)
+        model.eval()
     report = {"source": str(model_dir), "calibration": calibration, "method": method, "seed": seed,
-              "experts_before": cfg.n_routed_experts, **info, "statistics": stats}
+              "merge": merge, "experts_before": cfg.n_routed_experts, **info, "statistics": stats}
     with atomic_directory(out) as tmp:
         save_model(model, tmp, extra_files=tok.files())
         (tmp / "prune_stats.json").write_text(json.dumps(report, indent=1) + "\n")

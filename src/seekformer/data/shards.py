@@ -307,8 +307,9 @@ class ShardSet:
                 for s in self.manifest["splits"][split]]
 
 
-class _Windows:
-    """The non-overlapping windows of `length` tokens of one split; no window crosses a shard file."""
+class Windows:
+    """The non-overlapping windows of `length` tokens of one split; no window crosses a shard file.
+    `count` windows, read by index (`read`): the records of DP pretraining (training/privacy/pretrain.py)."""
 
     def __init__(self, shards: ShardSet, split: str, length: int) -> None:
         self.maps = shards.memmaps(split)
@@ -347,7 +348,7 @@ class PackedBatches:
             raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.seq_len, self.batch_size, self.seed, self.shuffle = seq_len, batch_size, seed, shuffle
         self.rank, self.world_size = rank, world_size
-        self._windows = _Windows(shards, split, seq_len + 1)
+        self._windows = Windows(shards, split, seq_len + 1)
         self.windows_per_epoch = self._windows.count
         self.epoch = 0
         self.index = 0  # position in this epoch's order
@@ -398,7 +399,7 @@ def iter_eval_batches(shards: ShardSet, split: str, seq_len: int, batch_size: in
                       max_batches: int | None = None) -> Iterator[torch.Tensor]:
     """The windows of `split` in order, once: LongTensor [<= batch_size, seq_len + 1] (the last batch
     may be smaller), at most `max_batches` batches. Same windows as `PackedBatches(shuffle=False)`."""
-    windows = _Windows(shards, split, seq_len + 1)
+    windows = Windows(shards, split, seq_len + 1)
     n = windows.count if max_batches is None else min(windows.count, max_batches * batch_size)
     for a in range(0, n, batch_size):
         yield windows.read(np.arange(a, min(a + batch_size, n)))

@@ -99,9 +99,43 @@ class Parallel:
         """Each value averaged over ranks (one collective for all of them)."""
         if not self.distributed:
             return list(values)
+        return [v / self.world_size for v in self.sum(values)]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over ranks (one collective for all of them, in float64)."""
+        if not self.distributed:
+            return list(values)
         t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        return t.tolist()
+
+    def sum_grads_(self, params: list[nn.Parameter]) -> None:
+        """Sum the gradients of replicated `params` over ranks in place, through one flat buffer.
+
+        A parameter without a gradient on every rank keeps none (so AdamW skips it, as on one process); one
+        with a gradient on some ranks only gets the others' sum (a missing gradient counts as zeros).
+        """
+        if not self.distributed or not params:
+            return
+        has = torch.tensor([q.grad is not None for q in params], dtype=torch.int32)
+        dist.all_reduce(has, op=dist.ReduceOp.MAX)
+        live = [q for q, h in zip(params, has.tolist()) if h]
+        if not live:
+            return
+        flat = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).reshape(-1) for q in live])
+        dist.all_reduce(flat)
+        offset = 0
+        for q in live:
+            q.grad = flat[offset: offset + q.numel()].view_as(q).clone()
+            offset += q.numel()
+
+    def broadcast_module_(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every rank's `module` (as DDP does when it wraps)."""
+        if not self.distributed:
+            return
+        with torch.no_grad():
+            for t in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(t.data, src=0)
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
@@ -117,16 +151,17 @@ class Parallel:
 
     # ------------------------------------------------------------------ data
     def rows(self, batch_size: int) -> slice:
-        """This rank's rows of a global batch of `batch_size` rows."""
-        b = batch_size // self.world_size
-        return slice(self.rank * b, (self.rank + 1) * b)
+        """This rank's rows of a global batch of `batch_size` rows: [r*b, (r+1)*b) with b = batch_size / world
+        (rounded up when it does not divide, so the last ranks may get fewer rows, or none)."""
+        b = -(-batch_size // self.world_size)
+        return slice(min(self.rank * b, batch_size), min((self.rank + 1) * b, batch_size))
 
     # ------------------------------------------------------------------ model
     def wrap(self, model: nn.Module) -> nn.Module:
         """Apply expert parallelism and DDP/FSDP2 to `model` (in place where possible); returns the module
         to call for forward passes (`model` itself with one process)."""
         if self.recipe.activation_checkpointing:
-            _checkpoint_blocks(model)
+            checkpoint_blocks(model)
         if not self.distributed:
             self.wrapped = model
             return model
@@ -284,7 +319,7 @@ def _first_then_others(p: Parallel) -> Iterator[None]:
             dist.barrier()
 
 
-def _checkpoint_blocks(model: nn.Module) -> None:
+def checkpoint_blocks(model: nn.Module) -> None:
     """Recompute every decoder block's activations in backward (non-reentrant torch.utils.checkpoint).
 
     The block's `forward` is wrapped in place, so parameter names (and checkpoints) do not change; MoE layers

@@ -14,8 +14,10 @@ stop conditions), sampling params, generator and penalty statistics. A decode lo
         logits, lo, hi = batch.decode(), 0, len(batch.rows)       # one model.decode_step for all rows
 
 `generate.decode_steps` drives exactly this; `Engine` adds admission of waiting requests between steps
-and cancellation (`remove`). Beam search and speculative decoding keep their own loops (beams reorder
-rows, speculation verifies chunks) and share the helpers below.
+and cancellation (`remove`). With a `drafter` (speculative.MTPDrafter), `batch.speculate(wants)` replaces
+`choose` + `decode`: MTP drafts verified in one forward of K+1 tokens per row, 1 to K+1 tokens per row
+and step (greedy rows that want it; the others take one token by `choose`). Beam search keeps its own
+loop (beams reorder rows) and shares the helpers below.
 """
 
 from __future__ import annotations
@@ -24,10 +26,27 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
 from .sampling import PenaltyState, choose
 from .stopping import SequenceState, early_stop_mask
+
+BACKLOG = 64  # see DecodeBatch.decode: plain steps with a drafter catch it up past this many positions
+
+
+def greedy_choices(logits: torch.Tensor, states: Sequence[SequenceState]) -> torch.Tensor:
+    """`choose`'s greedy rule for rows without penalties or constraints, over L tokens ahead: logits [B,L,V]
+    -> tokens [B,L] (stop ids masked by the min_new_tokens rule at each step)."""
+    mask = early_stop_mask(states, logits.shape[-1], logits.device, logits.shape[1])
+    logits = logits.float()
+    return (logits if mask is None else logits.masked_fill(mask, float("-inf"))).argmax(dim=-1)
+
+
+def drafts_apply(params) -> bool:
+    """Whether speculative drafts can serve a row with these SamplingParams: greedy, no penalties, no
+    constraint (any other row takes one token per step through `choose`)."""
+    return params.greedy and not params.penalised and params.constraint is None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -94,6 +113,31 @@ def new_cache(model, batch_size: int, max_length: int, mode: str = "latent", mtp
     return KVCache(cfg, batch_size, max_length, mode=mode, dtype=model.dtype, device=model.device, num_layers=layers)
 
 
+def step_threads(model, tokens: int) -> int | None:
+    """Threads for a decoding step of `tokens` tokens in all (runtime.decode_threads): None = leave torch's
+    setting; with "auto", steps of at most runtime.FEW_ROW_TOKENS tokens use the count measured once per
+    model and thread budget (a batch-1 step on a scratch cache, 1 thread vs torch's count)."""
+    policy = runtime.decode_threads()
+    if policy is None or tokens > runtime.FEW_ROW_TOKENS:
+        return None
+    if isinstance(policy, int):
+        return policy
+    budget = torch.get_num_threads()
+    chosen = model.__dict__.setdefault("_decode_threads", {})
+    if budget not in chosen:
+        cache = new_cache(model, 1, 40)
+        ids = torch.arange(3, 35, device=model.device)[None] % model.config.vocab_size
+        with torch.no_grad():
+            model(ids, cache=cache, logits_to_keep=1)
+
+            def one_step():
+                model.decode_step(ids[:, :1], cache)
+                cache.rollback(1)
+
+            chosen[budget] = runtime.fastest_threads(one_step, [1, budget])
+    return chosen[budget]
+
+
 # ---------------------------------------------------------------------- the decode loop's state
 class Row:
     """One sequence of a DecodeBatch: its `state` (SequenceState), random `generator` and a caller's `key`."""
@@ -113,9 +157,11 @@ class DecodeBatch:
     """
 
     def __init__(self, model, cache: KVCache, penalties: PenaltyState | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, drafter=None) -> None:
         self.model = model
         self.cache = cache
+        self.drafter = drafter  # speculative.MTPDrafter or None; follows the rows (prompts, moves, hidden states)
+        self.spec_stats = {"proposed": 0, "accepted": 0, "forwards": 0}
         self.vocab = model.config.vocab_size
         self.penalties = penalties or PenaltyState.create([[]] * cache.batch_size, self.vocab, model.device,
                                                           active=False)
@@ -130,7 +176,7 @@ class DecodeBatch:
         lo, hi = len(self.rows), len(self.rows) + len(rows)
         if hi > self.cache.batch_size:
             raise GenerationError(f"a decode batch of {self.cache.batch_size} rows cannot take {hi}")
-        self.cache.reset_rows(list(range(lo, hi)))
+        self.reset_rows(list(range(lo, hi)))
         for i, row in enumerate(range(lo, hi)):
             self.penalties.reset_row(row, prompts[i] if prompts is not None else [])
         self.rows.extend(rows)
@@ -140,14 +186,101 @@ class DecodeBatch:
         """Encode (a chunk of) the prompts of rows [lo, hi): input_ids/attention_mask [hi-lo, T] (left
         padded) -> logits of their last positions [hi-lo, V]."""
         cache = self.cache if (lo, hi) == (0, self.cache.batch_size) else self.cache.rows(lo, hi)
-        return self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        out = self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1, return_hidden=self.drafter is not None)
+        if self.drafter is not None:
+            for i, (ids, m) in enumerate(zip(input_ids, attention_mask.bool())):
+                self.drafter.add_prompt(lo + i, ids[m].tolist(), out.hidden_states[i][m])
+        return out.logits[:, -1]
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Empty cache rows `rows` (and the drafter's)."""
+        self.cache.reset_rows(rows)
+        if self.drafter is not None:
+            self.drafter.reset_rows(rows)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy cache row `src` into `dst` (and the drafter's); `src` is left as is."""
+        self.cache.move_row(src, dst)
+        if self.drafter is not None:
+            self.drafter.move_row(src, dst)
+
+    def _tokens(self, i: int) -> list[int]:
+        """Row i's confirmed tokens (prompt + generated) as the drafter sees them."""
+        return self.drafter.prefix[i] + self.rows[i].state.tokens
 
     def decode(self) -> torch.Tensor:
         """One decoding step of every row on its last token: -> logits [n,V] (`model.decode_step`)."""
         n = len(self.rows)
         last = torch.tensor([[r.state.tokens[-1]] for r in self.rows], device=self.model.device)
         cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-        return self.model.decode_step(last, cache)
+        with runtime.torch_threads(step_threads(self.model, n)):
+            if self.drafter is None:
+                return self.model.decode_step(last, cache)
+            logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
+        for i in range(n):
+            self.drafter.add_hidden(i, hidden[i])
+        if self.drafter.backlog(n) > BACKLOG:  # no row drafted for a while: catch up (bounds the memory)
+            self.drafter.draft([self._tokens(i) for i in range(n)])
+        return logits
+
+    def speculate(self, wants: Sequence[bool], isolate: bool = False):
+        """One speculative step of every row (needs a drafter): K drafts per row, verified by one
+        `model.decode_step` of K+1 tokens; a row with `wants[i]` whose params allow drafts (`drafts_apply`)
+        takes the longest prefix of drafts equal to the greedy choices plus the next greedy token (exactly
+        what plain greedy decoding emits), any other row one token by `choose`.
+
+        Returns (tokens, pieces, logits, errors): per row the emitted tokens and text pieces (rows may
+        finish on any of them), logits [n,K+1,V] (the j-th token of row i was chosen from logits[i, j]), and
+        {row: exception} for rows that failed (with `isolate`; they are marked finished with "error").
+        """
+        n, d = len(self.rows), self.drafter
+        k = d.k
+        with runtime.torch_threads(step_threads(self.model, n * (k + 1))):
+            drafts = d.draft([self._tokens(i) for i in range(n)])
+            chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
+                                 device=self.model.device)
+            cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+            logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
+        self.spec_stats["forwards"] += 1
+        spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
+        idx = [i for i in range(n) if spec[i]]
+        greedy = greedy_choices(logits[idx], [self.rows[i].state for i in idx]).tolist() if idx else []
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        pieces: list[list[str]] = [[] for _ in range(n)]
+        errors: dict[int, Exception] = {}
+        for i in range(n):
+            if not spec[i]:
+                out = self.choose(logits[i:i + 1, 0], i, i + 1, isolate=isolate)
+                tokens[i], pieces[i] = out[0].tolist(), out[1]
+                if isolate and out[2]:
+                    errors[i], tokens[i], pieces[i] = out[2][0], [], []
+        for g, i in zip(greedy, idx):
+            a = 0
+            while a < k and drafts[i][a] == g[a]:
+                a += 1
+            self.spec_stats["proposed"] += k
+            self.spec_stats["accepted"] += a
+            st = self.rows[i].state
+            for t in drafts[i][:a] + [g[a]]:
+                if st.finished:
+                    break
+                try:
+                    pieces[i].append(st.append(t))
+                except Exception as e:  # noqa: BLE001 - e.g. a failing stop-string filter: this row only
+                    if not isolate:
+                        raise
+                    errors[i] = e
+                    st.finish_reason = st.finish_reason or "error"
+                    break
+                tokens[i].append(t)
+            if self.penalties.active and tokens[i]:
+                one = PenaltyState(self.penalties.seen[i:i + 1], self.penalties.counts[i:i + 1], True)
+                for t in tokens[i]:
+                    one.update(torch.tensor([t], device=logits.device))
+        self.cache.rows(0, n).rollback(torch.tensor([k + 1 - max(len(t), 1) for t in tokens], device=self.model.device))
+        for i in range(n):
+            d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])
+        return tokens, pieces, logits, errors
 
     def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None, isolate: bool = False):
         """Pick the next token of rows [lo, hi) from logits [hi-lo, V] and record it in their states.
@@ -199,11 +332,11 @@ class DecodeBatch:
         """Take row i out: the last row moves into its cache row, so rows stay 0..n-1."""
         last = len(self.rows) - 1
         if i != last:
-            self.cache.move_row(last, i)
+            self.move_row(last, i)
             self.penalties.seen[i] = self.penalties.seen[last]
             self.penalties.counts[i] = self.penalties.counts[last]
             self.rows[i] = self.rows[last]
-        self.cache.reset_rows([last])
+        self.reset_rows([last])
         self.rows.pop()
 
     def retire(self) -> list:

@@ -20,6 +20,12 @@ decode step is one forward of n tokens over the row view [0, n). A `step()`:
      bounded by about `prefill_chunk`.
 Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_tokens), "cancelled", "error".
 
+Speculative decoding (a model with MTP modules): the engine keeps an `MTPDrafter` beside the cache, and a
+step in which some running request wants speculation (`SamplingParams.speculative`, default the engine's
+`speculative`) is one `DecodeBatch.speculate`: MTP drafts verified in one forward of K+1 tokens per row,
+so a greedy request advances by 1 to K+1 tokens (exactly the tokens plain greedy decoding gives) and
+yields that many events; the other rows advance by one token as usual.
+
 Failure isolation: an exception while serving one request (its sampling setup, its stop strings, its
 sampling) ends only that request, with an event whose finish_reason is "error" and `error` the exception;
 a failing prefill forward ends the requests of that prefill, a failing decode forward the running ones.
@@ -40,6 +46,7 @@ import torch
 
 from ..errors import GenerationError
 from .decoding import DecodeBatch, new_cache, prepare_inputs
+from .speculative import MTPDrafter, check_speculative
 from .sampling import PenaltyState, SamplingParams, make_generator, token_logprobs
 from .stopping import SequenceState, stop_ids
 
@@ -100,7 +107,11 @@ class Engine:
     """Continuous batching over one preallocated KV cache (see the module docstring)."""
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_length: int | None = None,
-                 cache_mode: str = "latent", prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 cache_mode: str = "latent", prefill_chunk: int = PREFILL_CHUNK, speculative: bool | None = None,
+                 num_speculative_tokens: int | None = None) -> None:
+        """`speculative`: True = requests speculate unless they say otherwise (needs MTP modules); None =
+        only requests that ask (`SamplingParams.speculative`), when the model has MTP modules; False = never.
+        `num_speculative_tokens`: drafts per step (default the MTP depth)."""
         ctx = model.config.max_position_embeddings
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -109,8 +120,15 @@ class Engine:
         self.prefill_chunk = max(1, int(prefill_chunk))
         self._chunked: Request | None = None  # the prompt being prefilled in chunks (in the last cache row)
         v = model.config.vocab_size
-        self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length, cache_mode),
-                                 PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True))
+        drafter = None
+        if speculative or (speculative is None and len(getattr(model, "mtp", ()))):
+            k = check_speculative(model, num_speculative_tokens)
+            drafter = MTPDrafter(model, self.max_batch_size, self.max_length, k, cache_mode)
+        self.speculative = bool(speculative)
+        extra = drafter.k if drafter is not None else 0  # verification writes K slots past the last token
+        self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length + extra, cache_mode),
+                                 PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True),
+                                 drafter=drafter)
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -136,6 +154,9 @@ class Engine:
                                   f"the engine's max_length ({self.max_length})")
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need an engine with a tokenizer")
+        if params.speculative and self.batch.drafter is None:
+            raise GenerationError("speculative decoding is off here: it needs a model with MTP modules "
+                                  "(num_nextn_predict_layers > 0) and a server not started with --no-speculative")
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if any(r.id == rid for r in self._all()):
@@ -181,7 +202,8 @@ class Engine:
         with self._step_lock, torch.no_grad():
             events = self._cancel_pending()
             if self.running:
-                events += self._decode()
+                wants = [self._wants(r) for r in self.running]
+                events += self._speculate(wants) if any(wants) else self._decode()
             events += self._admit()
             return events
 
@@ -260,6 +282,39 @@ class Engine:
             events.append(ev)
         return events
 
+    def _wants(self, req: Request) -> bool:
+        """Whether `req` speculates this step (it asked, or the engine's default; a drafter is needed)."""
+        want = req.params.speculative if req.params.speculative is not None else self.speculative
+        return bool(want) and self.batch.drafter is not None
+
+    def _speculate(self, wants: list[bool]) -> list[TokenEvent]:
+        """One speculative step (`DecodeBatch.speculate`): one event per emitted token, in order."""
+        try:
+            tokens, pieces, logits, errors = self.batch.speculate(wants, isolate=True)
+        except Exception as e:  # noqa: BLE001 - the batch forward failed: it ends the running requests only
+            events = [self._failed(r, e) for r in self.running]
+            self.batch.retire()
+            return events
+        events = []
+        for i, req in enumerate(self.running):
+            toks, n = tokens[i], len(req.state.tokens)
+            lp = top_v = top_i = None
+            if req.params.logprobs is not None and toks:
+                lp, top_v, top_i = token_logprobs(logits[i, :len(toks)], torch.tensor(toks, device=logits.device),
+                                                  req.params.logprobs)
+                lp, top_v, top_i = lp.tolist(), top_v.tolist(), top_i.tolist()
+            for j, (t, piece) in enumerate(zip(toks, pieces[i])):
+                last = j == len(toks) - 1
+                ev = TokenEvent(req.id, t, piece, n - len(toks) + j,
+                                finish_reason=req.state.finish_reason if last and i not in errors else None)
+                if lp is not None:
+                    ev.logprob, ev.top_logprobs = lp[j], list(zip(top_i[j], top_v[j]))
+                events.append(ev)
+            if i in errors:
+                events.append(self._failed(req, errors[i]))
+        self.batch.retire()
+        return events
+
     def _decode(self) -> list[TokenEvent]:
         """One decoding step of every running request (a failing forward ends the running requests only)."""
         try:
@@ -308,7 +363,7 @@ class Engine:
             self._setup(req)
         except Exception as e:  # noqa: BLE001 - this request's setup failed: it ends alone
             return [self._failed(req, e)]
-        self.cache.reset_rows([self.max_batch_size - 1])
+        self.batch.reset_rows([self.max_batch_size - 1])
         req.prefilled = 0
         self._chunked = req
         return []
@@ -319,7 +374,7 @@ class Engine:
         req.generator = make_generator(req.params.seed, self.model.device)
 
     def _drop_chunked(self) -> None:
-        self.cache.reset_rows([self.max_batch_size - 1])
+        self.batch.reset_rows([self.max_batch_size - 1])
         self._chunked = None
 
     def _prefill_next_chunk(self) -> list[TokenEvent]:
@@ -329,7 +384,11 @@ class Engine:
         try:
             end = min(req.prefilled + self.prefill_chunk, len(req.prompt_ids))
             ids = torch.tensor([req.prompt_ids[req.prefilled:end]], device=self.model.device)
-            logits = self.model(ids, cache=self.cache.rows(r, r + 1), logits_to_keep=1).logits[:, -1]
+            drafter = self.batch.drafter
+            out = self.model(ids, cache=self.cache.rows(r, r + 1), logits_to_keep=1, return_hidden=drafter is not None)
+            logits = out.logits[:, -1]
+            if drafter is not None:
+                drafter.add_prompt(r, req.prompt_ids[req.prefilled:end], out.hidden_states[0])
         except Exception as e:  # noqa: BLE001 - ends this request only
             self._drop_chunked()
             return [self._failed(req, e)]
@@ -339,10 +398,10 @@ class Engine:
             return []
         n = len(self.running)
         if n != r:
-            self.cache.move_row(r, n)
+            self.batch.move_row(r, n)
         self._chunked = None
         if n != r:
-            self.cache.reset_rows([r])
+            self.batch.reset_rows([r])
         self.batch.penalties.reset_row(n, req.prompt_ids)
         self.prefilled_requests += 1
         self.running.append(req)

@@ -43,6 +43,8 @@ class SamplingParams:
     # constrained decoding (inference/constrained.py): an object with allowed() -> bool [V] | None and
     # advance(token); one per sequence (stateful), applied in `choose`
     constraint: object | None = field(default=None, compare=False, repr=False)
+    # MTP self-speculative decoding in the serving engine (greedy rows): None = the engine's default
+    speculative: bool | None = None
 
     @property
     def greedy(self) -> bool:

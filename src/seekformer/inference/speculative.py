@@ -1,21 +1,30 @@
-"""Self-speculative greedy decoding with the model's own Multi-Token Prediction modules.
+"""Self-speculative decoding with the model's own Multi-Token Prediction modules (greedy rows).
 
 Notation: t_j tokens, h^0_j the main model's final-normed hidden state at position j, h^k_j MTP depth k's
 output; depth k at position j reads h^{k-1}_j and Emb(t_{j+k}) and predicts t_{j+k+1}.
 
 One step, for a row whose confirmed tokens are t_0..t_n (t_n, the "bonus" token, not yet fed to the
 main model):
-  1. draft: depth k = 1..K runs on the positions it has not cached yet, up to n-1; its output at n-1
-     predicts the draft d_{n+k}. Positions j > n-k read a draft token, so their cache entries are
-     provisional and rolled back after drafting (recomputed next step from confirmed tokens).
-  2. verify: the main model runs once on [t_n, d_{n+1}, .., d_{n+K}] (K+1 tokens, absorbed attention);
-     its greedy choices g_0..g_K accept the longest prefix of drafts with d_{n+i+1} == g_i, then append
-     g_a (the next bonus). Rejected main-cache slots are rolled back.
+  1. draft (`MTPDrafter.draft`): depth k = 1..K runs on the positions it has not cached yet, up to n-1;
+     its output at n-1 predicts the draft d_{n+k}. Positions j > n-k read a draft token, so their cache
+     entries are provisional and rolled back after drafting (recomputed next step from confirmed tokens).
+     For depth 1 every position is confirmed: drafting is the catch-up of the positions the last step
+     confirmed (1 + accepted drafts), so its cost is one MTP layer on a token or two.
+  2. verify (`DecodeBatch.speculate`): the main model runs once on [t_n, d_{n+1}, .., d_{n+K}] (K+1
+     tokens, absorbed attention: about the cost of one step, the weights are read once); its greedy
+     choices g_0..g_K accept the longest prefix of drafts with d_{n+i+1} == g_i, then append g_a (the next
+     bonus). Rejected main-cache slots are rolled back.
 Every emitted token is the main model's greedy choice given the confirmed prefix, so the output equals
 plain greedy decoding; each main forward yields 1 + a tokens (a = accepted drafts).
 
-Each depth has its own one-layer KVCache (first_layer = num_hidden_layers + k - 1): a depth's cache
-trails the main model's by the positions whose next tokens were not known yet.
+Rows of a batch have different spans: inputs are right-padded, and the padding slots (at the end of a
+row) are rolled back with the provisional ones, so a depth's cache holds exactly the confirmed positions
+and never fills with padding. A long span (a new prompt) is first caught up alone, so short rows are not
+padded to its length. Each depth has its own one-layer KVCache (first_layer = num_hidden_layers + k - 1):
+a depth's cache trails the main model's by the positions whose next tokens were not known yet.
+
+`MTPDrafter` keeps that per-row state for a `DecodeBatch` (rows 0..n-1 of its caches, moved and reset
+with the batch's rows): the generate path (`speculative_decode`) and the serving engine share it.
 """
 
 from __future__ import annotations
@@ -26,15 +35,163 @@ import torch
 
 from ..errors import GenerationError
 from ..nn.kv_cache import KVCache
-from .decoding import new_cache
+from .decoding import DecodeBatch, Row, new_cache
 from .sampling import SamplingParams
-from .stopping import SequenceState, early_stop_mask, stop_ids
+from .stopping import SequenceState, stop_ids
+
+SHORT = 8  # a row with a longer span than this is caught up alone first (a new prompt)
 
 
-def _argmax(logits: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
-    """Greedy choice of logits [B,V] or [B,L,V] (L tokens ahead), stop ids masked by the min_new_tokens rule."""
-    mask = early_stop_mask(states, logits.shape[-1], logits.device, None if logits.dim() == 2 else logits.shape[1])
-    return (logits if mask is None else logits.masked_fill(mask, float("-inf"))).argmax(dim=-1)
+MAX_DRAFTS = SHORT - 1  # drafts per step at most (the provisional positions of a run stay under SHORT)
+
+
+def check_speculative(model, num_speculative_tokens: int | None) -> int:
+    """The number of drafts per step (default: the MTP depth); GenerationError when the model cannot draft."""
+    depth = len(model.mtp)
+    if depth == 0:
+        raise GenerationError("speculative decoding needs MTP modules: the model has num_nextn_predict_layers = 0")
+    k = depth if num_speculative_tokens is None else int(num_speculative_tokens)
+    if not 1 <= k <= MAX_DRAFTS:
+        raise GenerationError(f"num_speculative_tokens must be in [1, {MAX_DRAFTS}] (beyond the MTP depth {depth}, "
+                              f"the last MTP module drafts again from its own output), got {k}")
+    return k
+
+
+class MTPDrafter:
+    """Draft tokens for the rows of a DecodeBatch from the model's MTP modules (see the module docstring).
+
+    Per cache row r: `prefix[r]`, the prompt tokens (the generated ones are the row's state.tokens), and for
+    each depth the confirmed inputs h^{k-1} it has not consumed yet (positions from its cache's
+    next_position on). The batch feeds it the main model's hidden states (`add_hidden`) and mirrors its
+    row moves (`move_row`, `reset_rows`).
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, num_tokens: int | None = None,
+                 cache_mode: str = "latent") -> None:
+        self.model = model
+        self.k = check_speculative(model, num_tokens)
+        self.depth = min(self.k, len(model.mtp))  # MTP modules used; drafts past them chain the last one
+        cfg = model.config
+        cap = max_length + 2 * SHORT + 1  # transient entries: right padding, provisional positions, chained drafts
+        self.caches = [KVCache(cfg, batch_size, cap, mode=cache_mode, dtype=model.dtype, device=model.device,
+                               num_layers=1, first_layer=cfg.num_hidden_layers + d) for d in range(self.depth)]
+        self.prefix: list[list[int]] = [[] for _ in range(batch_size)]
+        # pend[d][r]: chunks [m,D] of confirmed h^d for positions caches[d].next_position[r] onwards
+        self.pend: list[list[list[torch.Tensor]]] = [[[] for _ in range(batch_size)] for _ in range(self.depth)]
+
+    # ------------------------------------------------------------------ row bookkeeping (mirrors DecodeBatch)
+    def reset_rows(self, rows: list[int]) -> None:
+        for c in self.caches:
+            c.reset_rows(rows)
+        for r in rows:
+            self.prefix[r] = []
+            for p in self.pend:
+                p[r] = []
+
+    def move_row(self, src: int, dst: int) -> None:
+        for c in self.caches:
+            c.move_row(src, dst)
+        self.prefix[dst] = self.prefix[src]
+        for p in self.pend:
+            p[dst] = list(p[src])
+
+    def add_prompt(self, row: int, tokens: list[int], hidden_LD: torch.Tensor) -> None:
+        """Prompt tokens of `row` (or a chunk of them) and their final hidden states [L,D]."""
+        self.prefix[row] = self.prefix[row] + list(tokens)
+        self.add_hidden(row, hidden_LD)
+
+    def add_hidden(self, row: int, hidden_LD: torch.Tensor) -> None:
+        """The main model's final hidden states [L,D] of the next L confirmed positions of `row`."""
+        if hidden_LD.shape[0]:
+            self.pend[0][row].append(hidden_LD)
+
+    def backlog(self, n: int) -> int:
+        """The most confirmed main-model positions any of rows 0..n-1 has not drafted from yet."""
+        return max((sum(h.shape[0] for h in self.pend[0][r]) for r in range(n)), default=0)
+
+    # ------------------------------------------------------------------ drafting
+    def draft(self, toks: list[list[int]]) -> list[list[int]]:
+        """Drafts for rows 0..n-1 whose confirmed tokens are toks[r] (prompt + generated, the last one not yet
+        fed to the main model): -> K draft tokens per row. Updates the depth caches and pending states."""
+        n = len(toks)
+        drafts: list[list[int]] = [[] for _ in range(n)]
+        prev: list[tuple[int, torch.Tensor] | None] = [None] * n  # this step's h^{k-1}: (first position, [L,D])
+        for d in range(self.depth):
+            long = [r for r in range(n) if len(toks[r]) - 1 - int(self.caches[d].next_position[r]) > SHORT]
+            for r in long:  # confirmed positions only: SHORT > K - 1 provisional ones
+                span = len(toks[r]) - 1 - int(self.caches[d].next_position[r]) - SHORT
+                self._run(d, r, r + 1, toks, drafts, prev, [span], confirmed_only=True)
+            last_depth = d == self.depth - 1
+            prev, rollback = self._run(d, 0, n, toks, drafts, prev, None, confirmed_only=False,
+                                       keep=last_depth and self.k > self.depth)
+        if self.k > self.depth:
+            self._chain(n, drafts, prev, rollback)
+        return drafts
+
+    def _chain(self, n: int, drafts, prev, rollback: list[int]) -> None:
+        """Drafts past the MTP depth (EAGLE-style): the last module runs again one position further, on its own
+        output there and the draft it just made; these entries and the last run's provisional ones and padding
+        (still in its cache, so positions and attention stay right) are rolled back at the end."""
+        d = self.depth - 1
+        cache = self.caches[d].rows(0, n) if n != self.caches[d].batch_size else self.caches[d]
+        dev = self.model.device
+        h = torch.stack([ph[-1] for _, ph in prev])[:, None]  # [n,1,D]
+        ones = torch.ones(n, 1, dtype=torch.long, device=dev)
+        for _ in range(self.k - self.depth):
+            ids = torch.tensor([[dr[-1]] for dr in drafts], device=dev)
+            h, logits = self.model.mtp_step(d, h, ids, ones, cache)
+            for dr, t in zip(drafts, logits.argmax(dim=-1).tolist()):
+                dr.append(t)
+        cache.rollback(torch.tensor(rollback, device=dev) + (self.k - self.depth))
+
+    def _run(self, d: int, lo: int, hi: int, toks, drafts, prev, spans, confirmed_only: bool, keep: bool = False):
+        """Depth d+1 over rows [lo, hi): positions from its cache's next position, `spans[i]` of them (None:
+        up to n-1, appending a draft per row). Returns this run's outputs per row (first position, [L,D]) and
+        the slots per row to roll back (rolled back here unless `keep`)."""
+        k = d + 1
+        cache = self.caches[d].rows(lo, hi) if (lo, hi) != (0, self.caches[d].batch_size) else self.caches[d]
+        start = cache.next_position.tolist()
+        rows = range(lo, hi)
+        ns = [len(toks[r]) - 1 for r in rows]
+        lens = spans if spans is not None else [max(0, ns[i] - start[i]) for i in range(len(ns))]
+        width = max(1, max(lens))
+        dim, dev = self.model.config.hidden_size, self.model.device
+        h_in = torch.zeros(len(ns), width, dim, dtype=self.model.dtype, device=dev)
+        e_ids = torch.zeros(len(ns), width, dtype=torch.long, device=dev)
+        am = torch.zeros(len(ns), width, dtype=torch.long, device=dev)
+        have_by_row = []
+        for i, r in enumerate(rows):
+            pend = self.pend[d][r]
+            have = pend[0] if len(pend) == 1 else (torch.cat(pend) if pend else h_in.new_zeros(0, dim))
+            have_by_row.append(have)
+            m = lens[i]
+            if not m:
+                continue
+            h = have[:m]
+            if h.shape[0] < m:  # the provisional tail: this step's outputs of the depth below
+                p0, ph = prev[r]
+                h = torch.cat([h, ph[start[i] + h.shape[0] - p0: start[i] + m - p0]])
+            h_in[i, :m] = h
+            ext = toks[r] + drafts[r]
+            e_ids[i, :m] = torch.tensor(ext[start[i] + k: start[i] + k + m], device=dev)
+            am[i, :m] = 1
+        last = torch.tensor([max(m - 1, 0) for m in lens], device=dev)
+        h_out, logits = self.model.mtp_step(d, h_in, e_ids, am, cache, last=last)
+        if not confirmed_only:
+            for i, t in enumerate(logits.argmax(dim=-1).tolist()):
+                drafts[lo + i].append(t)
+        out, rollback = [None] * len(prev), []
+        for i, r in enumerate(rows):
+            m = lens[i]
+            conf = m if confirmed_only else max(0, min(m, ns[i] - k - start[i] + 1))  # positions j <= n-k
+            rollback.append(width - conf)
+            self.pend[d][r] = [have_by_row[i][conf:]] if have_by_row[i].shape[0] > conf else []
+            if d + 1 < self.depth and conf:
+                self.pend[d + 1][r].append(h_out[i, :conf])
+            out[r] = (start[i], h_out[i, :max(m, 1)])
+        if not keep:
+            cache.rollback(torch.tensor(rollback, device=dev))
+        return out, rollback
 
 
 def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
@@ -44,110 +201,28 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
     stats: proposed / accepted drafts, acceptance_rate, main_forwards, tokens_per_forward, seconds.
     """
-    cfg = model.config
-    depth = len(model.mtp)
-    if depth == 0:
-        raise GenerationError("speculative decoding needs MTP modules: the model has num_nextn_predict_layers = 0")
-    k_max = depth if num_speculative_tokens is None else int(num_speculative_tokens)
-    if not 1 <= k_max <= depth:
-        raise GenerationError(f"num_speculative_tokens must be in [1, {depth}] (the MTP depth), got {k_max}")
+    k = check_speculative(model, num_speculative_tokens)
     if not params.greedy or params.penalised:
         raise GenerationError("speculative decoding is greedy only: drop sampling options and penalties")
     t0 = time.perf_counter()
     b, t = input_ids.shape
-    dev, n_max = input_ids.device, params.max_new_tokens
-    eos = stop_ids(params, cfg.eos_token_id)
-    states = [SequenceState(params, eos, tokenizer) for _ in range(b)]
-    main = new_cache(model, b, t + n_max + k_max + 1, cache_mode)
-    cap = t + (2 * k_max + 1) * (n_max + 1)  # chunks are left-padded per depth: pad slots accumulate
-    mtp_caches = [KVCache(cfg, b, cap, mode=cache_mode, dtype=model.dtype, device=dev, num_layers=1,
-                          first_layer=cfg.num_hidden_layers + k) for k in range(k_max)]
-    out = model(input_ids, attention_mask, cache=main, return_hidden=True, logits_to_keep=1)
-    toks = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-    # hid[k][r]: {position: final h^k} not yet consumed by depth k+1
-    hid: list[list[dict[int, torch.Tensor]]] = [[{} for _ in range(b)] for _ in range(k_max)]
-    for r in range(b):
-        pad = t - len(toks[r])
-        hid[0][r] = {j: out.hidden_states[r, pad + j] for j in range(len(toks[r]))}
-    bonus = _argmax(out.logits[:, -1], states).tolist()
-    for r in range(b):
-        toks[r].append(bonus[r])
-        states[r].append(bonus[r])
-    rows = list(range(b))  # batch position -> original row
-    proposed = accepted = forwards = 0
-    while True:
-        keep = [i for i, r in enumerate(rows) if not states[r].finished]
-        if not keep:
-            break
-        if len(keep) < len(rows):
-            idx = torch.tensor(keep, device=dev)
-            for c in [main] + mtp_caches:
-                c.reorder(idx)
-            toks, hid = [toks[i] for i in keep], [[h[i] for i in keep] for h in hid]
-            rows = [rows[i] for i in keep]
-        run = [states[r] for r in rows]
-        drafts = _draft(model, mtp_caches, toks, hid, k_max)
-        chunk = torch.tensor([[tk[-1]] + d for tk, d in zip(toks, drafts)], device=dev)
-        logits, hidden = model.decode_step(chunk, main, last_only=False, return_hidden=True)
+    n_max = params.max_new_tokens
+    drafter = MTPDrafter(model, b, t + n_max, k, cache_mode)
+    batch = DecodeBatch(model, new_cache(model, b, t + n_max + k, cache_mode), drafter=drafter)
+    eos = stop_ids(params, model.config.eos_token_id)
+    rows = [Row(SequenceState(params, eos, tokenizer)) for _ in range(b)]
+    lo, hi = batch.admit(rows)
+    batch.choose(batch.prefill(lo, hi, input_ids, attention_mask), lo, hi)
+    batch.retire()
+    forwards = 1
+    while batch.rows:
+        batch.speculate([True] * len(batch.rows))
         forwards += 1
-        g = _argmax(logits, run).tolist()  # [B', K+1]
-        rollback = []
-        for i, r in enumerate(rows):
-            a = 0
-            while a < k_max and drafts[i][a] == g[i][a]:
-                a += 1
-            proposed += k_max
-            accepted += a
-            rollback.append(k_max - a)
-            n = len(toks[i]) - 1
-            for j in range(a + 1):
-                hid[0][i][n + j] = hidden[i, j]
-            for tok in drafts[i][:a] + [g[i][a]]:
-                if not states[r].finished:
-                    states[r].append(tok)
-                    toks[i].append(tok)
-        main.rollback(torch.tensor(rollback, device=dev))
+        batch.retire()
+    states = [r.state for r in rows]
     generated = sum(len(s.tokens) for s in states)
+    proposed, accepted = batch.spec_stats["proposed"], batch.spec_stats["accepted"]
     stats = {"proposed": proposed, "accepted": accepted, "acceptance_rate": accepted / max(proposed, 1),
-             "main_forwards": forwards + 1, "tokens_per_forward": generated / (forwards + 1),
+             "main_forwards": forwards, "tokens_per_forward": generated / forwards,
              "seconds": time.perf_counter() - t0, "new_tokens": generated}
     return states, stats
-
-
-def _draft(model, caches: list[KVCache], toks: list[list[int]], hid: list[list[dict]], k_max: int) -> list[list[int]]:
-    """Run MTP depths 1..K (see module doc); returns K draft tokens per row and updates caches and `hid`."""
-    b = len(toks)
-    dev = model.device
-    drafts: list[list[int]] = [[] for _ in range(b)]
-    prev: list[dict[int, torch.Tensor]] = [{} for _ in range(b)]  # this step's h^{k-1} by position
-    for k in range(1, k_max + 1):
-        cache = caches[k - 1]
-        start = cache.next_position.tolist()
-        ns = [len(tk) - 1 for tk in toks]
-        spans = [list(range(start[r], ns[r])) for r in range(b)]
-        width = max(1, max(len(s) for s in spans))
-        h_in = torch.zeros(b, width, model.config.hidden_size, dtype=model.dtype, device=dev)
-        e_ids = torch.zeros(b, width, dtype=torch.long, device=dev)
-        am = torch.zeros(b, width, dtype=torch.long, device=dev)
-        for r in range(b):
-            ext, off = toks[r] + drafts[r], width - len(spans[r])
-            if spans[r]:
-                h_in[r, off:] = torch.stack([prev[r][j] if j in prev[r] else hid[k - 1][r][j] for j in spans[r]])
-                e_ids[r, off:] = torch.tensor([ext[j + k] for j in spans[r]], device=dev)
-                am[r, off:] = 1
-        h, logits = model.mtp_step(k - 1, h_in, e_ids, am, cache)
-        d = logits.argmax(dim=-1).tolist()
-        cache.rollback(torch.tensor([min(k - 1, len(s)) for s in spans], device=dev))  # provisional entries
-        new_prev = []
-        for r in range(b):
-            drafts[r].append(d[r])
-            off = width - len(spans[r])
-            out_r = {j: h[r, off + i] for i, j in enumerate(spans[r])}
-            new_prev.append(out_r)
-            if k < k_max:  # final outputs (j <= n-k) wait for depth k+1
-                hid[k][r].update({j: v for j, v in out_r.items() if j <= ns[r] - k})
-            c_new = int(cache.next_position[r])
-            hid[k - 1][r] = {j: v for j, v in hid[k - 1][r].items() if j >= c_new}
-        prev = new_prev
-    return drafts
-

@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from ..errors import SeekformerError
-from ..nn.attention import MLA
 from ..nn.moe import MoE
 
 

@@ -11,24 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    plt = _plt()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+from ..figures import pyplot, save_figure
 
 
 def _token_ticks(ax, tokens: list[str], axis: str = "y") -> None:
@@ -44,7 +27,7 @@ def _token_ticks(ax, tokens: list[str], axis: str = "y") -> None:
 
 def routing_heatmaps(record: dict, out_dir: str | os.PathLike) -> list[Path]:
     """routing_layer{i}.png per MoE layer: tokens x experts, the gate weight of each chosen expert."""
-    plt = _plt()
+    plt = pyplot()
     tokens, paths = record["tokens"], []
     e = max(1, int(record.get("num_experts") or 0))
     for layer in record["layers"]:
@@ -60,14 +43,14 @@ def routing_heatmaps(record: dict, out_dir: str | os.PathLike) -> list[Path]:
         ax.set_title(f"layer {layer['layer']}: gate weight per token and expert")
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
-        paths.append(_save(fig, Path(out_dir) / f"routing_layer{layer['layer']}.png"))
+        paths.append(save_figure(fig, Path(out_dir) / f"routing_layer{layer['layer']}.png"))
     return paths
 
 
 def attention_maps(tokens: list[str], attention: dict[int, np.ndarray], out_dir: str | os.PathLike) -> list[Path]:
     """Per layer (attention[layer] = probs [H,T,T]): attention_layer{i}_mean.png (head mean) and
     attention_layer{i}_heads.png (one panel per head)."""
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for layer, probs in sorted(attention.items()):
         h = probs.shape[0]
@@ -80,7 +63,7 @@ def attention_maps(tokens: list[str], attention: dict[int, np.ndarray], out_dir:
         ax.set_title(f"layer {layer}: attention, mean of {h} heads")
         fig.colorbar(im, ax=ax, fraction=0.05)
         fig.tight_layout()
-        paths.append(_save(fig, Path(out_dir) / f"attention_layer{layer}_mean.png"))
+        paths.append(save_figure(fig, Path(out_dir) / f"attention_layer{layer}_mean.png"))
         cols = min(4, h)
         rows = math.ceil(h / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
@@ -91,13 +74,13 @@ def attention_maps(tokens: list[str], attention: dict[int, np.ndarray], out_dir:
             ax.axis("off")
         fig.suptitle(f"layer {layer}: attention per head")
         fig.tight_layout()
-        paths.append(_save(fig, Path(out_dir) / f"attention_layer{layer}_heads.png"))
+        paths.append(save_figure(fig, Path(out_dir) / f"attention_layer{layer}_heads.png"))
     return paths
 
 
 def load_histograms(stats: dict[str, dict], out_dir: str | os.PathLike, name: str = "routing_stats.png") -> Path:
     """One panel per MoE layer: each corpus' expert load (bars), with entropy and same-expert rates."""
-    plt = _plt()
+    plt = pyplot()
     labels = list(stats)
     layers = [x["layer"] for x in stats[labels[0]]["layers"]]
     fig, axes = plt.subplots(len(layers), 1, figsize=(8, 2.6 * len(layers)), squeeze=False)
@@ -118,12 +101,12 @@ def load_histograms(stats: dict[str, dict], out_dir: str | os.PathLike, name: st
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("expert")
     fig.tight_layout()
-    return _save(fig, Path(out_dir) / name)
+    return save_figure(fig, Path(out_dir) / name)
 
 
 def ablation_heatmap(report: dict, out_dir: str | os.PathLike, name: str = "ablation.png") -> Path:
     """MoE layers x experts: loss increase when that expert alone is ablated."""
-    plt = _plt()
+    plt = pyplot()
     grid = np.array([[x["delta"] for x in layer["experts"]] for layer in report["layers"]])
     fig, ax = plt.subplots(figsize=(min(14, 2 + 0.5 * grid.shape[1]), 1.5 + 0.5 * grid.shape[0]))
     im = ax.imshow(grid, aspect="auto", cmap="Reds", interpolation="nearest")
@@ -133,4 +116,4 @@ def ablation_heatmap(report: dict, out_dir: str | os.PathLike, name: str = "abla
     ax.set_title(f"loss increase (baseline {report['baseline_loss']:.3f} nats/token, {report['mode']})")
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    return _save(fig, Path(out_dir) / name)
+    return save_figure(fig, Path(out_dir) / name)

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import SeekConfig
@@ -287,23 +286,25 @@ class SeekForCausalLM(nn.Module):
 
     @torch.no_grad()
     def mtp_step(self, depth: int, h_prev: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: KVCache, last: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (0-based) on its own one-layer cache: h_prev [B,L,D] (h^depth), token_ids [B,L]
         (the tokens `depth + 1` ahead), attention_mask [B,L] -> (h^{depth+1} [B,L,D], logits of the last
-        position [B,V], which predict the token `depth + 2` ahead of it)."""
+        position [B,V], which predict the token `depth + 2` ahead of it). `last` [B], when given, picks
+        another position per row for the logits (the last real one of a right-padded row)."""
         module = self.mtp[depth]
         slots, pos, mask = cache.prepare(attention_mask)
         cos, sin = self.model.rotary_emb(pos, h_prev.dtype)
         emb = self.model.embed_tokens(token_ids)
-        if step_applies(cache, h_prev.shape[1]):
+        stepped = step_applies(cache, h_prev.shape[1])
+        if stepped:
             rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
             h = module.step(h_prev, emb, rope, ~mask, cache, slots)
-            last = rms_norm(h[:, -1], module.shared_head.norm)
         else:  # e.g. a per-head cache or a long chunk: the module's forward
             h = module(h_prev, emb, cos, sin, mask, cache, slots, attention_mask)
-            last = module.head_norm(h[:, -1])
         cache.commit()
-        return h, linear_of(self.lm_head, last)
+        h_last = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+        normed = rms_norm(h_last, module.shared_head.norm) if stepped else module.head_norm(h_last)
+        return h, linear_of(self.lm_head, normed)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The one way to open a model directory for use: `load_model_and_tokenizer(dir, device, dtype)`.
+"""The one way to open a model directory for use: `load_model_and_tokenizer(dir, device, dtype)`, and for a
+fine-tuned multi-task directory (task heads, perhaps a vision tower) `load_multitask(dir, device)`.
 
 `generate`, `chat`, `eval`, `serve` and the benchmarks all load through it, so every command accepts the
 same devices and the same dtype names: `fp32|float32`, `bf16|bfloat16`, `fp16|float16` (`parse_dtype`).
@@ -49,10 +50,11 @@ def check_device(device: str) -> str:
 
 
 def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str = "cpu",
-                             dtype: str | torch.dtype | None = None):
+                             dtype: str | torch.dtype | None = None, require_tokenizer: bool = True):
     """(SeekForCausalLM in eval mode, SeekTokenizer) of a model directory saved with its tokenizer.
 
-    Bad device/dtype names raise ConfigError, a missing or broken directory CheckpointError."""
+    Bad device/dtype names raise ConfigError, a missing or broken directory CheckpointError (also a
+    missing tokenizer, unless `require_tokenizer=False`: then the tokenizer is None)."""
     from ..checkpoint import check_model_dir
     from ..tokenizer import TOKENIZER_FILE, SeekTokenizer
     from .causal_lm import SeekForCausalLM
@@ -60,9 +62,21 @@ def load_model_and_tokenizer(model_dir: str | os.PathLike, device: str = "cpu",
     torch_dtype = parse_dtype(dtype)
     check_device(device)
     path = check_model_dir(model_dir)
-    if not (path / TOKENIZER_FILE).is_file():
+    has_tokenizer = (path / TOKENIZER_FILE).is_file()
+    if not has_tokenizer and require_tokenizer:
         raise CheckpointError(f"{path} has no {TOKENIZER_FILE}: use a directory saved with its tokenizer "
                               "(a training run's output, or save_model(..., extra_files=tokenizer.files()))")
-    tokenizer = SeekTokenizer.load(path)
+    tokenizer = SeekTokenizer.load(path) if has_tokenizer else None
     model = SeekForCausalLM.from_pretrained(path, device=device, dtype=torch_dtype)
     return model.eval(), tokenizer
+
+
+def load_multitask(model_dir: str | os.PathLike, device: str = "cpu"):
+    """A directory written by `seekformer finetune`: SeekForVisionMultiTask when it has a vision tower, else
+    SeekForMultiTask (CheckpointError when it is not a fine-tuned multi-task model)."""
+    from .multitask import SeekForMultiTask
+    from .vision_lm import SeekForVisionMultiTask, is_vision_dir
+
+    check_device(device)
+    kind = SeekForVisionMultiTask if is_vision_dir(model_dir) else SeekForMultiTask
+    return kind.from_pretrained(model_dir, device=device)

@@ -295,15 +295,10 @@ class SeekForMultiTask(nn.Module):
         save_model(lm, path, dtype=dtype, extra_files=files)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        vision: bool = True) -> SeekForMultiTask:
-        """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model).
-
-        A directory with vision files loads as a SeekForVisionMultiTask (unless `vision=False`: text part only)."""
-        from .vision_lm import SeekForVisionMultiTask, is_vision_dir
-
-        if vision and cls is SeekForMultiTask and is_vision_dir(path):
-            return SeekForVisionMultiTask.from_pretrained(path, device)
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForMultiTask:
+        """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model):
+        the language model and the task heads (a vision tower, if the directory has one, is left out:
+        `models.loading.load_multitask` opens either kind)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 

@@ -331,7 +331,7 @@ class SeekForVisionMultiTask(SeekForMultiTask, ImageEmbedder):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForVisionMultiTask:
-        base = SeekForMultiTask.from_pretrained(path, device, vision=False)
+        base = SeekForMultiTask.from_pretrained(path, device)
         cfg, tid, state = read_vision_dir(path)
         model = cls(base.lm, list(base.tasks.values()), cfg, tid)
         model.heads.load_state_dict(base.heads.state_dict())

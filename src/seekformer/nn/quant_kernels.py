@@ -35,6 +35,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 
 static inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
@@ -61,45 +62,44 @@ static void i8_##M##_##R(const float* x, int64_t I, const int8_t* q, const float
   for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) y[m * O + o + r] = hsum(acc[r][m]) * s[o + r]; \
 }
 
-/* int4: per group of G inputs, nibble dot products accumulate in d[r][m], then the group scale enters. */
+/* int4: the activations enter as int8 per group of G inputs (xq, scale xd: x ~ xq * xd, as llama.cpp's Q8
+   activations), so 32 weights cost one maddubs (u8 nibbles x s8 -> s16 pairs) and one madd (-> s32) per row
+   instead of eight int->float conversions and four FMAs; the s32 sums are converted once per group, where
+   the weight scale and xd enter. The minimum term uses the exact fp32 group sums xs; as the nibbles are
+   0..15 (mean ~7.5), the error of the int8 activations' group sums would enter 7.5x: xs[M*ng + ...] holds
+   that error (sum x - xd * sum xq) per group, and 7.5 * scale * error puts it back. */
 #define I4_BLOCK(M, R)                                                                                   \
-static void i4_##M##_##R(const float* x, const float* xs, int64_t I, int64_t G, const uint8_t* q,        \
-                         const float* sc, const float* mn, float* y, int64_t O, int64_t o) {             \
+static void i4_##M##_##R(const int8_t* xq, const float* xd, const float* xs, int64_t I, int64_t G,       \
+                         const uint8_t* q, const float* sc, const float* mn, float* y, int64_t O, int64_t o) { \
   const int64_t ng = I / G;                                                                              \
   const __m128i low = _mm_set1_epi8(0x0F);                                                               \
+  const __m256i ones = _mm256_set1_epi16(1);                                                             \
   __m256 acc[R][M];                                                                                      \
   for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();               \
   for (int64_t g = 0; g < ng; ++g) {                                                                     \
-    __m256 d[R][M];                                                                                      \
-    for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) d[r][m] = _mm256_setzero_ps();               \
+    __m256i d[R][M];                                                                                     \
+    for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) d[r][m] = _mm256_setzero_si256();            \
     for (int64_t i = g * G; i < (g + 1) * G; i += 32) {                                                  \
+      __m256i xv[M];                                                                                     \
+      for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_si256((const __m256i*)(xq + m * I + i));          \
       for (int r = 0; r < R; ++r) {                                                                      \
         __m128i b = _mm_loadu_si128((const __m128i*)(q + (o + r) * (I / 2) + i / 2));                    \
-        __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);               \
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));                                        \
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));                     \
-        __m256 w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));                                        \
-        __m256 w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));                     \
-        for (int m = 0; m < M; ++m) {                                                                    \
-          const float* xm = x + m * I + i;                                                               \
-          __m256 t = _mm256_mul_ps(w0, _mm256_loadu_ps(xm));                                             \
-          t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), t);                                           \
-          t = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xm + 16), t);                                          \
-          t = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xm + 24), t);                                          \
-          d[r][m] = _mm256_add_ps(d[r][m], t);                                                           \
-        }                                                                                                \
+        __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));   \
+        for (int m = 0; m < M; ++m)                                                                      \
+          d[r][m] = _mm256_add_epi32(d[r][m], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv[m]), ones));  \
       }                                                                                                  \
     }                                                                                                    \
     for (int r = 0; r < R; ++r) {                                                                        \
-      __m256 sv = _mm256_set1_ps(sc[(o + r) * ng + g]);                                                  \
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(d[r][m], sv, acc[r][m]);                   \
+      const float s = sc[(o + r) * ng + g];                                                              \
+      for (int m = 0; m < M; ++m)                                                                        \
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r][m]), _mm256_set1_ps(s * xd[m * ng + g]), acc[r][m]); \
     }                                                                                                    \
   }                                                                                                      \
   for (int r = 0; r < R; ++r) {                                                                          \
-    const float* mr = mn + (o + r) * ng;                                                                 \
+    const float *mr = mn + (o + r) * ng, *sr = sc + (o + r) * ng;                                        \
     for (int m = 0; m < M; ++m) {                                                                        \
       float tot = hsum(acc[r][m]);                                                                       \
-      for (int64_t g = 0; g < ng; ++g) tot += mr[g] * xs[m * ng + g];                                    \
+      for (int64_t g = 0; g < ng; ++g) tot += mr[g] * xs[m * ng + g] + 7.5f * sr[g] * xs[(M + m) * ng + g]; \
       y[m * O + o + r] = tot;                                                                            \
     }                                                                                                    \
   }                                                                                                      \
@@ -140,16 +140,32 @@ void sf_int8_linear(const float* x, int64_t M, int64_t I, const int8_t* q, const
 void sf_int4_linear(const float* x, int64_t M, int64_t I, int64_t G, const uint8_t* q, const float* sc,
                     const float* mn, float* y, int64_t O, int threads) {
   const int64_t ng = I / G;
-  float xs[8 * 1024];
-  float* sums = M * ng <= 8 * 1024 ? xs : (float*)malloc(sizeof(float) * M * ng);
+  int8_t* xq = (int8_t*)malloc(M * I);  /* activations as int8 per group, their scales xd, their sums */
+  float fbuf[3 * 8 * 512];
+  float* f = 3 * M * ng <= 3 * 8 * 512 ? fbuf : (float*)malloc(3 * sizeof(float) * M * ng);
+  float *xd = f, *sums = f + M * ng;  /* sums: [M,ng] group sums of x, then [M,ng] their int8 errors */
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
-      float t = 0.f;
-      for (int64_t i = g * G; i < (g + 1) * G; ++i) t += x[m * I + i];
+      const float* xg = x + m * I + g * G;
+      float t = 0.f, amax = 0.f;
+      for (int64_t i = 0; i < G; ++i) {
+        t += xg[i];
+        amax = fmaxf(amax, fabsf(xg[i]));
+      }
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t qs = 0;
+      for (int64_t i = 0; i < G; ++i) {
+        const int8_t v = (int8_t)lrintf(xg[i] * inv);
+        xq[m * I + g * G + i] = v;
+        qs += v;
+      }
+      xd[m * ng + g] = d;
       sums[m * ng + g] = t;
+      sums[(M + m) * ng + g] = t - d * (float)qs;
     }
-  SWITCH(i4, x, sums, I, G, q, sc, mn, y, O)
-  if (sums != xs) free(sums);
+  SWITCH(i4, xq, xd, sums, I, G, q, sc, mn, y, O)
+  if (f != fbuf) free(f);
+  free(xq);
 }
 """
 
@@ -190,7 +206,7 @@ def _build():
             c_file, so_tmp = Path(tmp) / "k.c", Path(tmp) / "k.so"
             c_file.write_text(_SOURCE)
             r = subprocess.run([cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", str(c_file),
-                                "-o", str(so_tmp)], capture_output=True, timeout=300)
+                                "-o", str(so_tmp), "-lm"], capture_output=True, timeout=300)
             if r.returncode != 0:
                 return None
             os.replace(so_tmp, out)  # atomic: a concurrent builder finds a whole library or none

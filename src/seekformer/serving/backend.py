@@ -150,9 +150,12 @@ class Backend:
     """Owns the model, the engine and the worker thread (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, speculative: bool | None = None) -> None:
+        """`speculative` as `Engine` takes it: True = every greedy request speculates unless it says
+        otherwise, None = requests that ask (a model with MTP modules), False = never."""
         from ..inference.engine import Engine
 
+        self.speculative = speculative
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
@@ -175,26 +178,32 @@ class Backend:
     # ------------------------------------------------------------------ state
     @property
     def capacity(self) -> int:
+        """Sequences the server holds at once: decoding rows plus the waiting queue."""
         return self.max_batch_size + self.max_queue
 
     @property
     def outstanding(self) -> int:
+        """Sequences submitted and not yet finished (running or waiting)."""
         return self._outstanding
 
     @property
     def running(self) -> int:
+        """Sequences in the decode batch now."""
         return self.engine.num_running
 
     @property
     def waiting(self) -> int:
+        """Sequences submitted but not yet decoding (queued or being prefilled)."""
         return max(0, self._outstanding - self.engine.num_running)
 
     @property
     def alive(self) -> bool:
+        """Whether the decode thread runs (False before `start()` and after it failed or stopped)."""
         return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Backend:
+        """Start the decode thread (a daemon); returns self."""
         self._thread = threading.Thread(target=self._run, name="seekformer-decode", daemon=True)
         self._thread.start()
         return self
@@ -234,9 +243,14 @@ class Backend:
         with self._cond:
             self._outstanding -= n
 
+    @property
+    def speculative_available(self) -> bool:
+        """Whether requests may ask for speculative decoding (the engine keeps an MTP drafter)."""
+        return self.engine.batch.drafter is not None
+
     def _new_engine(self):
         return self._engine_cls(self.model, self.tokenizer, max_batch_size=self.max_batch_size,
-                                prefill_chunk=self.prefill_chunk)
+                                prefill_chunk=self.prefill_chunk, speculative=self.speculative)
 
     def _run(self) -> None:
         while True:

@@ -120,6 +120,8 @@ class OpenAIHandlers:
                               "can hold: shorten it", param, "context_length_exceeded")
 
     async def in_thread(self, fn, *args):
+        """`fn(*args)` in a worker thread (tokenizing, scoring): the event loop keeps answering
+        meanwhile; at most a few run at once (a shared limiter)."""
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._tokenize_limiter)
 
     async def encode_texts(self, texts: list[str], param: str = "prompt", **kw) -> list[list[int]]:
@@ -135,6 +137,7 @@ class OpenAIHandlers:
 
     # ------------------------------------------------------------------ checks and inputs
     def check_model(self, name: str) -> None:
+        """404 (`model_not_found`) unless `name` is the served model's name."""
         if name != self.model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}' "
                                 "(see GET /v1/models)", "model", "model_not_found")
@@ -163,7 +166,10 @@ class OpenAIHandlers:
             top_k=top_k, min_p=req.min_p or 0.0, repetition_penalty=req.repetition_penalty or 1.0,
             frequency_penalty=req.frequency_penalty or 0.0, presence_penalty=req.presence_penalty or 0.0,
             seed=req.seed, stop=tuple(stop), stop_token_ids=tuple(req.stop_token_ids or ()) + tuple(extra_stop_ids),
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, speculative=req.speculative)
+        if req.speculative and not self.backend.speculative_available:
+            raise bad_request("speculative decoding is not available: the model has no MTP modules "
+                              "(num_nextn_predict_layers = 0) or the server runs with --no-speculative", "speculative")
         try:
             return params.validate(self.vocab)
         except SeekformerError as e:
@@ -209,6 +215,9 @@ class OpenAIHandlers:
 
     # ------------------------------------------------------------------ /v1/completions
     async def completions(self, req: CompletionRequest, is_disconnected=None):
+        """POST /v1/completions: a JSON body, or server-sent events when `req.stream`. Prompts are
+        strings or token ids; `echo` / `logprobs` score the prompt in chunks between decode steps;
+        `is_disconnected()` (async) is polled so a dropped client cancels its sequences."""
         self.check_model(req.model)
         req.check_unsupported()
         stop, include_usage = req.stop_list(), req.include_usage()
@@ -325,6 +334,9 @@ class OpenAIHandlers:
 
     # ------------------------------------------------------------------ /v1/chat/completions
     async def chat(self, req: ChatCompletionRequest, is_disconnected=None):
+        """POST /v1/chat/completions: the messages through the model's chat template; tools and
+        `response_format` constrain the output (serving/tools.py); image parts go to serving/vision.py.
+        A JSON body, or server-sent events when `req.stream`; a dropped client cancels its sequences."""
         self.check_model(req.model)
         req.check_unsupported()
         from .vision import has_images, refuse_text_only

@@ -59,6 +59,7 @@ class PromptWork:
         return sum(len(q) for q in self._queues.values())
 
     def add(self, job: PromptJob) -> None:
+        """Queue `job` behind the earlier jobs of the same request (requests take turns)."""
         self._queues.setdefault(id(job.sub), deque()).append(job)
 
     def drop_cancelled(self) -> list[PromptJob]:

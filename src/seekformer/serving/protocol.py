@@ -32,11 +32,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
     def body(self) -> dict:
+        """The OpenAI error body: {"error": {message, type, param, code}}."""
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
+    """A 400 APIError about `param`."""
     return APIError(400, message, param, code)
 
 
@@ -64,6 +66,8 @@ class _Request(BaseModel):
     min_tokens: StrictInt = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    # seekformer extra: MTP self-speculative decoding for this request (greedy only; null: the server's default)
+    speculative: StrictBool | None = None
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -95,6 +99,7 @@ class CompletionRequest(_Request):
     suffix: StrictStr | None = None
 
     def check_unsupported(self) -> None:
+        """400 for fields this server accepts in the schema but does not implement (best_of != n, suffix)."""
         super().check_unsupported()
         if self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of is not supported (only best_of == n)", "best_of", "unsupported_parameter")
@@ -103,6 +108,8 @@ class CompletionRequest(_Request):
 
 
 class TextPart(BaseModel):
+    """An OpenAI text content part of a chat message."""
+
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     type: Literal["text"]
@@ -110,6 +117,8 @@ class TextPart(BaseModel):
 
 
 class ImageURL(BaseModel):
+    """The `image_url` of an image part: an http(s) or data: URL."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     url: StrictStr
@@ -126,6 +135,8 @@ class ImagePart(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message: role, content (a string or text / image parts), and tool-call fields."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     role: StrictStr
@@ -135,6 +146,7 @@ class ChatMessage(BaseModel):
     tool_call_id: StrictStr | None = None  # role "tool": the call this result answers
 
     def text(self) -> str:
+        """The message's text: the string content, or its text parts joined (image parts left out)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -155,12 +167,14 @@ class ChatCompletionRequest(_Request):
     response_format: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
+        """400 for field combinations this server does not take (top_logprobs without logprobs)."""
         super().check_unsupported()
         # tools, tool_choice and response_format are checked by serving/tools.py (plan_chat)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
 
     def limit(self) -> int | None:
+        """The completion token limit: `max_completion_tokens`, else `max_tokens` (None: up to the context)."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 

@@ -35,12 +35,14 @@ def load_model_dir(model_dir: str | os.PathLike, device: str = "cpu", dtype: str
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on `host` now (the OS picks it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def uvicorn_config(app, host: str, port: int, log_level: str = "info"):
+    """The uvicorn.Config every server uses: on shutdown it waits for open responses to finish."""
     import uvicorn
 
     # timeout_graceful_shutdown=None: on shutdown, wait for every open response to finish
@@ -82,11 +84,13 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           model_name: str | None = None, max_batch_size: int = 16, max_queue: int = 256, device: str = "cpu",
           dtype: str | None = None, log_level: str = "info", max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
           cors_origins: list[str] | None = None, prefill_chunk: int = 512,
-          lora: tuple[str, str] | None = None, allow_remote_images: bool = False) -> None:
+          lora: tuple[str, str] | None = None, allow_remote_images: bool = False,
+          speculative: bool | None = None) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
 
     `max_body_bytes` None: no body limit; `lora` (NAME, DIR) folds a peft adapter in and serves it as NAME;
-    `allow_remote_images` lets image_url parts fetch http(s) URLs (a model with a vision tower).
+    `allow_remote_images` lets image_url parts fetch http(s) URLs (a model with a vision tower);
+    `speculative` as ServerConfig takes it (MTP self-speculative decoding).
     Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port is
     bound before the model loads and before "serving ..." is printed."""
     require_serve_extra()
@@ -103,6 +107,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         config = ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_body_bytes=max_body_bytes,
                               cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk,
+                              speculative=speculative,
                               vision=load_server_vision(model, model_dir),
                               vision_options=VisionOptions(allow_remote_images=allow_remote_images))
         app = create_app(model, tok, config)
@@ -127,9 +132,12 @@ class ServerThread:
 
     @property
     def url(self) -> str:
+        """http://HOST:PORT of the running server."""
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ServerThread:
+        """Start serving in the thread; returns once the server accepts connections (RuntimeError after
+        `timeout` seconds)."""
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -87,6 +87,8 @@ class ChatPlan:
         return self.tool_mode != "none"
 
     def params_for(self, params):
+        """The SamplingParams of one choice: with its own copy of the constraint (each choice walks the
+        grammar on its own)."""
         return params if self.constraint is None else params.replace(constraint=self.constraint.fork())
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:

@@ -29,6 +29,8 @@ from .protocol import APIError, bad_request
 
 @dataclass
 class VisionOptions:
+    """What the server accepts as images (`seekformer serve --allow-remote-images` and the limits)."""
+
     allow_remote_images: bool = False  # fetch http(s) image URLs (off: 400)
     max_image_bytes: int = MAX_IMAGE_BYTES
     max_image_pixels: int = MAX_IMAGE_PIXELS
@@ -43,6 +45,7 @@ def load_server_vision(model, model_dir):
 
 
 def has_images(req) -> bool:
+    """Whether any message of a chat request has an image_url part."""
     return any(isinstance(m.content, list) and any(getattr(p, "type", "") == "image_url" for p in m.content)
                for m in req.messages)
 
@@ -133,6 +136,8 @@ class VisionChat:
         return toks, out.texts[0], out.finish_reasons[0]
 
     async def chat(self, req) -> Any:
+        """A chat completion whose messages carry images (n = 1, no logprobs): the images are fetched or
+        decoded within the limits, encoded by the vision tower, and spliced in place of the image tokens."""
         h = self.h
         if req.n != 1 or req.logprobs:
             raise bad_request("requests with images support n = 1 and no logprobs", "n" if req.n != 1 else "logprobs",

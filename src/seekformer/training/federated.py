@@ -29,7 +29,6 @@ rounds, per-round metrics, uplink bytes) and OUT/federated.png (test accuracy pe
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -364,10 +363,9 @@ def _sum_bytes(metrics: list[tuple[int, dict]]) -> dict:
 
 def plot_rounds(out_dir: str | Path, history: list[dict[str, Any]], split: str) -> Path:
     """OUT/federated.png: accuracy (and training loss) per round."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -382,11 +380,7 @@ def plot_rounds(out_dir: str | Path, history: list[dict[str, Any]], split: str) 
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path, tmp = out / PLOT_FILE, out / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / PLOT_FILE)
 
 
 def federated_finetune(recipe, console=None) -> FinetuneResult:

@@ -19,5 +19,8 @@ def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
 
         trainer_cls = PrivateTrainer
     trainer = trainer_cls(recipe, console=console)
-    trainer.prepare()
-    return trainer.run()
+    try:
+        trainer.prepare()
+        return trainer.run()
+    finally:
+        trainer.par.close()  # the process group of a torchrun / --nproc launch

@@ -66,10 +66,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def plot_training(out_dir: str | os.PathLike, records: list[dict[str, Any]] | None = None) -> Path:
     """Write OUT/training.png: train/validation loss, max/mean expert load per MoE layer, final load map."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     records = records if records is not None else read_metrics(out)
@@ -109,9 +108,4 @@ def plot_training(out_dir: str | os.PathLike, records: list[dict[str, Any]] | No
         ax.set_title("fraction of routed tokens per expert (last log)")
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = out / PLOT_FILE
-    tmp = out / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / PLOT_FILE, dpi=110)

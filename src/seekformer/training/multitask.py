@@ -6,6 +6,15 @@ gradient on the shared trunk parameters is kept apart (g_i), then the g_i are su
 PCGrad) into the trunk's gradient; heads get their own gradients directly. Then clipping, AdamW, the
 MoE balancing-bias update (full fine-tuning only) and the weighting strategy's update.
 
+Several processes (`seekformer finetune RECIPE --nproc N` or torchrun; `distributed.Parallel`): every rank
+holds the whole model and draws the same global batch of each task; rank r runs its slice of the rows with
+the task loss scaled to its share of the batch's loss units (target tokens, or rows), so the ranks' losses
+sum to the 1-process loss. Each task's trunk gradient g_i is summed over ranks before PCGrad / gradient
+norms see it, the heads' gradients once per step, the MoE expert loads before the bias update: every rank
+then applies the 1-process update. (A manual all-reduce rather than DDP: DDP would average rather than sum,
+reduce every task's gradient into one, and need find_unused_parameters for the heads a step leaves out.)
+Rank 0 evaluates, writes checkpoints (the replicated state: any world size resumes it) and the model.
+
 Output directory (OUT = recipe.out):
 
     OUT/config.json, model.safetensors, tokenizer.json, ...   the trunk (a plain HF model dir, LoRA merged)
@@ -17,7 +26,6 @@ Output directory (OUT = recipe.out):
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..distributed import Parallel
 from ..errors import CheckpointError, RecipeError
 from .checkpointing import RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, read_metrics
@@ -38,7 +47,8 @@ RESULTS_FILE = "results.json"
 RESUMABLE_KEYS = frozenset({"out", "train.steps", "train.resume", "train.overwrite", "train.save_every",
                             "train.keep_checkpoints", "train.progress", "train.log_every", "train.eval_every",
                             "train.eval_examples", "train.eval_batch_size", "train.validate", "train.test",
-                            "train.threads", "train.device"})
+                            "train.threads", "train.device", "parallel.strategy", "parallel.backend",
+                            "parallel.activation_checkpointing"})
 PLOT_FILE = "finetune.png"
 
 
@@ -112,6 +122,7 @@ class MultiTaskTrainer:
         self.out = Path(recipe.out)
         self.console = console or Console(stderr=True)
         self.on_step = None  # called after each step (and its checkpoint) with the trainer
+        self.par = Parallel.single(recipe.parallel, recipe.train.device)  # joined in prepare()
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -124,8 +135,13 @@ class MultiTaskTrainer:
             raise RecipeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.par = par = Parallel.from_env(r.parallel, t.device)
+        if not par.is_main:
+            self.console.quiet = True
         self.checkpoints = RunCheckpoints(self.out, "finetune", r.to_dict(), RESUMABLE_KEYS, self.console)
-        resume_from = self.checkpoints.start(t.resume, t.overwrite)
+        # every rank reads the same verdict; only rank 0 cleans or deletes; rank 0's run id is everyone's
+        resume_from = self.checkpoints.start(t.resume, t.overwrite, is_main=par.is_main)
+        self.checkpoints.run_id = par.broadcast_object(self.checkpoints.run_id)
         torch.manual_seed(t.seed)
         self.tokenizer, lm = load_base(r)
         from .vision import configure_vision, vision_for_recipe
@@ -148,6 +164,11 @@ class MultiTaskTrainer:
             for p in self.model.lm.parameters():
                 p.requires_grad_(False)
         vision_groups = configure_vision(self.model, r) if self.vision is not None else []
+        if r.parallel.activation_checkpointing:
+            from ..distributed.runtime import checkpoint_blocks
+
+            checkpoint_blocks(self.model.lm)
+        self.par.broadcast_module_(self.model)  # rank 0's weights everywhere (they already agree: same seed)
         self.model.train()
         self.shared = self.model.trunk_parameters()
         names = {id(p): n for n, p in self.model.lm.named_parameters()}
@@ -161,6 +182,8 @@ class MultiTaskTrainer:
                     groups.append({**g, "lr": lr})
         groups += vision_groups
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
+        shared = {id(p) for p in self.shared}
+        self.unshared = [p for g in groups for p in g["params"] if id(p) not in shared]  # heads, vision, ...
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.steps, t.min_lr_ratio)
         w = r.weighting
         self.names = list(self.data)
@@ -191,9 +214,15 @@ class MultiTaskTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write OUT/checkpoints/step-N (trainer_state/state.pt, recipe.yaml, run.json) atomically, point
-        `latest` at it, prune this run's older ones."""
-        return self.checkpoints.save(self.step, self.checkpoint_state(), keep=self.t.keep_checkpoints,
-                                     recipe=self.recipe.to_dict())
+        `latest` at it, prune this run's older ones. Several processes: every rank holds the same state
+        (replicated weights, the same data streams), rank 0 writes it and the others wait."""
+        target = None
+        if self.par.is_main:
+            target = self.checkpoints.save(self.step, self.checkpoint_state(), keep=self.t.keep_checkpoints,
+                                           recipe=self.recipe.to_dict())
+        self.checkpoints.last_saved_step = self.step
+        self.par.barrier()
+        return target if target is not None else self.out / "checkpoints" / f"step-{self.step:06d}"
 
     def _resume(self, found: Path) -> None:
         """Restore everything `checkpoint_state` saved from `found` (which RunCheckpoints checked is ours)."""
@@ -241,21 +270,51 @@ class MultiTaskTrainer:
             p.grad = None
         return flat
 
+    def _forward_share(self, name: str, batch: dict[str, torch.Tensor]):
+        """This rank's part of one task's global batch: (TaskOutput, task loss, aux loss) with both losses
+        scaled to the rank's share, so that summed over ranks they are the 1-process losses of the batch.
+
+        The task loss is a mean over loss units (target tokens for generation / chat / vqa / tagging, rows
+        otherwise), so it is scaled by this rank's units / the batch's units; the MoE balance loss is a mean
+        over sequences, scaled by rows. A rank without rows (a batch smaller than the world) runs row 0 at
+        weight 0 and leaves the expert loads as they were."""
+        par, kind = self.par, self.data[name].decl["type"]
+        if not par.distributed:
+            out = self.model(name, **{k: v.to(self.t.device) for k, v in batch.items()})
+            return out, out.loss, out.aux_loss
+        n = batch["input_ids"].shape[0]
+        units = _loss_units(kind, batch)  # [B]
+        rows = par.rows(n)
+        empty = rows.start == rows.stop
+        mine = {k: v[rows] if not empty else v[:1] for k, v in batch.items()}
+        unit_share = 0.0 if empty else float(units[rows].sum()) / max(1.0, float(units.sum()))
+        row_share = (rows.stop - rows.start) / n
+        loads = [m.load_counts.clone() for _, m in self.model.lm.moe_layers()] if empty else None
+        out = self.model(name, **{k: v.to(self.t.device) for k, v in mine.items()})
+        if loads is not None:
+            for (_, m), c in zip(self.model.lm.moe_layers(), loads):
+                m.load_counts.copy_(c)
+        task = out.loss * unit_share if unit_share > 0 else out.logits.sum() * 0.0  # (a mean over 0 units: NaN)
+        aux = out.aux_loss * row_share if out.aux_loss is not None else None
+        return out, task, aux
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over the step's tasks; returns the log record."""
         tasks = self.step_tasks()
         weights = self.weighting.weights()
         self.optimizer.zero_grad(set_to_none=True)
         losses, grads, rec = {}, {}, {}
+        par = self.par
         for name in tasks:
-            batch = {k: v.to(self.t.device) for k, v in self.loaders[name].next_batch().items()}
-            out = self.model(name, **batch)
-            loss = weights[name] * out.loss
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss
+            out, task_loss, aux = self._forward_share(name, self.loaders[name].next_batch())
+            loss = weights[name] * task_loss
+            if aux is not None:
+                loss = loss + aux
             loss.backward()
-            losses[name] = float(out.loss.detach())
-            grads[name] = self._take_shared_grad()
+            losses[name] = float(task_loss.detach())
+            grads[name] = par.all_reduce_(self._take_shared_grad())  # the task's global trunk gradient
+        losses = dict(zip(losses, par.sum(list(losses.values()))))  # the global batch's task losses
+        par.sum_grads_(self.unshared)  # heads (and other unshared weights): one all-reduce per step
         layer_norms = {}
         if self.shared:
             for n, g in grads.items():
@@ -277,6 +336,7 @@ class MultiTaskTrainer:
         rec["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         gamma = self.model.config.aux_free_bias_update_rate if self.t.method == "full" else 0.0
+        par.reduce_loads(self.model.lm.moe_layers())  # the bias update sees every rank's tokens
         for _, moe in self.model.lm.moe_layers():
             moe.update_bias(gamma)
         self.weighting.update(losses, layer_norms if self.weighting.needs_layer_grad_norms else None)
@@ -320,14 +380,21 @@ class MultiTaskTrainer:
 
         if not hasattr(self, "model"):
             self.prepare()
-        t = self.t
-        self.out.mkdir(parents=True, exist_ok=True)
-        logger = MetricsLogger(self.out, resume_step=self.step if self.resumed_from is not None else None)
+        t, par = self.t, self.par
+        main = par.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            logger = MetricsLogger(self.out, resume_step=self.step if self.resumed_from is not None else None)
+        else:
+            from .trainer import NullLogger
+
+            logger = NullLogger()
         start = time.perf_counter()
         columns = [TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TextColumn("ETA"),
                    TimeRemainingColumn()]
-        with StopSignals() as stop, Progress(*columns, console=self.console, disable=not t.progress) as progress:
+        with StopSignals() as stop, Progress(*columns, console=self.console,
+                                             disable=not t.progress or not main) as progress:
             bar = progress.add_task("finetune", total=t.steps, completed=self.step, loss=float("nan"))
             window: dict[str, list[float]] = {}
             while self.step < t.steps:
@@ -341,32 +408,49 @@ class MultiTaskTrainer:
                     logger.log(self.step, rec)
                 progress.update(bar, completed=self.step, loss=rec["loss"])
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    val = self.evaluate("validation", t.eval_examples)
-                    logger.log(self.step, _flatten("val", val))
-                    progress.console.print(f"step {self.step}: " + _summary(val, PRIMARY_METRIC, self.data))
+                    if main:  # rank 0 evaluates, the others wait
+                        val = self.evaluate("validation", t.eval_examples)
+                        logger.log(self.step, _flatten("val", val))
+                        progress.console.print(f"step {self.step}: " + _summary(val, PRIMARY_METRIC, self.data))
+                    par.barrier()
                 if t.save_every and (self.step % t.save_every == 0 or self.step == t.steps):
                     self.save_checkpoint()
                 if self.on_step is not None:
                     self.on_step(self)
-                if stop.received is not None:
+                # SIGINT/SIGTERM: save and stop (rank 0's signal decides for every rank)
+                signum = par.broadcast_object(stop.received) if par.distributed else stop.received
+                if signum is not None:
                     logger.close()
                     saved = self.save_checkpoint() if self.checkpoints.last_saved_step != self.step else None
-                    raise TrainingInterrupted(stop.received, saved or latest_checkpoint(self.out))
+                    raise TrainingInterrupted(signum, saved or latest_checkpoint(self.out))
         results: dict[str, Any] = {"steps": self.step, "train_seconds": time.perf_counter() - start}
-        if t.validate:
-            results["validation"] = self.evaluate("validation")
-            logger.log(self.step, _flatten("val", results["validation"]))
-        if t.test:
-            results["test"] = self.evaluate("test")
-            logger.log(self.step, _flatten("test", results["test"]))
-        logger.close()
-        self.save(results)
-        plot_multitask(self.out)
+        if main:  # rank 0 evaluates and writes the model; the others wait and return its results
+            if t.validate:
+                results["validation"] = self.evaluate("validation")
+                logger.log(self.step, _flatten("val", results["validation"]))
+            if t.test:
+                results["test"] = self.evaluate("test")
+                logger.log(self.step, _flatten("test", results["test"]))
+            logger.close()
+            self.save(results)
+            plot_multitask(self.out)
+        results = par.broadcast_object(results)
         for split in ("validation", "test"):
             if results.get(split):
                 self.console.print(f"{split}: " + _summary(results[split], PRIMARY_METRIC, self.data))
         return FinetuneResult(self.out, self.step, time.perf_counter() - start,
                               {s: results[s] for s in ("validation", "test") if s in results})
+
+
+def _loss_units(kind: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] how many terms each row adds to the task loss's mean: its target tokens for the token-level losses
+    (generation, chat and vqa predict labels[:, 1:]; tagging labels every token), else 1 per row."""
+    labels = batch.get("labels")
+    if kind in ("generation", "chat", "vqa") and labels is not None:
+        return (labels[:, 1:] != -100).sum(1)
+    if kind == "tagging" and labels is not None:
+        return (labels != -100).sum(1)
+    return torch.ones(batch["input_ids"].shape[0], dtype=torch.long)
 
 
 def _flatten(prefix: str, res: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -383,10 +467,9 @@ def _summary(res: dict[str, dict[str, float]], primary: dict[str, str], data: di
 
 def plot_multitask(out_dir: str | Path) -> Path:
     """OUT/finetune.png: per-task training loss, loss weight, gradient norm, and validation metrics."""
-    import matplotlib
+    from ..figures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = Path(out_dir)
     records = read_metrics(out)
@@ -413,19 +496,18 @@ def plot_multitask(out_dir: str | Path) -> Path:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path, tmp = out / PLOT_FILE, out / f".{PLOT_FILE}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, out / PLOT_FILE)
 
 
 def finetune(recipe: FinetuneRecipe, console=None) -> FinetuneResult:
     """Prepare and run a `MultiTaskTrainer` for `recipe`; returns its FinetuneResult. Recipes with a
     `privacy:` or `federated:` section go through `training.finetune.finetune`, which dispatches."""
     trainer = MultiTaskTrainer(recipe, console=console)
-    trainer.prepare()
-    return trainer.run()
+    try:
+        trainer.prepare()
+        return trainer.run()
+    finally:
+        trainer.par.close()
 
 
 

@@ -7,6 +7,7 @@
     train:    {steps: 300, batch_size: 16, lr: 3e-4, method: full | lora | frozen, sampling: all, ...}
     weighting: {strategy: fixed | uncertainty | gradnorm | dwa, pcgrad: false, ...}
     lora:     {r: 8, alpha: 16, dropout: 0.0, targets: [q_proj, kv_b_proj, o_proj, ...]}
+    parallel: {strategy: ddp, backend: auto}   # several processes: `seekformer finetune RECIPE --nproc 2`
 
 A task whose `train` is `builtin:NAME` takes its type, labels and validation/test splits from the builtin
 set unless the recipe says otherwise. Overrides: `--train.steps 50`, `--weighting.strategy dwa`,
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..data.tasks import TaskRecipe, builtin_defaults
+from ..distributed.config import ParallelRecipe, check_parallel, env_world_size
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
 from .privacy.recipe import DP_TRAIN_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe, PrivacyRecipe
@@ -135,8 +137,9 @@ class LoraRecipe:
 
 @dataclass
 class VisionRecipe:
-    """The image encoder of a fine-tune with image tasks (models/vision_lm.py). A base model that already
-    has vision files keeps its own tower; these keys then do not apply.
+    """the image encoder of a fine-tune with image tasks (models/vision_lm.py).
+
+    A base model that already has vision files keeps its own tower; these keys then do not apply.
 
     Keys:
         encoder: the ViT preset: vit-nano | vit-tiny | vit-small | vit-base (nn/vision.py)
@@ -161,10 +164,12 @@ class VisionRecipe:
     lr: float | None = None  # encoder and projector learning rate (default train.lr)
 
     def overrides(self) -> dict[str, Any]:
+        """The VisionConfig fields this section sets on top of the encoder preset."""
         return {"image_size": self.image_size if self.image_size is not None else 32, "patch_size": self.patch_size,
                 "channels": self.channels, "pixel_shuffle": self.pixel_shuffle}
 
     def validate(self) -> None:
+        """RecipeError for an unknown stage or a non-positive learning rate."""
         if self.stage not in (1, 2):
             raise RecipeError(f"vision.stage must be 1 (projector only) or 2 (everything), got {self.stage}")
         if self.lr is not None and not self.lr > 0:
@@ -185,6 +190,8 @@ class FinetuneRecipe:
         vision: the image encoder for image tasks (section below)
         privacy: DP-SGD: an epsilon budget or a noise multiplier (section below; null: not private)
         federated: federated fine-tuning over simulated or real clients (section below; null: central)
+        parallel: several processes (torchrun / --nproc): strategy ddp only (replicated weights, gradients
+            summed over ranks); keys as in the pretraining `parallel:` section above
     """
 
     base: str = ""
@@ -196,6 +203,7 @@ class FinetuneRecipe:
     vision: VisionRecipe = field(default_factory=VisionRecipe)
     privacy: PrivacyRecipe | None = None  # DP-SGD (training/privacy/); None: not private
     federated: FederatedRecipe | None = None  # federated fine-tuning (training/federated.py)
+    parallel: ParallelRecipe = field(default_factory=ParallelRecipe)  # several processes (strategy ddp)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain dicts and lists (what recipe.yaml holds)."""
@@ -255,6 +263,24 @@ class FinetuneRecipe:
         if w.strategy == "gradnorm" and t.method == "frozen":
             raise RecipeError("weighting.strategy gradnorm needs shared trainable weights; use train.method "
                               "full or lora")
+        self.check_parallel(env_world_size())
+
+    def check_parallel(self, world_size: int) -> None:
+        """Raise RecipeError when the recipe cannot fine-tune on `world_size` processes (checked before any
+        process group exists, so every rank reaches the same verdict and exits 2 instead of hanging)."""
+        p = self.parallel
+        if p.expert_parallel != 1:
+            raise RecipeError(f"parallel.expert_parallel={p.expert_parallel!r}: fine-tuning keeps every expert on "
+                              "every rank (1); expert parallelism is for pretraining")
+        check_parallel(p, world_size, self.train.batch_size, n_routed_experts=0)
+        if p.strategy != "ddp":
+            raise RecipeError(f"parallel.strategy {p.strategy!r}: fine-tuning runs on several processes with "
+                              "strategy ddp (replicated weights); fsdp is for pretraining")
+        if p.mixed_precision != "none":
+            raise RecipeError("parallel.mixed_precision applies to FSDP2 (pretraining); fine-tuning uses train.dtype")
+        if world_size > 1 and (self.privacy is not None or self.federated is not None):
+            mode = "privacy (DP-SGD)" if self.privacy is not None else "federated"
+            raise RecipeError(f"{mode} fine-tuning runs on one process; drop --nproc / torchrun")
 
 
 def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
@@ -309,10 +335,11 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
     """Build and validate a FinetuneRecipe from a parsed YAML mapping (unknown keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a fine-tuning recipe must be a YAML mapping with base, out, tasks, train")
-    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora", "vision", "privacy", "federated"}
+    unknown = set(d) - {"base", "out", "tasks", "train", "weighting", "lora", "vision", "privacy", "federated",
+                        "parallel"}
     if unknown:
         raise RecipeError(f"unknown recipe key(s) {', '.join(sorted(unknown))}; valid: base, out, tasks, train, "
-                          "weighting, lora, vision, privacy, federated")
+                          "weighting, lora, vision, privacy, federated, parallel")
     tasks = d.get("tasks") or []
     if not isinstance(tasks, list):
         raise RecipeError("`tasks:` must be a list of task mappings")
@@ -333,7 +360,8 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
                        privacy=build_section(PrivacyRecipe, d["privacy"], "privacy")
                        if d.get("privacy") is not None else None,
                        federated=build_section(FederatedRecipe, d["federated"], "federated")
-                       if d.get("federated") is not None else None)
+                       if d.get("federated") is not None else None,
+                       parallel=build_section(ParallelRecipe, d.get("parallel"), "parallel"))
     r.validate()
     return r
 

@@ -23,6 +23,7 @@ import yaml
 from ..config import PRESETS, SeekConfig
 from ..distributed.config import ParallelRecipe
 from ..errors import ConfigError, RecipeError
+from .privacy.recipe import PrivacyRecipe
 
 
 @dataclass
@@ -125,13 +126,15 @@ SECTIONS = {"tokenizer": TokenizerRecipe, "data": DataRecipe, "train": TrainReci
 
 @dataclass
 class Recipe:
-    """A pretraining recipe: `model`, `tokenizer`, `data` and `train` sections (docs/recipes.md lists every key)."""
+    """A pretraining recipe: `model`, `tokenizer`, `data`, `train`, `parallel` and (optional) `privacy` sections
+    (docs/recipes.md lists every key)."""
 
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "tiny"})
     tokenizer: TokenizerRecipe = field(default_factory=TokenizerRecipe)
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     parallel: ParallelRecipe = field(default_factory=ParallelRecipe)
+    privacy: PrivacyRecipe | None = None  # DP-SGD pretraining (training/privacy/pretrain.py); None: not private
 
     # ------------------------------------------------------------------ model
     def model_config(self, vocab_size: int | None = None, special_ids: dict[str, int] | None = None) -> SeekConfig:
@@ -263,11 +266,12 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     """Build a Recipe from a parsed YAML mapping (unknown sections or keys raise RecipeError)."""
     if not isinstance(d, dict):
         raise RecipeError("a recipe must be a YAML mapping with sections model/tokenizer/data/train")
-    unknown = set(d) - {"model", *SECTIONS}
+    unknown = set(d) - {"model", "privacy", *SECTIONS}
     if unknown:
         raise RecipeError(f"unknown recipe section(s) {', '.join(sorted(unknown))}; "
-                          f"valid: model, {', '.join(SECTIONS)}")
-    return Recipe(model=_check_model_section(d.get("model")),
+                          f"valid: model, {', '.join(SECTIONS)}, privacy")
+    privacy = build_section(PrivacyRecipe, d["privacy"], "privacy") if d.get("privacy") is not None else None
+    return Recipe(model=_check_model_section(d.get("model")), privacy=privacy,
                   **{name: build_section(cls, d.get(name), name) for name, cls in SECTIONS.items()})
 
 
@@ -319,7 +323,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        sec = d.setdefault(section, {})
+        if d.get(section) is None:  # absent, or an optional section left null (privacy: null)
+            d[section] = {}
+        sec = d[section]
         if not isinstance(sec, dict):
             raise RecipeError(f"recipe section '{section}' must be a mapping")
         sec[name] = value

@@ -84,18 +84,20 @@ def documented_classes() -> list[type]:
     """Every dataclass whose fields are recipe keys."""
     from ..config import SeekConfig
     from ..data.tasks import TaskRecipe
-    from .multitask_recipe import FinetuneRecipe, FinetuneTrainRecipe, LoraRecipe, WeightingRecipe
+    from .multitask_recipe import FinetuneRecipe, FinetuneTrainRecipe, LoraRecipe, VisionRecipe, WeightingRecipe
+    from .privacy.recipe import FederatedRecipe, PrivacyRecipe
     from .recipe import SECTIONS
 
-    return [SeekConfig, *SECTIONS.values(), FinetuneRecipe, TaskRecipe, FinetuneTrainRecipe, WeightingRecipe,
-            LoraRecipe]
+    return [SeekConfig, *SECTIONS.values(), PrivacyRecipe, FinetuneRecipe, TaskRecipe, FinetuneTrainRecipe,
+            WeightingRecipe, LoraRecipe, VisionRecipe, FederatedRecipe]
 
 
 def recipe_reference() -> str:
     """docs/recipes.md: every section and key of both recipe kinds, with type, default and meaning."""
     from ..config import PRESETS, SeekConfig
     from ..data.tasks import TaskRecipe
-    from .multitask_recipe import FinetuneRecipe, FinetuneTrainRecipe, LoraRecipe, WeightingRecipe
+    from .multitask_recipe import FinetuneRecipe, FinetuneTrainRecipe, LoraRecipe, VisionRecipe, WeightingRecipe
+    from .privacy.recipe import FederatedRecipe, PrivacyRecipe
     from .recipe import SECTIONS, builtin_recipes
 
     parts = [
@@ -123,6 +125,10 @@ def recipe_reference() -> str:
     ]
     for name, cls in SECTIONS.items():
         parts += ["", f"### `{name}:` -- {_title(cls)}", "", section_table(cls)]
+    parts += ["", f"### `privacy:` -- {_title(PrivacyRecipe)}", "",
+              "Optional (absent or null: not private). The same section in a fine-tuning recipe; in pretraining "
+              "a record is one training window of `train.seq_len + 1` tokens (docs/privacy.md).", "",
+              section_table(PrivacyRecipe)]
     parts += [
         "",
         "## Fine-tuning recipes (`seekformer finetune RECIPE`)",
@@ -140,17 +146,20 @@ def recipe_reference() -> str:
         "",
         section_table(TaskRecipe),
     ]
-    for name, cls in (("train", FinetuneTrainRecipe), ("weighting", WeightingRecipe), ("lora", LoraRecipe)):
+    for name, cls in (("train", FinetuneTrainRecipe), ("weighting", WeightingRecipe), ("lora", LoraRecipe),
+                      ("vision", VisionRecipe), ("privacy", PrivacyRecipe), ("federated", FederatedRecipe)):
         parts += ["", f"### `{name}:` -- {_title(cls)}", "", section_table(cls)]
     return "\n".join(parts) + "\n"
 
 
 def keys_summary() -> str:
     """The pretraining recipe's keys per section, for `seekformer pretrain --help`."""
+    from .privacy.recipe import PrivacyRecipe
     from .recipe import SECTIONS
 
     lines = ["Recipe keys (override with --section.key VALUE; full reference: docs/recipes.md):",
              "model: preset, or any SeekConfig field (hidden_size, num_hidden_layers, n_routed_experts, ...)"]
     for name, cls in SECTIONS.items():
         lines.append(f"{name}: " + ", ".join(f.name for f in dataclasses.fields(cls)))
+    lines.append("privacy (optional, DP-SGD): " + ", ".join(f.name for f in dataclasses.fields(PrivacyRecipe)))
     return "\n\n".join(lines)

@@ -41,7 +41,7 @@ from ..models.causal_lm import SeekForCausalLM
 from ..models.loading import parse_dtype
 from ..nn.moe import load_stats
 from ..runtime import tune_malloc
-from .checkpointing import CHECKPOINTS, LATEST, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
+from .checkpointing import CHECKPOINTS, RunCheckpoints, StopSignals, TrainingInterrupted, latest_checkpoint
 from .logs import MetricsLogger, plot_training
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
@@ -259,13 +259,17 @@ class Trainer:
         t = self.t
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {"loss": 0.0, "mtp_loss": 0.0, "aux_loss": 0.0}
+        extra: dict[str, float] = {}
         par = self.par
         for i in range(t.grad_accum):
             batch = self.loader.next_batch().to(t.device)  # this rank's rows of the global batch
             with par.accumulate(last=i == t.grad_accum - 1):  # no gradient all-reduce until the last one
                 with self.autocast():
-                    out = self.fwd(batch, labels=batch)
-                (out.loss / t.grad_accum).backward()
+                    out = self.fwd(batch, labels=batch, **({"return_hidden": True} if self.needs_hidden else {}))
+                    loss, parts = self.loss(batch, out)
+                (loss / t.grad_accum).backward()
+            for k, v in parts.items():
+                extra[k] = extra.get(k, 0.0) + v / t.grad_accum
             sums["loss"] += out.lm_loss.item() / t.grad_accum
             if out.mtp_loss is not None:
                 sums["mtp_loss"] += out.mtp_loss.item() / t.grad_accum
@@ -289,7 +293,17 @@ class Trainer:
             rec["mtp_loss"] = sums["mtp_loss"]
         if sums["aux_loss"]:
             rec["aux_loss"] = sums["aux_loss"]
+        rec.update(extra)  # a subclass's own loss terms (this rank's values)
         return rec
+
+    # The training-loss hook (compress/distill.py overrides it; the loop stays this one).
+    needs_hidden = False  # True: the forward passes `return_hidden=True`, so `loss` sees out.hidden_states [B,T,D]
+
+    def loss(self, batch_BT: torch.Tensor, out) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to backpropagate for one micro-batch (batch_BT: token ids [B,T], `out`: the model's
+        CausalLMOutput with labels=batch) and extra terms to log, averaged over micro-batches. Default: the
+        model's own loss (next-token CE + MTP + balance terms), nothing extra."""
+        return out.loss, {}
 
     def _load_record(self) -> dict[str, Any]:
         """Expert-load statistics over the steps since the last log, per MoE layer."""
@@ -304,6 +318,15 @@ class Trainer:
         if fractions:
             rec["load_fractions"] = fractions
         self._interval_counts = {}
+        # expert parallelism: the all-to-all bytes one token moved per MoE layer since the last record
+        traffic = [m.experts.traffic for _, m in self.model.moe_layers() if hasattr(m.experts, "traffic")]
+        tokens = sum(t["tokens"] for t in traffic)
+        if tokens:
+            sent = sum(t["bytes"] for t in traffic)
+            rec["a2a_bytes_per_token_layer"] = sent / tokens
+            rec["a2a_remote_fraction"] = sum(t["remote_bytes"] for t in traffic) / max(1, sent)
+            for t in traffic:
+                t.update(tokens=0, bytes=0, remote_bytes=0)
         return rec
 
     def trainer_state(self) -> dict[str, Any]:
@@ -435,13 +458,3 @@ def update_config(target: SeekConfig, source: SeekConfig, names) -> None:
     """Copy the fields `names` from `source` into `target` in place (modules keep a reference to `target`)."""
     for name in names:
         setattr(target, name, getattr(source, name))
-
-
-def pretrain(recipe: Recipe, console=None) -> TrainResult:
-    """Pretrain as `recipe` says (on every process of a torchrun launch); returns the TrainResult."""
-    trainer = Trainer(recipe, console=console)
-    try:
-        trainer.prepare()
-        return trainer.run()
-    finally:
-        trainer.par.close()

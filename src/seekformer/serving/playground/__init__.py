@@ -33,6 +33,8 @@ STATIC = {"playground.js": "text/javascript", "playground.css": "text/css"}
 
 
 class InspectRequest(BaseModel):
+    """POST /v1/inspect (the playground): a prompt and what to capture for it (routing, attention)."""
+
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: StrictStr | None = None

@@ -57,8 +57,10 @@ async function* sseEvents(resp) {
 
 function samplingBody() {
   const body = { model: state.model, stream: true, temperature: parseFloat($("temperature").value),
-                 top_p: parseFloat($("top-p").value), max_tokens: parseInt($("max-tokens").value, 10) };
-  if ($("speculative").checked) body.speculative = true;  // MTP self-speculation, where the server offers it
+                 top_p: parseFloat($("top-p").value), max_tokens: parseInt($("max-tokens").value, 10),
+                 stream_options: { include_usage: true } };
+  // MTP self-speculation (greedy: the box sets temperature 0); the server answers 400 where it has none
+  if ($("speculative").checked) { body.speculative = true; body.temperature = 0; }
   return body;
 }
 
@@ -89,12 +91,14 @@ async function send() {
   $("send").disabled = true; $("stop").disabled = false;
   state.controller = new AbortController();
   setStatus("generating...");
-  let text = "";
+  let text = "", generated = 0;
+  const started = performance.now();
   try {
     const resp = await fetch(url, { method: "POST", headers: headers(), body: JSON.stringify(body),
                                     signal: state.controller.signal });
     if (!resp.ok) { setStatus(await apiError(resp), true); if (chat) state.history.pop(); return; }
     for await (const ev of sseEvents(resp)) {
+      if (ev.usage) generated = ev.usage.completion_tokens;
       const c = ev.choices && ev.choices[0];
       if (!c) continue;
       const piece = chat ? (c.delta && c.delta.content) || "" : c.text || "";
@@ -108,6 +112,10 @@ async function send() {
     $("send").disabled = false; $("stop").disabled = true;
   }
   out.dataset.done = "1";
+  const secs = (performance.now() - started) / 1000;
+  state.speed = generated + " tokens in " + secs.toFixed(2) + " s (" + (generated / secs).toFixed(1) + " tok/s" +
+                (body.speculative ? ", speculative" : "") + ")";
+  $("speed").textContent = state.speed;
   if (chat) state.history.push({ role: "assistant", content: text });
   setStatus("inspecting routing and attention...");
   const req = chat ? { messages: state.history } : { prompt: prompt + text };
@@ -245,6 +253,9 @@ function hoverAttention(ev) {
 $("send").addEventListener("click", send);
 $("prompt").addEventListener("keydown", (ev) => { if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) send(); });
 $("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("speculative").addEventListener("change", () => {  // speculation is greedy: show it on the temperature
+  $("temperature").disabled = $("speculative").checked;
+});
 $("reset").addEventListener("click", () => { state.history = []; $("output").textContent = ""; setStatus(""); });
 $("routing-map").addEventListener("mousemove", hoverRouting);
 $("attention-map").addEventListener("mousemove", hoverAttention);

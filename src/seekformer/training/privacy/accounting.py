@@ -33,6 +33,7 @@ def split_noise(sigma: float, share: float) -> tuple[float, float | None]:
 
 
 def make_accountant(kind: str):
+    """A fresh Opacus accountant of `kind` (rdp | prv)."""
     from opacus.accountants import create_accountant
 
     return create_accountant(kind)
@@ -85,10 +86,12 @@ class PrivacyAccount:
     steps: int = 0
 
     def step(self) -> None:
+        """Charge one more step at (noise_multiplier, sample_rate)."""
         self.steps += 1
 
     @property
     def epsilon(self) -> float:
+        """Epsilon of the steps charged so far, at this account's delta."""
         return epsilon_of(self.kind, self.noise_multiplier, self.sample_rate, self.steps, self.delta)
 
 

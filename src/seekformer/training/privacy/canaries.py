@@ -32,6 +32,7 @@ PREFIX = "my secret code is"
 
 
 def secret(rng: random.Random, length: int) -> str:
+    """A random secret of `length` space-separated digits (a canary's payload)."""
     return " ".join(str(rng.randrange(10)) for _ in range(length))
 
 

@@ -46,6 +46,18 @@ FEDERATED_TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 0}
 
 @dataclass
 class PrivacyRecipe:
+    """DP-SGD with an epsilon budget (fine-tuning and pretraining recipes).
+
+    Keys:
+        epsilon: target budget; the noise is calibrated so the planned steps spend it
+        delta: must be below 1/n for n records (training examples; pretraining: windows)
+        max_grad_norm: per-record clipping bound C
+        accountant: rdp | prv (Opacus accountants)
+        noise_multiplier: give sigma directly instead of calibrating it (epsilon then caps the steps)
+        balance_share: share of the privacy cost spent on the MoE load counts (balancing under DP)
+        per_sample: auto | vmap | loop: how per-record gradients are computed (pretraining: loop)
+    """
+
     epsilon: float | None = None
     delta: float | None = None
     max_grad_norm: float = 1.0
@@ -81,6 +93,25 @@ class PrivacyRecipe:
 
 @dataclass
 class FederatedRecipe:
+    """federated fine-tuning (training/federated.py: simulated with Flower, or over gRPC).
+
+    Keys:
+        clients: simulated clients (each holds one partition of the training split)
+        rounds: federated rounds
+        fraction_fit: share of the clients that train in each round
+        local_steps: optimizer steps per client per round
+        local_batch_size: examples per local step
+        strategy: fedavg | fedprox | fedadam
+        proximal_mu: FedProx proximal term weight
+        server_lr: FedAdam server learning rate
+        partition: iid | dirichlet (label skew) | by_label (each client a few labels)
+        alpha: Dirichlet concentration (smaller: more skew)
+        expert_sparse: clients send only the routed experts their data used (+ the shared weights)
+        eval_examples: test examples evaluated after each round (0: all)
+        dp_noise_multiplier: client-level DP (DP-FedAvg: clipped updates + Gaussian noise; 0: off)
+        dp_clip_norm: per-client update L2 bound (needed with dp_noise_multiplier > 0)
+    """
+
     clients: int = 8
     rounds: int = 10
     fraction_fit: float = 1.0
