@@ -12,8 +12,8 @@
     federated:                    # federated fine-tuning (training/federated.py)
       clients: 8
       rounds: 10
-      fraction_fit: 1.0
-      local_steps: 5
+      fraction_fit: 0.5
+      local_steps: 20
       local_batch_size: 16
       strategy: fedavg            # fedavg | fedprox | fedadam
       proximal_mu: 0.01           # fedprox
@@ -114,8 +114,8 @@ class FederatedRecipe:
 
     clients: int = 8
     rounds: int = 10
-    fraction_fit: float = 1.0
-    local_steps: int = 5
+    fraction_fit: float = 0.5
+    local_steps: int = 20
     local_batch_size: int = 16
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
