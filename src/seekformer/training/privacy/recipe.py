@@ -12,7 +12,7 @@
     federated:                    # federated fine-tuning (training/federated.py)
       clients: 8
       rounds: 10
-      fraction_fit: 0.5
+      fraction_fit: 1.0
       local_steps: 20
       local_batch_size: 16
       strategy: fedavg            # fedavg | fedprox | fedadam
@@ -114,7 +114,7 @@ class FederatedRecipe:
 
     clients: int = 8
     rounds: int = 10
-    fraction_fit: float = 0.5
+    fraction_fit: float = 1.0
     local_steps: int = 20
     local_batch_size: int = 16
     strategy: str = "fedavg"
