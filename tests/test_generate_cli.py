@@ -48,6 +48,8 @@ def test_generate_modes_agree(model_dir, capsys):
     assert code == 0 and greedy.strip()
     code, spec, err = run(capsys, "generate", *base, "--speculative", "--stats")
     assert code == 0 and spec == greedy and "acceptance" in err and "tokens/s" in err
+    code, spec3, _ = run(capsys, "generate", *base, "--speculative", "--speculative-tokens", "3")
+    assert code == 0 and spec3 == greedy  # drafts past the MTP depth chain the last module: same tokens
     code, naive, _ = run(capsys, "generate", *base, "--cache-mode", "naive")
     assert naive == greedy
     code, beam, _ = run(capsys, "generate", *base, "--num-beams", "3")

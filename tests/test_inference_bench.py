@@ -25,7 +25,7 @@ def test_bench_decode_smoke(tmp_path):
     spec = bench_speculative("t", model, torch.tensor([[5, 6, 7]]), 6, 1, logs.append, draft_counts=(None, 3))
     assert [r["drafts"] for r in spec] == [1, 3] and all(r["identical"] for r in spec)
     md = to_markdown({"rows": rows, "kv": {"t": kv}, "speculative": spec,
-                      "settings": {"threads": 1, "dtype": "fp32", "repeats": 1, "new_tokens": 4, "load": None}})
+                      "settings": {"threads": 1, "dtype": "fp32", "repeats": 1, "new_tokens": 4, "machine": "m"}})
     assert md.count("| t |") == 5 and "speculative" in md.lower()
 
 

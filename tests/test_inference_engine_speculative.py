@@ -21,7 +21,7 @@ def _requests():
     return [SamplingParams(max_new_tokens=14, **g), SamplingParams(max_new_tokens=25, logprobs=2, **g),
             SamplingParams(max_new_tokens=9, eos_token_id=(50, 97, 120), min_new_tokens=3),
             SamplingParams(max_new_tokens=30, **g),
-            SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, seed=7, **g),
+            SamplingParams(max_new_tokens=12, do_sample=True, temperature=0.9, top_k=20, seed=7, speculative=False, **g),
             SamplingParams(max_new_tokens=11, repetition_penalty=1.3, **g),
             SamplingParams(max_new_tokens=17, stop_token_ids=(64, 65, 66), **g)]
 
@@ -119,19 +119,66 @@ def test_requests_opt_in_and_bad_use():
         Engine(model, speculative=True, num_speculative_tokens=spec.MAX_DRAFTS + 1)
 
 
-def test_long_plain_stretches_keep_the_drafter_bounded():
-    """Plain steps of a drafting engine hand their hidden states to the drafter, which catches up past
-    BACKLOG positions; a later speculative request still decodes the plain tokens."""
-    from seekformer.inference.decoding import BACKLOG
+def test_plain_steps_with_a_drafter_stay_bounded_then_speculate_exactly():
+    """DecodeBatch.decode hands the hidden states of tracked rows to the drafter, which catches up past
+    BACKLOG positions; speculative steps afterwards still give the greedy tokens. The engine tracks only
+    requests that speculate."""
+    from seekformer.inference.decoding import BACKLOG, DecodeBatch, Row, new_cache
+    from seekformer.inference.stopping import SequenceState
 
     model = tiny_model(seed=7, num_nextn_predict_layers=1)
-    engine = Engine(model, max_batch_size=2, max_length=256)
-    rid = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=BACKLOG * 2, ignore_eos=True))
-    while engine.has_work():
-        engine.step()
-        assert engine.batch.drafter.backlog(engine.num_running) <= BACKLOG + 1
-    assert rid
+    n_plain, n_all = BACKLOG * 2, BACKLOG * 2 + 30
+    want = model.generate([PROMPTS[0]], max_new_tokens=n_all, ignore_eos=True)[0, len(PROMPTS[0]):].tolist()
+    batch = DecodeBatch(model, new_cache(model, 1, 200), drafter=spec.MTPDrafter(model, 1, 200, 2))
+    batch.admit([Row(SequenceState(SamplingParams(max_new_tokens=n_all, ignore_eos=True), set()))])
+    ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
-        out = engine.generate([PROMPTS[1], PROMPTS[2]], max_new_tokens=40, ignore_eos=True, speculative=True)
-    assert [c.token_ids for c in out] == [model.generate([p], max_new_tokens=40, ignore_eos=True)[0, len(p):].tolist()
-                                          for p in (PROMPTS[1], PROMPTS[2])]
+        batch.choose(batch.prefill(0, 1, ids, torch.ones_like(ids)), 0, 1)
+        for _ in range(n_plain - 1):
+            batch.choose(batch.decode())
+            assert batch.drafter.backlog(1) <= BACKLOG + 1
+        while batch.rows and not batch.rows[0].state.finished:
+            batch.speculate([True])
+    assert batch.rows[0].state.tokens == want
+    engine = Engine(model, max_batch_size=2, max_length=256)
+    engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    engine.step()
+    assert engine.batch.drafter.prefix[0] == [] and engine.batch.drafter.backlog(1) == 0  # not tracked
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """With one-hot drafts: the first token follows p_0; after an accepted draft the next follows p_1; after
+    K accepted drafts the extra token follows p_K (empirical frequencies of 6,000 draws, 5 sigma)."""
+    from seekformer.inference.sampling import speculative_sample
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 5, generator=g) + 0.05
+    probs = probs / probs.sum(-1, keepdim=True)
+    drafts, n = [1, 3], 6000
+    first = torch.zeros(5)
+    second_given = torch.zeros(5)
+    third_given = torch.zeros(5)
+    for _ in range(n):
+        out = speculative_sample(probs, drafts, g)
+        assert 1 <= len(out) <= 3 and out[:len(out) - 1] == drafts[:len(out) - 1]
+        first[out[0]] += 1
+        if out[0] == drafts[0]:
+            second_given[out[1]] += 1
+            if out[1] == drafts[1]:
+                third_given[out[2]] += 1
+    for freq, p in ((first, probs[0]), (second_given, probs[1]), (third_given, probs[2])):
+        m = freq.sum()
+        assert m > 300
+        assert torch.all((freq / m - p).abs() <= 5 * (p * (1 - p) / m).sqrt() + 1e-3), (freq / m, p)
+
+
+def test_engine_speculative_sampling_is_seeded_and_valid():
+    model = tiny_model(seed=8, num_nextn_predict_layers=1)
+    engine = Engine(model, max_batch_size=2, max_length=64, speculative=True, num_speculative_tokens=2)
+    params = SamplingParams(max_new_tokens=16, do_sample=True, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True,
+                            logprobs=0)
+    a = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+    b = engine.generate([PROMPTS[0], PROMPTS[1]], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]  # the row's generator drives every draw
+    assert all(len(c.token_ids) == 16 and len(c.logprobs) == 16 for c in a)
+    assert engine.batch.spec_stats["proposed"] > 0

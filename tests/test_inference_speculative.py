@@ -41,9 +41,8 @@ def _reference_drafts(model, tokens: list[int], k_max: int) -> list[int]:
     return drafts
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_drafts_equal_uncached_mtp(depth, monkeypatch):
-    model = tiny_model(seed=2, num_nextn_predict_layers=depth)
+def _spy_drafts(monkeypatch) -> list:
+    """Record (confirmed tokens, drafts) of every MTPDrafter.draft call."""
     seen = []
     real = spec.MTPDrafter.draft
 
@@ -53,6 +52,13 @@ def test_drafts_equal_uncached_mtp(depth, monkeypatch):
         return drafts
 
     monkeypatch.setattr(spec.MTPDrafter, "draft", spy)
+    return seen
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_drafts_equal_uncached_mtp(depth, monkeypatch):
+    model = tiny_model(seed=2, num_nextn_predict_layers=depth)
+    seen = _spy_drafts(monkeypatch)
     model.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=12, ignore_eos=True, speculative=True)
     assert len(seen) >= 6
     with torch.no_grad():
@@ -111,15 +117,7 @@ def _reference_chained_drafts(model, tokens: list[int], k: int) -> list[int]:
 
 def test_chained_drafts_equal_uncached_mtp(monkeypatch):
     model = tiny_model(seed=2, num_nextn_predict_layers=1)
-    seen = []
-    real = spec.MTPDrafter.draft
-
-    def spy(self, toks):
-        drafts = real(self, toks)
-        seen.append(([list(t) for t in toks], [list(d) for d in drafts]))
-        return drafts
-
-    monkeypatch.setattr(spec.MTPDrafter, "draft", spy)
+    seen = _spy_drafts(monkeypatch)
     model.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=12, ignore_eos=True, speculative=True,
                    num_speculative_tokens=3)
     assert len(seen) >= 3

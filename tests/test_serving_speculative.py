@@ -77,3 +77,26 @@ def test_playground_speculative_toggle(mtp_dir):
                 assert not errors, errors
             finally:
                 browser.close()
+
+
+def test_server_speculates_by_default_with_more_drafts(mtp_dir):
+    model, tok = load_model_dir(mtp_dir)
+    with ServerThread(create_app(model, tok, ServerConfig(model_name="m"))) as srv:
+        plain = _complete(srv).json()["choices"][0]["text"]
+    app = create_app(model, tok, ServerConfig(model_name="m", speculative=True, speculative_tokens=3))
+    with ServerThread(app) as srv:
+        fast = _complete(srv).json()["choices"][0]["text"]
+        off = _complete(srv, speculative=False).json()["choices"][0]["text"]
+    batch = app.state.backend.engine.batch
+    assert fast == plain == off
+    assert batch.drafter.k == 3 and batch.spec_stats["forwards"] > 0
+
+
+def test_serve_cli_speculative_needs_mtp(tmp_path):
+    import subprocess
+    import sys
+
+    d = build_demo_model_dir(tmp_path / "no-mtp")
+    proc = subprocess.run([sys.executable, "-m", "seekformer", "serve", str(d), "--port", "0", "--speculative"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "MTP" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -20,7 +20,6 @@ latent but re-expands the whole cache through kv_b_proj at every step, seekforme
 
 from __future__ import annotations
 
-import datetime as _dt
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +31,7 @@ import torch
 from ..config import SeekConfig
 from ..errors import SeekformerError
 from ..nn.kv_cache import KVCache
-from ..runtime import loadavg
-from .report import cpu_name as _cpu_name
+from .report import Machine, command_line, header, render, table, write_report
 from .train import build_pair, require_transformers as _require_transformers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -240,7 +238,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
     if threads:
         torch.set_num_threads(threads)
     torch_dtype = DTYPES[dtype]
-    load_before = loadavg()
+    machine = Machine()
     rows, kv, spec, lcpp = [], {}, [], []
     models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
     for name, directory in models:
@@ -266,73 +264,57 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                 lcpp.append(r)
         del model, hf
     settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
-                "load": (load_before, loadavg())}
+                "machine": machine.line()}
     result = {"rows": rows, "kv": kv, "speculative": spec, "llama_cpp": lcpp, "settings": settings}
     if out_md:
-        out = Path(out_md)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(to_markdown(result))
-        log(f"wrote {out}")
+        log(f"wrote {write_report(out_md, to_markdown(result, command_line('decode')))}")
     return result
 
 
-def _fmt_load(load) -> str:
-    if not load or None in load:
-        return "n/a"
-    return f"{load[0]:.1f} / {load[1]:.1f}"
-
-
-def to_markdown(result: dict[str, Any]) -> str:
+def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode") -> str:
+    """The benchmarks/results/decode.md report of `run_decode_bench`'s result."""
     import transformers
 
     s = result["settings"]
-    lines = [
-        "# Decoding: seekformer vs transformers",
-        "",
-        f"`seekformer bench decode` on {_dt.date.today().isoformat()}: {_cpu_name()}, {s['threads']} threads, "
-        f"{s['dtype']}, torch {torch.__version__}, transformers {transformers.__version__}. Greedy decoding of "
-        f"{s['new_tokens']} tokens per row from random prompts (eos off); median of "
-        f"{s['repeats']} interleaved runs. Random weights for the presets (same weights on both sides). "
-        f"Machine load average (1 min) at start / end: {_fmt_load(s.get('load'))}.",
+    lines = header("Decoding: seekformer vs transformers", command, s.get("machine", "n/a"))
+    lines += [
+        f"{s['dtype']}, transformers {transformers.__version__}. Greedy decoding of {s['new_tokens']} tokens per row "
+        f"from random prompts (eos off); median of {s['repeats']} interleaved runs. Random weights for the presets "
+        "(same weights on both sides).",
         "",
         "Decode tok/s excludes the prefill (batch x (new - 1) tokens over the time beyond the first token); "
         "first token = prefill time; end-to-end tok/s = batch x new tokens over the whole generate() call.",
         "",
-        "| model | prompt | batch | decode tok/s seekformer | decode tok/s transformers | decode speedup |"
-        " first token ms (sf / hf) | end-to-end tok/s (sf / hf) | identical rows |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        lines.append(f"| {r['model']} | {r['prompt_len']} | {r['batch']} | {r['sf_decode']:.1f} | "
-                     f"{r['hf_decode']:.1f} | **{r['speedup']:.2f}x** | {1e3 * r['sf_ttft']:.0f} / "
-                     f"{1e3 * r['hf_ttft']:.0f} | {r['sf_e2e']:.1f} / {r['hf_e2e']:.1f} | {r['identical']:.0%} |")
+    lines += table(["model", "prompt", "batch", "decode tok/s seekformer", "decode tok/s transformers",
+                    "decode speedup", "first token ms (sf / hf)", "end-to-end tok/s (sf / hf)", "identical rows"],
+                   [[r["model"], r["prompt_len"], r["batch"], f"{r['sf_decode']:.1f}", f"{r['hf_decode']:.1f}",
+                     f"**{r['speedup']:.2f}x**", f"{1e3 * r['sf_ttft']:.0f} / {1e3 * r['hf_ttft']:.0f}",
+                     f"{r['sf_e2e']:.1f} / {r['hf_e2e']:.1f}", f"{r['identical']:.0%}"] for r in result["rows"]])
     lines += ["", "KV cache, bytes per token (all decoder layers). transformers 5 caches the same compressed latent "
               "(and re-expands all of it through kv_b_proj at every step); the per-head column is the K/V a "
-              "standard cache would hold for the same model (seekformer's `naive` mode).", "",
-              "| model | seekformer (latent) | transformers | per-head K/V | per-head / seekformer |",
-              "|---|---:|---:|---:|---:|"]
-    for name, k in result["kv"].items():
-        lines.append(f"| {name} | {k['seekformer']:.0f} | {k['transformers']:.0f} | {k['per_head']:.0f} | "
-                     f"{k['per_head'] / k['seekformer']:.1f}x |")
+              "standard cache would hold for the same model (seekformer's `naive` mode).", ""]
+    lines += table(["model", "seekformer (latent)", "transformers", "per-head K/V", "per-head / seekformer"],
+                   [[name, f"{k['seekformer']:.0f}", f"{k['transformers']:.0f}", f"{k['per_head']:.0f}",
+                     f"{k['per_head'] / k['seekformer']:.1f}x"] for name, k in result["kv"].items()])
     if result["speculative"]:
         lines += ["", "MTP self-speculative decoding (batch 1, greedy, trained model, prompt from --prompt): K "
                   "drafts per step from the model's MTP modules (past the MTP depth the last module chains on its "
                   "own output), verified in one forward of K+1 tokens by the main model (output identical to "
-                  "greedy). Greedy and every K interleaved in each repeat; speedup = ratio of median times.", "",
-                  "| model | MTP depth | drafts K | tokens | acceptance | tokens / forward | greedy tok/s |"
-                  " speculative tok/s | speedup | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-        for r in result["speculative"]:
-            lines.append(f"| {r['model']} | {r.get('mtp_depth', '')} | {r.get('drafts', '')} | {r['new_tokens']} | "
-                         f"{r['acceptance_rate']:.1%} | {r['tokens_per_forward']:.2f} | "
-                         f"{r['greedy_tokens_per_s']:.1f} | {r['speculative_tokens_per_s']:.1f} | "
-                         f"**{r['speedup']:.2f}x** | {r['identical']} |")
+                  "greedy). Greedy and every K interleaved in each repeat; speedup = ratio of median times.", ""]
+        lines += table(["model", "MTP depth", "drafts K", "tokens", "acceptance", "tokens / forward", "greedy tok/s",
+                        "speculative tok/s", "speedup", "identical"],
+                       [[r["model"], r.get("mtp_depth", ""), r.get("drafts", ""), r["new_tokens"],
+                         f"{r['acceptance_rate']:.1%}", f"{r['tokens_per_forward']:.2f}",
+                         f"{r['greedy_tokens_per_s']:.1f}", f"{r['speculative_tokens_per_s']:.1f}",
+                         f"**{r['speedup']:.2f}x**", r["identical"]] for r in result["speculative"]],
+                       align="lrrrrrrrrl")
     if result.get("llama_cpp"):
         lines += ["", "llama.cpp (llama-cpp-python, the model's GGUF export, same weights), batch 1, greedy, "
-                  "random 32-token prompt, decode tokens/s without the prefill, interleaved.", "",
-                  "| model | GGUF | llama_cpp | seekformer tok/s | llama.cpp tok/s | seekformer / llama.cpp |"
-                  " greedy tokens equal |", "|---|---|---|---:|---:|---:|---:|"]
-        for r in result["llama_cpp"]:
-            lines.append(f"| {r['model']} | {r['gguf']} | {r['llama_cpp']} | {r['sf_decode']:.1f} | "
-                         f"{r['llama_decode']:.1f} | **{r['ratio']:.2f}x** | {r['same_tokens']:.0%} |")
-    lines.append("")
-    return "\n".join(lines)
+                  "random 32-token prompt, decode tokens/s without the prefill, interleaved.", ""]
+        lines += table(["model", "GGUF", "llama_cpp", "seekformer tok/s", "llama.cpp tok/s", "seekformer / llama.cpp",
+                        "greedy tokens equal"],
+                       [[r["model"], r["gguf"], r["llama_cpp"], f"{r['sf_decode']:.1f}", f"{r['llama_decode']:.1f}",
+                         f"**{r['ratio']:.2f}x**", f"{r['same_tokens']:.0%}"] for r in result["llama_cpp"]],
+                       align="lllrrrr")
+    return render(lines)

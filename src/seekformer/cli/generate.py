@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         num_beams: int = typer.Option(1, help="Beam search with this many beams (greedy scoring)."),
         length_penalty: float = typer.Option(1.0, help="Beam search length penalty exponent."),
         speculative: bool = typer.Option(False, help="Greedy self-speculative decoding with the MTP modules."),
+        speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, max=7,
+                                                         help="Drafts per step with --speculative (default: the "
+                                                         "model's MTP depth; more chain the last MTP module)."),
         cache_mode: str = typer.Option("latent", help="KV cache layout: latent (absorbed MLA) or naive."),
         add_bos: bool = typer.Option(True, help="Prepend the begin-of-text token."),
         echo: bool = typer.Option(False, help="Print the prompt before the continuation."),
@@ -67,7 +70,8 @@ def register(app: typer.Typer) -> None:
             out_tokens = done["new_tokens"]
         else:
             out = generate(model, [ids], tokenizer=tok, num_beams=num_beams, length_penalty=length_penalty,
-                           speculative=speculative, cache_mode=cache_mode, return_dict=True, **options)
+                           speculative=speculative, num_speculative_tokens=speculative_tokens,
+                           cache_mode=cache_mode, return_dict=True, **options)
             sys.stdout.write(out.texts[0])
             out_tokens = len(out.new_tokens[0])
             if speculative:

@@ -39,9 +39,12 @@ def register(app: typer.Typer) -> None:
         allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image_url "
                                                  "parts (default: only inline data: URLs; remote ones get a 400)."),
         speculative: Optional[bool] = typer.Option(None, "--speculative/--no-speculative", help="MTP "
-                                                   "self-speculative decoding for greedy requests: on for every "
-                                                   "request, or off (default: for requests that send "
+                                                   "self-speculative decoding (greedy: the same tokens; sampled: "
+                                                   "speculative sampling): on for every request, or off (default: for requests that send "
                                                    "\"speculative\": true, when the model has MTP modules)."),
+        speculative_tokens: Optional[int] = typer.Option(None, "--speculative-tokens", min=1, max=7,
+                                                         help="Drafts per speculative step (default: the MTP "
+                                                         "depth; more chain the last MTP module)."),
     ) -> None:
         """Serve a model over HTTP with the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models).
 
@@ -70,4 +73,5 @@ def register(app: typer.Typer) -> None:
         serve(model_dir, host=host, port=port, api_key=api_key, model_name=model_name, max_batch_size=max_batch_size,
               max_queue=max_queue, device=device, dtype=dtype, log_level=log_level,
               max_body_bytes=max_body_bytes or None, cors_origins=cors_origin, prefill_chunk=prefill_chunk,
-              lora=adapter, allow_remote_images=allow_remote_images, speculative=speculative)
+              lora=adapter, allow_remote_images=allow_remote_images, speculative=speculative,
+              speculative_tokens=speculative_tokens)

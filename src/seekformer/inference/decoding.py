@@ -29,7 +29,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
-from .sampling import PenaltyState, choose
+from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
 BACKLOG = 64  # see DecodeBatch.decode: plain steps with a drafter catch it up past this many positions
@@ -44,9 +44,10 @@ def greedy_choices(logits: torch.Tensor, states: Sequence[SequenceState]) -> tor
 
 
 def drafts_apply(params) -> bool:
-    """Whether speculative drafts can serve a row with these SamplingParams: greedy, no penalties, no
-    constraint (any other row takes one token per step through `choose`)."""
-    return params.greedy and not params.penalised and params.constraint is None
+    """Whether speculative drafts can serve a row with these SamplingParams: no penalties, no constraint
+    (greedy rows accept matching drafts, sampled rows by `speculative_sample`; any other row takes one
+    token per step through `choose`)."""
+    return not params.penalised and params.constraint is None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -161,6 +162,8 @@ class DecodeBatch:
         self.model = model
         self.cache = cache
         self.drafter = drafter  # speculative.MTPDrafter or None; follows the rows (prompts, moves, hidden states)
+        # which rows the drafter tracks (the engine: requests that speculate); None = every row
+        self.drafts_for = None
         self.spec_stats = {"proposed": 0, "accepted": 0, "forwards": 0}
         self.vocab = model.config.vocab_size
         self.penalties = penalties or PenaltyState.create([[]] * cache.batch_size, self.vocab, model.device,
@@ -189,7 +192,8 @@ class DecodeBatch:
         out = self.model(input_ids, attention_mask, cache=cache, logits_to_keep=1, return_hidden=self.drafter is not None)
         if self.drafter is not None:
             for i, (ids, m) in enumerate(zip(input_ids, attention_mask.bool())):
-                self.drafter.add_prompt(lo + i, ids[m].tolist(), out.hidden_states[i][m])
+                if self.tracked(self.rows[lo + i]):
+                    self.drafter.add_prompt(lo + i, ids[m].tolist(), out.hidden_states[i][m])
         return out.logits[:, -1]
 
     def reset_rows(self, rows: list[int]) -> None:
@@ -204,9 +208,14 @@ class DecodeBatch:
         if self.drafter is not None:
             self.drafter.move_row(src, dst)
 
-    def _tokens(self, i: int) -> list[int]:
-        """Row i's confirmed tokens (prompt + generated) as the drafter sees them."""
-        return self.drafter.prefix[i] + self.rows[i].state.tokens
+    def tracked(self, row) -> bool:
+        """Whether the drafter keeps state for `row` (`drafts_for`; every row by default)."""
+        return self.drafts_for is None or bool(self.drafts_for(row))
+
+    def _tokens(self, i: int) -> list[int] | None:
+        """Row i's confirmed tokens (prompt + generated) as the drafter sees them; None for an untracked row."""
+        row = self.rows[i]
+        return self.drafter.prefix[i] + row.state.tokens if self.tracked(row) else None
 
     def decode(self) -> torch.Tensor:
         """One decoding step of every row on its last token: -> logits [n,V] (`model.decode_step`)."""
@@ -218,16 +227,18 @@ class DecodeBatch:
                 return self.model.decode_step(last, cache)
             logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
         for i in range(n):
-            self.drafter.add_hidden(i, hidden[i])
+            if self.tracked(self.rows[i]):
+                self.drafter.add_hidden(i, hidden[i])
         if self.drafter.backlog(n) > BACKLOG:  # no row drafted for a while: catch up (bounds the memory)
             self.drafter.draft([self._tokens(i) for i in range(n)])
         return logits
 
     def speculate(self, wants: Sequence[bool], isolate: bool = False):
         """One speculative step of every row (needs a drafter): K drafts per row, verified by one
-        `model.decode_step` of K+1 tokens; a row with `wants[i]` whose params allow drafts (`drafts_apply`)
-        takes the longest prefix of drafts equal to the greedy choices plus the next greedy token (exactly
-        what plain greedy decoding emits), any other row one token by `choose`.
+        `model.decode_step` of K+1 tokens; a greedy row with `wants[i]` whose params allow drafts
+        (`drafts_apply`) takes the longest prefix of drafts equal to the greedy choices plus the next greedy
+        token (exactly what plain greedy decoding emits), a sampled one the tokens of `speculative_sample`
+        (the same distribution as plain sampling, not the same draws), any other row one token by `choose`.
 
         Returns (tokens, pieces, logits, errors): per row the emitted tokens and text pieces (rows may
         finish on any of them), logits [n,K+1,V] (the j-th token of row i was chosen from logits[i, j]), and
@@ -243,8 +254,23 @@ class DecodeBatch:
             logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
         self.spec_stats["forwards"] += 1
         spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
-        idx = [i for i in range(n) if spec[i]]
+        idx = [i for i in range(n) if spec[i] and self.rows[i].state.params.greedy]
         greedy = greedy_choices(logits[idx], [self.rows[i].state for i in idx]).tolist() if idx else []
+        accepted = {}  # row -> tokens it emits: accepted drafts, then one more
+        for g, i in zip(greedy, idx):
+            a = 0
+            while a < k and drafts[i][a] == g[a]:
+                a += 1
+            accepted[i] = drafts[i][:a] + [g[a]]
+        for i in range(n):
+            if spec[i] and i not in accepted:  # sampled: speculative sampling on the processed distributions
+                st = self.rows[i].state
+                lg = logits[i].float()
+                banned = early_stop_mask([st], lg.shape[-1], lg.device, k + 1)
+                lg = lg if banned is None else lg.masked_fill(banned[0], float("-inf"))
+                probs = truncate(lg, [st.params] * (k + 1)).softmax(dim=-1)
+                gen = self.generator if self.generator is not None else self.rows[i].generator
+                accepted[i] = speculative_sample(probs, drafts[i], gen)
         tokens: list[list[int]] = [[] for _ in range(n)]
         pieces: list[list[str]] = [[] for _ in range(n)]
         errors: dict[int, Exception] = {}
@@ -254,14 +280,11 @@ class DecodeBatch:
                 tokens[i], pieces[i] = out[0].tolist(), out[1]
                 if isolate and out[2]:
                     errors[i], tokens[i], pieces[i] = out[2][0], [], []
-        for g, i in zip(greedy, idx):
-            a = 0
-            while a < k and drafts[i][a] == g[a]:
-                a += 1
+        for i, emit in accepted.items():
             self.spec_stats["proposed"] += k
-            self.spec_stats["accepted"] += a
+            self.spec_stats["accepted"] += len(emit) - 1
             st = self.rows[i].state
-            for t in drafts[i][:a] + [g[a]]:
+            for t in emit:
                 if st.finished:
                     break
                 try:
@@ -279,7 +302,8 @@ class DecodeBatch:
                     one.update(torch.tensor([t], device=logits.device))
         self.cache.rows(0, n).rollback(torch.tensor([k + 1 - max(len(t), 1) for t in tokens], device=self.model.device))
         for i in range(n):
-            d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])
+            if self.tracked(self.rows[i]):
+                d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])
         return tokens, pieces, logits, errors
 
     def choose(self, logits: torch.Tensor, lo: int = 0, hi: int | None = None, isolate: bool = False):

@@ -23,8 +23,10 @@ Finish reasons: "stop" (eos, a stop id or a stop string), "length" (max_new_toke
 Speculative decoding (a model with MTP modules): the engine keeps an `MTPDrafter` beside the cache, and a
 step in which some running request wants speculation (`SamplingParams.speculative`, default the engine's
 `speculative`) is one `DecodeBatch.speculate`: MTP drafts verified in one forward of K+1 tokens per row,
-so a greedy request advances by 1 to K+1 tokens (exactly the tokens plain greedy decoding gives) and
-yields that many events; the other rows advance by one token as usual.
+so a request (without penalties or a constraint) advances by 1 to K+1 tokens and yields that many events:
+greedy ones exactly the tokens plain greedy decoding gives, sampled ones by speculative sampling (the same
+distribution); the other rows advance by one token as usual. The drafter keeps state only for requests
+that speculate.
 
 Failure isolation: an exception while serving one request (its sampling setup, its stop strings, its
 sampling) ends only that request, with an event whose finish_reason is "error" and `error` the exception;
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import GenerationError
-from .decoding import DecodeBatch, new_cache, prepare_inputs
+from .decoding import DecodeBatch, drafts_apply, new_cache, prepare_inputs
 from .speculative import MTPDrafter, check_speculative
 from .sampling import PenaltyState, SamplingParams, make_generator, token_logprobs
 from .stopping import SequenceState, stop_ids
@@ -129,6 +131,7 @@ class Engine:
         self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length + extra, cache_mode),
                                  PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True),
                                  drafter=drafter)
+        self.batch.drafts_for = self._wants  # the drafter keeps state only for requests that speculate
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -285,7 +288,7 @@ class Engine:
     def _wants(self, req: Request) -> bool:
         """Whether `req` speculates this step (it asked, or the engine's default; a drafter is needed)."""
         want = req.params.speculative if req.params.speculative is not None else self.speculative
-        return bool(want) and self.batch.drafter is not None
+        return bool(want) and self.batch.drafter is not None and drafts_apply(req.params)
 
     def _speculate(self, wants: list[bool]) -> list[TokenEvent]:
         """One speculative step (`DecodeBatch.speculate`): one event per emitted token, in order."""
@@ -387,7 +390,7 @@ class Engine:
             drafter = self.batch.drafter
             out = self.model(ids, cache=self.cache.rows(r, r + 1), logits_to_keep=1, return_hidden=drafter is not None)
             logits = out.logits[:, -1]
-            if drafter is not None:
+            if drafter is not None and self._wants(req):
                 drafter.add_prompt(r, req.prompt_ids[req.prefilled:end], out.hidden_states[0])
         except Exception as e:  # noqa: BLE001 - ends this request only
             self._drop_chunked()

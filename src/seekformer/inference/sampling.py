@@ -243,6 +243,31 @@ def _pick(logits: torch.Tensor, params: Sequence[SamplingParams],
     return out
 
 
+def speculative_sample(probs: torch.Tensor, drafts: Sequence[int], generator: torch.Generator | None = None
+                       ) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) for drafts proposed deterministically
+    (the draft distribution q is one-hot on the draft): probs [K+1,V] are the target distributions at the
+    K+1 verified positions, given the drafts before each. Draft j is accepted with probability p_j(d_j);
+    at the first rejection the token is drawn from p_j with d_j removed, renormalised ((p - q)+); after K
+    acceptances one more token is drawn from p_K. Returns the accepted drafts and that one token: each token
+    follows the target distribution exactly, as plain sampling would give."""
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        p = probs[j]
+        if float(torch.rand((), generator=generator, device=p.device)) < float(p[d]):
+            out.append(int(d))
+            continue
+        resid = p.clone()
+        resid[d] = 0.0
+        if float(resid.sum()) <= 0:  # p is one-hot on d (then the draw above accepts it): numerical guard
+            out.append(int(d))
+            continue
+        out.append(int(torch.multinomial(resid, 1, generator=generator)[0]))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)[0]))
+    return out
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int = 0):
     """Log-probabilities of the model's (unprocessed) distribution: logits [B,V], tokens [B].
 

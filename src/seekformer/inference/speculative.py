@@ -112,12 +112,15 @@ class MTPDrafter:
     # ------------------------------------------------------------------ drafting
     def draft(self, toks: list[list[int]]) -> list[list[int]]:
         """Drafts for rows 0..n-1 whose confirmed tokens are toks[r] (prompt + generated, the last one not yet
-        fed to the main model): -> K draft tokens per row. Updates the depth caches and pending states."""
+        fed to the main model): -> K draft tokens per row. Updates the depth caches and pending states.
+        A row whose toks[r] is None is not tracked (a request that does not speculate): it gets K
+        meaningless drafts and its caches stay empty."""
         n = len(toks)
         drafts: list[list[int]] = [[] for _ in range(n)]
         prev: list[tuple[int, torch.Tensor] | None] = [None] * n  # this step's h^{k-1}: (first position, [L,D])
         for d in range(self.depth):
-            long = [r for r in range(n) if len(toks[r]) - 1 - int(self.caches[d].next_position[r]) > SHORT]
+            long = [r for r in range(n) if toks[r] is not None
+                    and len(toks[r]) - 1 - int(self.caches[d].next_position[r]) > SHORT]
             for r in long:  # confirmed positions only: SHORT > K - 1 provisional ones
                 span = len(toks[r]) - 1 - int(self.caches[d].next_position[r]) - SHORT
                 self._run(d, r, r + 1, toks, drafts, prev, [span], confirmed_only=True)
@@ -152,7 +155,7 @@ class MTPDrafter:
         cache = self.caches[d].rows(lo, hi) if (lo, hi) != (0, self.caches[d].batch_size) else self.caches[d]
         start = cache.next_position.tolist()
         rows = range(lo, hi)
-        ns = [len(toks[r]) - 1 for r in rows]
+        ns = [len(toks[r]) - 1 if toks[r] is not None else start[i] for i, r in enumerate(rows)]
         lens = spans if spans is not None else [max(0, ns[i] - start[i]) for i in range(len(ns))]
         width = max(1, max(lens))
         dim, dev = self.model.config.hidden_size, self.model.device

@@ -60,9 +60,10 @@ class ServerConfig:
     max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413; None: no limit
     cors_origins: list[str] = field(default_factory=list)  # origins allowed to call from a browser ("*": any)
     prefill_chunk: int = 512  # prompt tokens encoded between two decode steps (chunked prefill and scoring)
-    # MTP self-speculative decoding (Engine's `speculative`): True = greedy requests speculate by default,
+    # MTP self-speculative decoding (Engine's `speculative`): True = requests speculate by default,
     # None = requests that ask ("speculative": true), False = off
     speculative: bool | None = None
+    speculative_tokens: int | None = None  # drafts per speculative step (None: the MTP depth)
     vision: Any = None  # a SeekForVisionLM sharing `model`: image_url content parts (serving/vision.py)
     vision_options: Any = None  # serving.vision.VisionOptions (remote URLs, byte and pixel limits)
 
@@ -195,7 +196,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """An app serving `model` (a SeekForCausalLM) with `tokenizer` (a SeekTokenizer)."""
     config = config or ServerConfig()
     backend = Backend(model, tokenizer, config.max_batch_size, config.max_queue, config.prefill_chunk,
-                      config.speculative)
+                      config.speculative, config.speculative_tokens)
     metrics = ServerMetrics(lambda: backend.waiting, lambda: backend.running)
     backend.on_tokens = metrics.generation_tokens.inc
     backend.on_first_token = metrics.ttft.observe

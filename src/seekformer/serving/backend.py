@@ -150,12 +150,14 @@ class Backend:
     """Owns the model, the engine and the worker thread (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 prefill_chunk: int = 512, speculative: bool | None = None) -> None:
-        """`speculative` as `Engine` takes it: True = every greedy request speculates unless it says
-        otherwise, None = requests that ask (a model with MTP modules), False = never."""
+                 prefill_chunk: int = 512, speculative: bool | None = None,
+                 speculative_tokens: int | None = None) -> None:
+        """`speculative` as `Engine` takes it: True = every request speculates unless it says
+        otherwise, None = requests that ask (a model with MTP modules), False = never;
+        `speculative_tokens`: drafts per step (None: the MTP depth)."""
         from ..inference.engine import Engine
 
-        self.speculative = speculative
+        self.speculative, self.speculative_tokens = speculative, speculative_tokens
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = int(max_batch_size)
@@ -250,7 +252,8 @@ class Backend:
 
     def _new_engine(self):
         return self._engine_cls(self.model, self.tokenizer, max_batch_size=self.max_batch_size,
-                                prefill_chunk=self.prefill_chunk, speculative=self.speculative)
+                                prefill_chunk=self.prefill_chunk, speculative=self.speculative,
+                                num_speculative_tokens=self.speculative_tokens)
 
     def _run(self) -> None:
         while True:

@@ -66,7 +66,7 @@ class _Request(BaseModel):
     min_tokens: StrictInt = Field(0, ge=0, le=MAX_INT32)
     ignore_eos: StrictBool = False
     stop_token_ids: list[StrictInt] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
-    # seekformer extra: MTP self-speculative decoding for this request (greedy only; null: the server's default)
+    # seekformer extra: MTP self-speculative decoding for this request (null: the server's default)
     speculative: StrictBool | None = None
 
     def stop_list(self) -> list[str]:

@@ -85,12 +85,12 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
           dtype: str | None = None, log_level: str = "info", max_body_bytes: int | None = DEFAULT_MAX_BODY_BYTES,
           cors_origins: list[str] | None = None, prefill_chunk: int = 512,
           lora: tuple[str, str] | None = None, allow_remote_images: bool = False,
-          speculative: bool | None = None) -> None:
+          speculative: bool | None = None, speculative_tokens: int | None = None) -> None:
     """Load `model_dir` and serve it until interrupted (SIGINT/SIGTERM finish in-flight requests first).
 
     `max_body_bytes` None: no body limit; `lora` (NAME, DIR) folds a peft adapter in and serves it as NAME;
     `allow_remote_images` lets image_url parts fetch http(s) URLs (a model with a vision tower);
-    `speculative` as ServerConfig takes it (MTP self-speculative decoding).
+    `speculative` and `speculative_tokens` as ServerConfig takes them (MTP self-speculative decoding).
     Raises SeekformerError (one line) without the `serve` extra or when (host, port) is taken; the port is
     bound before the model loads and before "serving ..." is printed."""
     require_serve_extra()
@@ -107,7 +107,7 @@ def serve(model_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
         config = ServerConfig(model_name=name, api_key=api_key, max_batch_size=max_batch_size, max_queue=max_queue,
                               max_body_bytes=max_body_bytes,
                               cors_origins=list(cors_origins or []), prefill_chunk=prefill_chunk,
-                              speculative=speculative,
+                              speculative=speculative, speculative_tokens=speculative_tokens,
                               vision=load_server_vision(model, model_dir),
                               vision_options=VisionOptions(allow_remote_images=allow_remote_images))
         app = create_app(model, tok, config)
