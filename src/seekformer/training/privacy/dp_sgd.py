@@ -18,7 +18,6 @@ epsilon stays within the budget. Epsilon is logged as it is spent; OUT/privacy.j
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import torch
@@ -26,7 +25,8 @@ import torch.nn.functional as F
 
 from ...errors import RecipeError
 from ..multitask import MultiTaskTrainer
-from .accounting import PrivacyAccount, calibrate, epsilon_of, max_steps, split_noise
+from .accounting import epsilon_of
+from .mechanism import DPSGD
 from .per_sample import PerSampleClipper
 
 PRIVACY_FILE = "privacy.json"
@@ -36,6 +36,7 @@ class PrivateTrainer(MultiTaskTrainer):
     """Fine-tunes one task with DP-SGD as `recipe.privacy` describes (see the module docstring)."""
 
     def prepare(self) -> None:
+        """The usual preparation, then the noise (mechanism.py), the per-example clipper and the sampler."""
         from ...data.tasks import collate
 
         super().prepare()
@@ -46,29 +47,15 @@ class PrivateTrainer(MultiTaskTrainer):
         data = self.data[self.task]
         self.examples = data.train
         n = len(self.examples)
-        p.validate(n)
-        self.q = t.batch_size / n
-        if self.q > 1:
-            raise RecipeError(f"privacy: train.batch_size {t.batch_size} is more than the {n} training examples; "
-                              "lower it")
-        planned = t.steps
-        if p.noise_multiplier is not None:
-            sigma = p.noise_multiplier
-            if p.epsilon is not None:
-                allowed = max_steps(p.accountant, p.epsilon, p.delta, sigma, self.q, planned)
-                if allowed < planned:
-                    self.console.print(f"[yellow]privacy: at noise {sigma:g} the budget epsilon={p.epsilon:g} lasts "
-                                       f"{allowed} of {planned} steps; training stops there[/]")
-                    self._shorten(allowed)
-        else:
-            sigma = calibrate(p.accountant, p.epsilon, p.delta, self.q, planned)
         gamma = self.model.config.aux_free_bias_update_rate
         moe = [m for n_, m in self.model.lm.moe_layers() if not n_.startswith("mtp.")]
-        self.balance = bool(moe) and t.method == "full" and gamma > 0 and p.balance_share > 0
-        self.moe = moe if self.balance else []
-        self.sigma_grad, self.sigma_count = split_noise(sigma, p.balance_share if self.balance else 0.0)
-        self.count_sensitivity = math.sqrt(len(moe) * self.model.config.num_experts_per_tok) if moe else 0.0
-        self.account = PrivacyAccount(p.accountant, p.delta, sigma, self.q)
+        balanced = moe if t.method == "full" and gamma > 0 else []
+        self.dp = DPSGD(p, n, t.batch_size, t.steps, balanced, self.model.config.num_experts_per_tok, t.seed)
+        if self.dp.steps < t.steps:
+            self.console.print(f"[yellow]privacy: at noise {p.noise_multiplier:g} the budget epsilon={p.epsilon:g} "
+                               f"lasts {self.dp.steps} of {t.steps} steps; training stops there[/]")
+            self._shorten(self.dp.steps)
+        self.balance, self.moe = self.dp.balance, self.dp.moe
         self.params = [q for g in self.optimizer.param_groups for q in g["params"]]
         strategy = p.per_sample
         if strategy == "auto" and data.decl["type"] != "classification":
@@ -84,19 +71,16 @@ class PrivateTrainer(MultiTaskTrainer):
         else:
             self.clipper = PerSampleClipper(self.model, self.params, p.max_grad_norm, self.moe, strategy,
                                             self._vmap_loss)
-        self.gen = torch.Generator().manual_seed(t.seed + 1_000_003)
         self._collate = lambda ex: collate(ex, data.decl["type"], self.tokenizer.pad_token_id)
-        self.console.print(f"DP-SGD: n={n}, q={self.q:.4f} (expected batch {t.batch_size}), {t.steps} steps, "
-                           f"noise {sigma:.3f} (gradients {self.sigma_grad:.3f}"
-                           + (f", loads {self.sigma_count:.3f}" if self.sigma_count else "")
+        dp = self.dp
+        self.console.print(f"DP-SGD: n={n}, q={dp.q:.4f} (expected batch {t.batch_size}), {t.steps} steps, "
+                           f"noise {dp.account.noise_multiplier:.3f} (gradients {dp.sigma_grad:.3f}"
+                           + (f", loads {dp.sigma_count:.3f}" if dp.sigma_count else "")
                            + f"), C={p.max_grad_norm:g}, {p.accountant}, per-sample {strategy}")
 
     def _shorten(self, steps: int) -> None:
         from ..optim import build_scheduler
 
-        if steps < 1:
-            raise RecipeError("privacy: the budget does not allow a single step at this noise_multiplier; raise "
-                              "noise_multiplier or epsilon")
         self.t.steps = steps
         self.scheduler = build_scheduler(self.optimizer, self.t.warmup_steps, steps, self.t.min_lr_ratio)
 
@@ -136,16 +120,9 @@ class PrivateTrainer(MultiTaskTrainer):
         return self.weighting.weights()[self.task] * F.cross_entropy(logits.float(), batch["labels"])
 
     # ------------------------------------------------------------------ one step
-    def poisson_batch(self) -> list[int]:
-        """Indices of the step's batch: each training example independently with probability q."""
-        return torch.nonzero(torch.rand(len(self.examples), generator=self.gen) < self.q).flatten().tolist()
-
-    def noise_like(self, x: torch.Tensor, std: float) -> torch.Tensor:
-        return torch.normal(0.0, std, x.shape, generator=self.gen).to(x.device, x.dtype)
-
     def train_step(self) -> dict[str, Any]:
-        p = self.recipe.privacy
-        picked = self.poisson_batch()
+        """One DP-SGD step over a Poisson-sampled batch (mechanism.py); then the (noisy) balancing update."""
+        picked = self.dp.sample()
         self.optimizer.zero_grad(set_to_none=True)
         rec: dict[str, Any] = {"batch": len(picked)}
         if picked:
@@ -158,27 +135,17 @@ class PrivateTrainer(MultiTaskTrainer):
             rec.update(stats)
         else:
             sums, loads = [torch.zeros_like(q) for q in self.params], None
-        denom = self.q * len(self.examples)
-        for param, s in zip(self.params, sums):
-            param.grad = (s + self.noise_like(s, self.sigma_grad * p.max_grad_norm)) / denom
-        rec["grad_norm"] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.grad)
-                                                                        for q in self.params])))
+        rec["grad_norm"] = self.dp.privatize(self.params, sums, loads)
         self.optimizer.step()
         rec["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         gamma = self.model.config.aux_free_bias_update_rate
-        if self.balance:
-            if loads is None:
-                loads = torch.zeros(len(self.moe), self.moe[0].num_experts)
-            noisy = loads + self.noise_like(loads, self.sigma_count * self.count_sensitivity)
-            for row, m in zip(noisy, self.moe):
-                m.load_counts.copy_(row.clamp_min(0))
         for _, m in self.model.lm.moe_layers():
             m.update_bias(gamma if self.balance else 0.0)  # consumes (or clears) the counts
-        self.account.step()
+        self.dp.spend()
         self.step += 1
         if self.step % self.t.log_every == 0 or self.step == self.t.steps or self.recipe.privacy.accountant == "rdp":
-            rec["epsilon"] = self.account.epsilon
+            rec["epsilon"] = self.dp.epsilon
         rec["loss"] = rec.get(f"loss/{self.task}", float("nan"))
         return rec
 
@@ -196,21 +163,17 @@ class PrivateTrainer(MultiTaskTrainer):
 
     # ------------------------------------------------------------------ output
     def privacy_report(self) -> dict[str, Any]:
-        p = self.recipe.privacy
-        return {"epsilon": self.account.epsilon, "target_epsilon": p.epsilon, "delta": p.delta,
-                "noise_multiplier": self.account.noise_multiplier, "grad_noise_multiplier": self.sigma_grad,
-                "count_noise_multiplier": self.sigma_count, "count_sensitivity": self.count_sensitivity
-                if self.balance else None, "sample_rate": self.q, "steps": self.account.steps,
-                "accountant": p.accountant, "max_grad_norm": p.max_grad_norm,
-                "expected_batch_size": self.t.batch_size, "examples": len(self.examples),
+        """OUT/privacy.json: the account (mechanism.py) and how the per-example gradients were computed."""
+        return {**self.dp.report(), "expected_batch_size": self.t.batch_size, "examples": len(self.examples),
                 "method": self.t.method, "per_sample": self.clipper.strategy,
-                "per_sample_fallback": self.clipper.fallback_reason,
-                "moe_balancing": self.balance}
+                "per_sample_fallback": self.clipper.fallback_reason}
 
     def extra_output_files(self) -> dict[str, str]:
+        """Files written next to the model: privacy.json."""
         return {PRIVACY_FILE: json.dumps(self.privacy_report(), indent=2) + "\n"}
 
     def run(self):
+        """Fine-tune (MultiTaskTrainer.run), then report the epsilon spent."""
         result = super().run()
         r = self.privacy_report()
         self.console.print(f"privacy: epsilon {r['epsilon']:.3f} (delta {r['delta']:g}) after {r['steps']} steps "
