@@ -93,10 +93,12 @@ class WeightSet:
         self.names = [n for n, _ in self.named]
 
     def get(self) -> list[np.ndarray]:
+        """The weights as numpy arrays, in `names` order (what Flower sends)."""
         return [t.detach().cpu().numpy().copy() for _, t in self.named]
 
     @torch.no_grad()
     def set(self, arrays: list[np.ndarray]) -> None:
+        """Copy `arrays` (in `names` order) into the model's tensors."""
         for (_, t), a in zip(self.named, arrays):
             t.copy_(torch.from_numpy(np.asarray(a)).to(t.device, t.dtype))
 
@@ -149,6 +151,7 @@ class FederatedRun:
         self.console = self.trainer.console
 
     def prepare(self) -> None:
+        """Base model, tokenizer, the task's data and its partition over the clients, the shared weights."""
         from ..data.tasks import TaskBatches
 
         tr = self.trainer
@@ -192,6 +195,9 @@ class FederatedRun:
 
     # ------------------------------------------------------------------ one client's round
     def local_fit(self, k: int, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+        """Client k's round: load the global weights, train `local_steps` on its partition (FedProx term if
+        set), return (its weights, its example count, metrics); with expert_sparse the uplink counts only the
+        rows it sends (the server keeps the global values of the others)."""
         tr, f = self.trainer, self.f
         self.weights.set(parameters)
         tr.loaders[self.task] = self.batches[k]
@@ -263,6 +269,7 @@ class FederatedRun:
         return FedAvg(**common)
 
     def run(self) -> FinetuneResult:
+        """Run the rounds in Flower's simulation; write the model, federated.json and the plot."""
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
         f = self.f
@@ -303,6 +310,7 @@ class FederatedRun:
 
     @property
     def eval_split(self) -> str:
+        """The split evaluated after each round: test if the task has one, else validation."""
         return "test" if self.trainer.data[self.task].test else "validation"
 
     def evaluate_round(self) -> dict[str, float]:
@@ -335,6 +343,7 @@ class FederatedRun:
                               {s: results_all[s] for s in ("validation", "test") if s in results_all})
 
     def report(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """federated.json: settings, per-client label counts, rounds and per-round metrics, uplink bytes."""
         f = self.f
         out: dict[str, Any] = {"clients": f.clients, "rounds": f.rounds, "strategy": f.strategy,
                                "partition": f.partition, "alpha": f.alpha, "fraction_fit": f.fraction_fit,
@@ -384,6 +393,7 @@ def plot_rounds(out_dir: str | Path, history: list[dict[str, Any]], split: str) 
 
 
 def federated_finetune(recipe, console=None) -> FinetuneResult:
+    """Fine-tune as a recipe with a `federated:` section says (simulated clients); returns its result."""
     run = FederatedRun(recipe, console=console)
     run.prepare()
     return run.run()

@@ -128,6 +128,7 @@ class FederatedRecipe:
     dp_clip_norm: float = 0.0
 
     def validate(self, n_examples: int | None = None, n_labels: int | None = None) -> None:
+        """RecipeError for a bad value (and for more clients than training examples when `n_examples` is known)."""
         for name in ("clients", "rounds", "local_steps", "local_batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"federated.{name} must be >= 1, got {getattr(self, name)}")
