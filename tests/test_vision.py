@@ -182,6 +182,11 @@ def test_vision_multitask_save_load(tok_lm, tmp_path):
     m.save_pretrained(tmp_path / "mt", tokenizer=tok)
     loaded = load_multitask(tmp_path / "mt")
     assert isinstance(loaded, SeekForVisionMultiTask)
+    from seekformer.errors import CheckpointError
+    from seekformer.models.multitask import SeekForMultiTask
+
+    with pytest.raises(CheckpointError, match="vision tower"):  # not silently without its tower
+        SeekForMultiTask.from_pretrained(tmp_path / "mt")
     assert torch.allclose(loaded("img", ids, pixel_values=pix).logits, logits, atol=1e-5)
 
 

@@ -75,11 +75,11 @@ def test_eval_cli_matches_training_results(trained):
 def test_generate_and_chat_answer_like_eval(trained):
     from seekformer.data.tasks import Encoder, TaskRecipe, load_split
     from seekformer.evaluation.metrics import predict_task
-    from seekformer.models.multitask import SeekForMultiTask
+    from seekformer.models.loading import load_multitask
     from seekformer.tokenizer import SeekTokenizer
 
     root, _ = trained
-    model = SeekForMultiTask.from_pretrained(root / "out")
+    model = load_multitask(root / "out")
     tok = SeekTokenizer.load(root / "out")
     decl = model.tasks["shapes"]
     spec = TaskRecipe(**{k: v for k, v in decl.items() if k in TaskRecipe.__dataclass_fields__})

@@ -44,6 +44,16 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 WEIGHT_FILES = ("model*.safetensors", INDEX_FILE)  # replaced as a set: an old shard the new save lacks goes
 
 
+# A model directory with a vision tower holds these next to the language model's files (models/vision_lm.py).
+VISION_FILE = "vision.safetensors"
+VISION_CONFIG_FILE = "vision.json"
+
+
+def is_vision_dir(path: str | os.PathLike) -> bool:
+    """Whether the model directory `path` has a vision tower (vision.json)."""
+    return (Path(path) / VISION_CONFIG_FILE).is_file()
+
+
 def atomic_directory(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
     """`fsio.atomic_directory` for a model directory: weight files a new save no longer has are removed."""
     return fsio.atomic_directory(path, stale=WEIGHT_FILES)

@@ -295,15 +295,20 @@ class SeekForMultiTask(nn.Module):
         save_model(lm, path, dtype=dtype, extra_files=files)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForMultiTask:
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        text_only: bool = False) -> SeekForMultiTask:
         """Load a directory written by `save_pretrained` (CheckpointError when it is not a multi-task model):
-        the language model and the task heads (a vision tower, if the directory has one, is left out:
-        `models.loading.load_multitask` opens either kind)."""
+        the language model and the task heads. A directory with a vision tower is refused unless `text_only`
+        (then the tower is left out): `models.loading.load_multitask` opens either kind."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from ..checkpoint import check_model_dir
+        from ..checkpoint import check_model_dir, is_vision_dir
         from ..errors import CheckpointError
+
+        if not text_only and is_vision_dir(path):
+            raise CheckpointError(f"{path} has a vision tower: open it with "
+                                  "seekformer.models.loading.load_multitask (or SeekForVisionMultiTask)")
 
         p = check_model_dir(path)
         meta_file, heads_file = p / MULTITASK_FILE, p / HEADS_FILE

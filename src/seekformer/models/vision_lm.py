@@ -28,13 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import VISION_CONFIG_FILE, VISION_FILE, is_vision_dir
 from ..data.images import IMAGE_TOKEN
 from ..nn.vision import VisionConfig, VisionTower, random_translate, splice_image_tokens
 from .causal_lm import SeekForCausalLM
 from .multitask import SeekForMultiTask, TaskOutput
 
-VISION_FILE = "vision.safetensors"
-VISION_CONFIG_FILE = "vision.json"
 IMAGE_TASK_TYPES = ("image_classification", "vqa")
 
 
@@ -88,10 +87,6 @@ def expand_image_markers(ids: list[int], token_id: int, n: int) -> list[int]:
 
 
 # ====================================================================== I/O helpers
-def is_vision_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / VISION_CONFIG_FILE).is_file()
-
-
 def read_vision_dir(path: str | os.PathLike) -> tuple[VisionConfig, int | None, dict[str, torch.Tensor]]:
     """(VisionConfig, image token id, tower state dict) of a model directory with vision files."""
     from safetensors import SafetensorError
@@ -331,7 +326,7 @@ class SeekForVisionMultiTask(SeekForMultiTask, ImageEmbedder):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> SeekForVisionMultiTask:
-        base = SeekForMultiTask.from_pretrained(path, device)
+        base = SeekForMultiTask.from_pretrained(path, device, text_only=True)
         cfg, tid, state = read_vision_dir(path)
         model = cls(base.lm, list(base.tasks.values()), cfg, tid)
         model.heads.load_state_dict(base.heads.state_dict())
