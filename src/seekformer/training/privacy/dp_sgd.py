@@ -136,16 +136,12 @@ class PrivateTrainer(MultiTaskTrainer):
         else:
             sums, loads = [torch.zeros_like(q) for q in self.params], None
         rec["grad_norm"] = self.dp.privatize(self.params, sums, loads)
-        self.optimizer.step()
-        rec["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        gamma = self.model.config.aux_free_bias_update_rate
-        for _, m in self.model.lm.moe_layers():
-            m.update_bias(gamma if self.balance else 0.0)  # consumes (or clears) the counts
-        self.dp.spend()
-        self.step += 1
-        if self.step % self.t.log_every == 0 or self.step == self.t.steps or self.recipe.privacy.accountant == "rdp":
-            rec["epsilon"] = self.dp.epsilon
+        step, t = self.step + 1, self.t
+        rec.update(self.dp.finish_step(self.optimizer, self.scheduler, [m for _, m in self.model.lm.moe_layers()],
+                                       self.model.config.aux_free_bias_update_rate,
+                                       log_epsilon=step % t.log_every == 0 or step == t.steps
+                                       or self.recipe.privacy.accountant == "rdp"))
+        self.step = step
         rec["loss"] = rec.get(f"loss/{self.task}", float("nan"))
         return rec
 

@@ -85,6 +85,20 @@ class DPSGD:
                 m.load_counts.copy_(row.clamp_min(0))
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.grad) for q in params])))
 
+    def finish_step(self, optimizer, scheduler, moe_layers, gamma: float, log_epsilon: bool) -> dict[str, Any]:
+        """After `privatize`: the optimizer and schedule step, every MoE layer's balancing-bias update (from the
+        noisy loads when balancing is on, else the counts are cleared), the step charged to the account.
+        Returns {"lr"} (and "epsilon" when `log_epsilon`)."""
+        optimizer.step()
+        rec: dict[str, Any] = {"lr": scheduler.get_last_lr()[0]}
+        scheduler.step()
+        for m in moe_layers:
+            m.update_bias(gamma if self.balance else 0.0)  # consumes (or clears) the counts
+        self.spend()
+        if log_epsilon:
+            rec["epsilon"] = self.epsilon
+        return rec
+
     def spend(self) -> None:
         """Charge one step to the account."""
         self.account.step()

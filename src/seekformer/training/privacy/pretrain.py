@@ -104,19 +104,17 @@ class PrivatePretrainer(Trainer):
         else:
             sums, loads = [torch.zeros_like(q) for q in self.params], None
         rec["grad_norm"] = self.dp.privatize(self.params, sums, loads)
-        self.optimizer.step()
-        rec["lr"] = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
-        gamma = self.model.config.aux_free_bias_update_rate
-        for name, moe in self.model.moe_layers():
+        layers = self.model.moe_layers()
+        for name, moe in layers:  # the (noisy) loads the bias update reads, for the load statistics
             self._interval_counts.setdefault(name, torch.zeros_like(moe.load_counts)).add_(moe.load_counts)
-            moe.update_bias(gamma if self.dp.balance else 0.0)  # consumes (or clears) the counts
-        self.dp.spend()
-        self.step += 1
+        step = self.step + 1
+        rec.update(self.dp.finish_step(self.optimizer, self.scheduler, [m for _, m in layers],
+                                       self.model.config.aux_free_bias_update_rate,
+                                       log_epsilon=step % t.log_every == 0 or step == t.steps
+                                       or self.recipe.privacy.accountant == "rdp"))
+        self.step = step
         # the mean training loss of the sampled windows: logged for the curve, not released by the mechanism
         rec["loss"] = sum(losses) / len(losses) if losses else float("nan")
-        if self.step % t.log_every == 0 or self.step == t.steps or self.recipe.privacy.accountant == "rdp":
-            rec["epsilon"] = self.dp.epsilon
         return rec
 
     def privacy_report(self) -> dict[str, Any]:
