@@ -88,13 +88,17 @@ class _LinearRule:
         return out
 
 
-class _NormRule:
-    """Per-example grads of an RMSNorm weight: dw_b = sum_t g_bt * n_bt (n: the normalised input)."""
+class _WeightRule:
+    """A rule for a module's `weight`: records (input, output) rows at each call (`out` picks the output)."""
 
-    def __init__(self, m: nn.Module) -> None:
+    def __init__(self, m: nn.Module, out: Callable = lambda y: y) -> None:
         self.m, self.rows = m, _Rows()
         self.params = [m.weight]
-        self.handle = m.register_forward_hook(lambda mod, inp, out: self.rows.record(inp[0], out))
+        self.handle = m.register_forward_hook(lambda mod, inp, y: self.rows.record(inp[0], out(y)))
+
+
+class _NormRule(_WeightRule):
+    """Per-example grads of an RMSNorm weight: dw_b = sum_t g_bt * n_bt (n: the normalised input)."""
 
     def grads(self, b: int) -> dict[int, torch.Tensor]:
         w = self.m.weight.new_zeros(b, *self.m.weight.shape)
@@ -105,13 +109,11 @@ class _NormRule:
         return {id(self.m.weight): w}
 
 
-class _RouterRule:
+class _RouterRule(_WeightRule):
     """Per-example grads of the router's weight (logits = x W^T in fp32, on the flattened tokens)."""
 
     def __init__(self, m: nn.Module) -> None:
-        self.m, self.rows = m, _Rows()
-        self.params = [m.weight]
-        self.handle = m.register_forward_hook(lambda mod, inp, out: self.rows.record(inp[0], out.logits))
+        super().__init__(m, lambda out: out.logits)
 
     def grads(self, b: int) -> dict[int, torch.Tensor]:
         w = self.m.weight.new_zeros(b, *self.m.weight.shape)
@@ -120,14 +122,9 @@ class _RouterRule:
         return {id(self.m.weight): w}
 
 
-class _EmbeddingRule:
+class _EmbeddingRule(_WeightRule):
     """Per-example grads of an embedding table: example b's output gradients added at its token ids.
     Dense [B,V,D] per chunk: fine for small vocabularies, heavy for large ones."""
-
-    def __init__(self, m: nn.Embedding) -> None:
-        self.m, self.rows = m, _Rows()
-        self.params = [m.weight]
-        self.handle = m.register_forward_hook(lambda mod, inp, out: self.rows.record(inp[0], out))
 
     def grads(self, b: int) -> dict[int, torch.Tensor]:
         w = self.m.weight.new_zeros(b, *self.m.weight.shape)
