@@ -17,6 +17,9 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Weights: fp32|float32 (default), bf16|bfloat16 or "
                                               "fp16|float16.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's choice).")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="Compile the decoding step with "
+                                       "torch.compile (faster steps after a one-off compilation of seconds to "
+                                       "minutes, cached on disk; eager fallback with a warning).")]
 
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")]
@@ -83,6 +86,13 @@ def with_sampling(**defaults: Any) -> Callable[[Callable], Callable]:
         return wrapper
 
     return decorate
+
+
+def set_compile(on: bool) -> None:
+    """The process default of compiled decoding steps (inference/compiled.py) from --compile."""
+    from ..inference.compiled import set_compile as _set
+
+    _set(on)
 
 
 def set_threads(threads: int | None) -> None:

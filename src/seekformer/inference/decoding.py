@@ -29,6 +29,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
+from .compiled import compiled_step
 from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
@@ -158,8 +159,9 @@ class DecodeBatch:
     """
 
     def __init__(self, model, cache: KVCache, penalties: PenaltyState | None = None,
-                 generator: torch.Generator | None = None, drafter=None) -> None:
+                 generator: torch.Generator | None = None, drafter=None, compile: bool | None = None) -> None:
         self.model = model
+        self.compile = compile  # plain steps through the compiled graph (inference/compiled.py); None: process default
         self.cache = cache
         self.drafter = drafter  # speculative.MTPDrafter or None; follows the rows (prompts, moves, hidden states)
         # which rows the drafter tracks (the engine: requests that speculate); None = every row
@@ -222,10 +224,15 @@ class DecodeBatch:
         n = len(self.rows)
         last = torch.tensor([[r.state.tokens[-1]] for r in self.rows], device=self.model.device)
         cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+        step = compiled_step(self.model, self.compile)
+        want_hidden = self.drafter is not None
         with runtime.torch_threads(step_threads(self.model, n)):
-            if self.drafter is None:
-                return self.model.decode_step(last, cache)
-            logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
+            out = step(last, cache, want_hidden) if step is not None else None
+            if out is None:
+                out = self.model.decode_step(last, cache, return_hidden=want_hidden)
+        if not want_hidden:
+            return out
+        logits, hidden = out
         for i in range(n):
             if self.tracked(self.rows[i]):
                 self.drafter.add_hidden(i, hidden[i])

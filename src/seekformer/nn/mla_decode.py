@@ -60,10 +60,12 @@ def folded_weights(attn) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     * w_out [D, H*R] = o_proj with W_UV folded in.
     Kept in `attn.__dict__` (not a buffer: never saved, moved or trained).
     """
+    cached = attn.__dict__.get("_folded")
+    if cached is not None and torch.compiler.is_compiling():  # a captured step: made fresh before the call
+        return cached[1]
     q_w = attn.q_proj.weight if attn.q_lora_rank is None else attn.q_b_proj.weight
     params = (q_w, attn.kv_a_proj_with_mqa.weight, attn.kv_b_proj.weight, attn.o_proj.weight)
     key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-    cached = attn.__dict__.get("_folded")
     if cached is not None and cached[0] == key:
         return cached[1]
     with torch.no_grad():
