@@ -95,12 +95,28 @@ def set_compile(on: bool) -> None:
     _set(on)
 
 
+def _set_product_form() -> None:
+    """Decoding steps' few-row product form: measured per model ("auto"), unless SEEKFORMER_FEW_ROWS=on|off."""
+    import os
+
+    from ..errors import ConfigError
+    from ..runtime import set_product_form
+
+    value = os.environ.get("SEEKFORMER_FEW_ROWS", "auto").strip().lower()
+    choices = {"auto": "auto", "on": True, "off": False}
+    if value not in choices:
+        raise ConfigError(f"SEEKFORMER_FEW_ROWS must be auto, on or off, got {value!r}")
+    set_product_form(choices[value])
+
+
 def set_threads(threads: int | None) -> None:
     """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
-    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    choose their thread count by measurement (runtime.set_decode_threads("auto")); their product form is
+    measured too (runtime.set_product_form("auto"), or SEEKFORMER_FEW_ROWS=on|off)."""
     from ..runtime import set_decode_threads
 
     set_decode_threads("auto" if threads is None else None)
+    _set_product_form()
     if threads is not None:
         import torch
 

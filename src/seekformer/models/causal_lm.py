@@ -18,6 +18,7 @@ from torch import nn
 from ..config import SeekConfig
 from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
 from ..nn.attention import ABSORB_MAX_CHUNK
+from ..nn import few_rows
 from ..nn.few_rows import linear_of
 from ..nn.mla_decode import fold_pays, folded_weights, latent_decode, rope_matrix
 from ..nn.norm import rms_norm
@@ -284,6 +285,13 @@ class SeekForCausalLM(nn.Module):
         hidden = self.model.step(input_ids, cache, attention_mask)
         logits = linear_of(self.lm_head, hidden[:, -1] if last_only else hidden)
         return (logits, hidden) if return_hidden else logits
+
+    @staticmethod
+    def decode_products(flag: bool | None) -> few_rows.use:
+        """Context manager: decoding steps inside it multiply few rows by their weights in `nn.few_rows`'
+        W @ X^T form (True), as F.linear (False), or as set (None). Which is faster depends on the CPU:
+        the decoders measure both (`inference.decoding.product_form`)."""
+        return few_rows.use(flag)
 
     # ------------------------------------------------------------------ capturable decoding step
     def static_step_blocker(self) -> str | None:
