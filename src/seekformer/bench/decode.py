@@ -167,6 +167,10 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
                    "sf_decode": steps / max(m["sf"] - m["sf1"], 1e-9), "hf_decode": steps / max(m["hf"] - m["hf1"], 1e-9),
                    "sf_e2e": b * new_tokens / m["sf"], "hf_e2e": b * new_tokens / m["hf"]}
             row["speedup"] = row["sf_decode"] / row["hf_decode"]
+            form = model.__dict__.get("_decode_products", {}).get(torch.get_num_threads())
+            if form:
+                row["few_row_form"] = form["few_row_form"]
+                row["form_ms"] = {k: 1e3 * v for k, v in form["seconds"].items()}
             log(f"{name} prompt {plen} batch {b}: decode seekformer {row['sf_decode']:.1f} tok/s, transformers "
                 f"{row['hf_decode']:.1f} tok/s (x{row['speedup']:.2f}); first token {1e3 * m['sf1']:.0f} vs "
                 f"{1e3 * m['hf1']:.0f} ms; identical rows {same:.0%}")
@@ -280,12 +284,13 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                      prompt_text: str | None = None, out_md: str | Path | None = None,
                      log: Callable[[str], None] = print, draft_counts: Sequence[int | None] = (None,),
                      llama_cpp: bool = True, compile: bool = False,
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                     overrides: dict[str, Any] | None = None, product_form: str | bool | None = "auto") -> dict[str, Any]:
     """Run the decode benchmark; returns {"rows", "kv", "speculative", "llama_cpp", "bandwidth", "settings"}
     and writes markdown. For model directories: speculative decoding with `draft_counts` drafts per step and,
     with `llama_cpp` (and llama-cpp-python installed), batch-1 decoding against llama.cpp on the F32 GGUF
     export. `compile`: also the compiled decoding step. `overrides`: config fields changed in every preset
-    (e.g. {"n_routed_experts": 16, "num_experts_per_tok": 4}, a held-out-like MoE)."""
+    (e.g. {"n_routed_experts": 16, "num_experts_per_tok": 4}, a held-out-like MoE). `product_form`: the
+    few-row product form of seekformer's steps ("auto": measured per model, as the CLI does)."""
     _require_transformers()
     if dtype not in DTYPES:
         raise SeekformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -294,6 +299,9 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
         raise SeekformerError("--new-tokens, --repeats, batch sizes and prompt lengths must be >= 1")
     if threads:
         torch.set_num_threads(threads)
+    from .. import runtime
+
+    runtime.set_product_form(product_form)  # as the CLI decodes: measured per model ("auto")
     torch_dtype = DTYPES[dtype]
     machine = Machine()
     rows, kv, spec, lcpp, bw = [], {}, [], [], []
@@ -372,6 +380,17 @@ def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode"
                          f"**{r['compiled_vs_eager']:.2f}x**", f"**{r['compiled_vs_hf']:.2f}x**",
                          f"{r['compile_warmup_s']:.1f}", f"{r['identical_compiled']:.0%}"]
                         for r in result["rows"] if "sfc_decode" in r])
+    forms = [r for r in result["rows"] if "few_row_form" in r]
+    if forms:
+        lines += ["", "Few-row product form of seekformer's decoding steps, chosen by measurement when the model "
+                  "first decodes (its batch-1 step timed both ways, interleaved, median of 7): W @ X^T (`few_rows`) "
+                  "or F.linear.", ""]
+        seen = {}
+        for r in forms:
+            seen.setdefault(r["model"], r)
+        lines += table(["model", "chosen", "step ms with W @ X^T", "step ms with F.linear"],
+                       [[m, "W @ X^T" if r["few_row_form"] else "F.linear", f"{r['form_ms'][True]:.2f}",
+                         f"{r['form_ms'][False]:.2f}"] for m, r in seen.items()])
     if result.get("bandwidth"):
         lines += ["", "Bytes one batch-1 step reads (the weights it multiplies by -- attention as the step runs "
                   "it, K of E routed experts -- and the latent cache at prompt + new/2 tokens) against the measured "
