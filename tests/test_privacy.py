@@ -79,18 +79,13 @@ def _vmap_loss(model):
     return loss
 
 
-def test_per_sample_gradients_match_per_example_backward(base):
-    """loop and vmap clipped sums equal sum_i clip(g_i) with g_i from separate backward passes (padded
-    batch, masks), and the summed load fractions match the MoE layers' own counts."""
-    model, batch = _model_and_batch(base)
-    params = [p for p in model.parameters() if p.requires_grad and p.grad is None]
-    moe = [m for _, m in model.lm.moe_layers()]
-    loss_of = lambda b: model("c", **b).loss  # noqa: E731
-    c = 0.05
+def _reference(model, batch, params, moe, loss_of, c):
+    """sum_i clip(g_i), summed load fractions and norms from one backward pass per example (its padded row,
+    masked: an independent path)."""
     ref, norms = [torch.zeros_like(p) for p in params], []
     ref_loads = torch.zeros(len(moe), moe[0].num_experts)
     for i in range(batch["input_ids"].shape[0]):
-        one = {k: v[i: i + 1] for k, v in batch.items()}  # padded row, masked: an independent path
+        one = {k: v[i: i + 1] for k, v in batch.items()}
         model.zero_grad(set_to_none=True)
         for m in moe:
             m.load_counts.zero_()
@@ -102,6 +97,20 @@ def test_per_sample_gradients_match_per_example_backward(base):
             r += x * clip_factor(norm, c)
         ref_loads += torch.stack([m.load_counts.clone() for m in moe]) / one["attention_mask"].sum()
     model.zero_grad(set_to_none=True)
+    for m in moe:
+        m.load_counts.zero_()
+    return ref, ref_loads, norms
+
+
+def test_per_sample_gradients_match_per_example_backward(base):
+    """loop and vmap clipped sums equal sum_i clip(g_i) with g_i from separate backward passes (padded
+    batch, masks), and the summed load fractions match the MoE layers' own counts."""
+    model, batch = _model_and_batch(base)
+    params = [p for p in model.parameters() if p.requires_grad and p.grad is None]
+    moe = [m for _, m in model.lm.moe_layers()]
+    loss_of = lambda b: model("c", **b).loss  # noqa: E731
+    c = 0.05
+    ref, ref_loads, norms = _reference(model, batch, params, moe, loss_of, c)
     assert min(norms) > c  # every example is clipped: the test sees clipping, not just sums
     for strategy in ("loop", "vmap"):
         clipper = PerSampleClipper(model, params, c, moe, strategy, _vmap_loss(model), chunk_size=3)
@@ -111,6 +120,50 @@ def test_per_sample_gradients_match_per_example_backward(base):
             assert torch.allclose(a, b, atol=1e-5, rtol=1e-3), (strategy, n_, (a - b).abs().max())
         assert torch.allclose(loads, ref_loads, atol=1e-5), strategy
         assert all(p.grad is None for p in params)
+
+
+def test_hooks_per_sample_gradients_of_lora_match_per_example_backward(base):
+    """The batched `hooks` rules (LoRA on attention, on the dense/shared MLP weights and on the stacked routed
+    experts, the task head) give the same clipped sums as separate backward passes, with the sequence-wise
+    balance loss on (it is a mean over sequences, so B * batch loss is the sum of the examples' losses)."""
+    model, batch = _model_and_batch(base)
+    model.lm.config.seq_aux_loss_alpha = 1e-2
+    model.add_lora(r=4, alpha=8.0)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():  # peft zero-initialises B: make every factor's gradient non-trivial
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("experts" in n for n in names) and any("q_proj" in n or "kv" in n for n in names)
+    moe = [m for n_, m in model.lm.moe_layers() if not n_.startswith("mtp.")]
+    def loss_of(b):
+        out = model("c", **b)
+        assert out.aux_loss is not None
+        return out.loss + out.aux_loss
+    c = 0.02
+    ref, ref_loads, norms = _reference(model, batch, params, moe, loss_of, c)
+    assert min(norms) > c
+    clipper = PerSampleClipper(model, params, c, moe, "hooks", loss_sums_examples=True)
+    total, loads, stats = clipper.clipped_sum(batch, loss_of)
+    assert clipper.strategy == "hooks" and stats["examples"] == 4 and stats["clipped_fraction"] == 1.0
+    assert stats["grad_norm_median"] == pytest.approx(float(torch.tensor(norms).median()), rel=1e-4)
+    for n_, a, b in zip(names, total, ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (n_, (a - b).abs().max())
+    assert torch.allclose(loads, ref_loads, atol=1e-5)
+    assert all(p.grad is None for p in params)
+    assert all(m.experts.get_base_layer().row_tap is None for m in moe)
+
+
+def test_auto_falls_back_from_hooks_when_a_parameter_has_no_rule(base):
+    """Full fine-tuning trains RMSNorm weights and embeddings: auto drops hooks (saying why) and uses vmap."""
+    model, batch = _model_and_batch(base)
+    params = [p for p in model.parameters() if p.requires_grad]
+    moe = [m for _, m in model.lm.moe_layers()]
+    clipper = PerSampleClipper(model, params, 1.0, moe, "auto", _vmap_loss(model), loss_sums_examples=True)
+    assert clipper.strategy == "hooks"
+    clipper.clipped_sum(batch, lambda b: model("c", **b).loss)
+    assert clipper.strategy == "vmap" and clipper.fallback_reason.startswith("hooks: no per-example rule for")
 
 
 def test_trim_cuts_padding():

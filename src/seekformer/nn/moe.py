@@ -22,6 +22,7 @@ that did not choose it. Decoding a few tokens (`MoE.step`) runs only the chosen 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +131,7 @@ class Experts(nn.Module):
     """
 
     first_expert = 0  # global index of local_weights()'s first expert
+    row_tap: Callable | None = None  # row_tap(dispatch, xs, gu, act, out): see grouped_swiglu
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -174,30 +176,38 @@ class Experts(nn.Module):
         """Every expert on its block of rows, scaled by the routing weights: [S,D] -> [S,D]."""
         dtype = d.x.dtype
         w_gu, w_down = self.local_weights()
+        tap = None if self.row_tap is None else (lambda *rows: self.row_tap(d, *rows))
         return self.grouped_swiglu(d.x, d.gate.to(dtype), d.counts, w_gu.to(dtype), w_down.to(dtype),
-                                   self.use_grouped_mm)
+                                   self.use_grouped_mm, tap)
 
     def combine(self, ys: torch.Tensor, d: Dispatch, x: torch.Tensor) -> torch.Tensor:
         """Sum the expert outputs ys [S,D] back per token: -> [N,D] in x's dtype."""
         return torch.zeros_like(x).index_add_(0, d.token, ys.to(x.dtype))
 
     @staticmethod
+    def grouped_linear(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, use_grouped_mm: bool = True
+                       ) -> torch.Tensor:
+        """Rows grouped by expert times each expert's matrix: xs [S,I], counts [E], w [E,O,I] -> [S,O]."""
+        if use_grouped_mm and grouped_mm_supported(xs, w):
+            return torch._grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+        return torch.cat([F.linear(xe, we) for xe, we in zip(xs.split(counts.tolist()), w.unbind(0))])
+
+    @staticmethod
     def grouped_swiglu(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor,
-                       w_down: torch.Tensor, use_grouped_mm: bool = True) -> torch.Tensor:
+                       w_down: torch.Tensor, use_grouped_mm: bool = True, tap: Callable | None = None
+                       ) -> torch.Tensor:
         """Rows grouped by expert -> gate_w * SwiGLU_e(rows): xs [S,D], gate_w [S,1], counts [E] (rows per
         expert, in order), w_gu [E,2F,D], w_down [E,D,F] -> [S,D]. The routing weight is applied on the
-        narrower side (before down_proj). Expert parallelism calls this on each rank's local experts."""
-        if use_grouped_mm and grouped_mm_supported(xs, w_gu):
-            offs = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, w_gu.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [S,F] each
-            act = F.silu(gate) * up * gate_w
-            return torch._grouped_mm(act, w_down.transpose(1, 2), offs=offs)  # [S,D]
-        parts = []
-        for xe, we, wd in zip(xs.split(counts.tolist()), w_gu.unbind(0), w_down.unbind(0)):
-            if xe.shape[0]:
-                gate, up = F.linear(xe, we).chunk(2, dim=-1)
-                parts.append(F.linear(F.silu(gate) * up, wd))
-        return torch.cat(parts) * gate_w if parts else xs.new_zeros(0, w_down.shape[1])
+        narrower side (before down_proj). Expert parallelism calls this on each rank's local experts.
+        `tap(xs, gu_S2F, act_SF, out_SD)` (optional) sees each matrix's input rows and output; per-sample
+        gradient code (training/privacy/per_sample.py) hooks the outputs' gradients there."""
+        gu = Experts.grouped_linear(xs, counts, w_gu, use_grouped_mm)  # [S,2F]
+        gate, up = gu.chunk(2, dim=-1)
+        act = F.silu(gate) * up * gate_w
+        out = Experts.grouped_linear(act, counts, w_down, use_grouped_mm)  # [S,D]
+        if tap is not None:
+            tap(xs, gu, act, out)
+        return out
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e alone on its rows: x [M,D] -> [M,D] (unweighted; the few-token decoding path)."""

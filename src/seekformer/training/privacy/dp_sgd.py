@@ -60,8 +60,11 @@ class PrivateTrainer(MultiTaskTrainer):
         strategy = p.per_sample
         if strategy == "auto" and data.decl["type"] != "classification":
             strategy = "loop"
-        if strategy == "vmap" and data.decl["type"] != "classification":
-            raise RecipeError("privacy.per_sample vmap supports classification tasks; use per_sample: loop")
+        if strategy in ("vmap", "hooks") and data.decl["type"] != "classification":
+            raise RecipeError(f"privacy.per_sample {strategy} supports classification tasks; use per_sample: loop")
+        # hooks needs B * (batch loss) = the sum of the examples' losses: the router z-loss (a token mean over
+        # the whole batch) breaks that
+        sums = self.model.config.router_z_loss_coef == 0
         self.features = None
         if t.method == "frozen" and data.decl["type"] == "classification":
             # frozen trunk: pooled trunk features are fixed, computed once; per-example gradients of the head
@@ -69,8 +72,11 @@ class PrivateTrainer(MultiTaskTrainer):
             self.features = self._pooled_features(head)
             self.clipper = PerSampleClipper(head, self.params, p.max_grad_norm, [], "vmap", self._head_loss)
         else:
+            if strategy == "hooks" and not sums:
+                raise RecipeError("privacy.per_sample hooks needs model.router_z_loss_coef 0 (the z-loss couples "
+                                  "the examples of a batch); use per_sample: loop")
             self.clipper = PerSampleClipper(self.model, self.params, p.max_grad_norm, self.moe, strategy,
-                                            self._vmap_loss)
+                                            self._vmap_loss, loss_sums_examples=sums)
         self._collate = lambda ex: collate(ex, data.decl["type"], self.tokenizer.pad_token_id)
         dp = self.dp
         self.console.print(f"DP-SGD: n={n}, q={dp.q:.4f} (expected batch {t.batch_size}), {t.steps} steps, "

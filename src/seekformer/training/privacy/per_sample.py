@@ -1,6 +1,11 @@
 """Per-example clipped gradient sums: sum_i g_i * min(1, C / ||g_i||) over a batch, exact.
 
-Two ways to get the per-example gradients g_i (the trainable parameters' gradient of example i's loss):
+Three ways to get the per-example gradients g_i (the trainable parameters' gradient of example i's loss):
+
+- `hooks`: ONE batched forward/backward; layer rules form every example's gradient from its rows of each
+  layer's inputs and output gradients (grad_sample.py: Linear, peft's LoRA on Linears, MLP weights and the
+  stacked routed experts). For losses that are a sum over examples (classification) and trainable
+  parameters the rules cover (LoRA, heads): the fast path of the DP default.
 
 - `loop`: one forward/backward per example, cut to its own length (no padding), through the model's
   ordinary fast paths. Exact for every layer, task type and training method (full, LoRA via peft,
@@ -11,8 +16,8 @@ Two ways to get the per-example gradients g_i (the trainable parameters' gradien
 
 Opacus' GradSampleModule is not used for the gradients: it has no per-sample rule for RMSNorm, the
 router's F.linear on its own weight, the stacked expert tensors [E,2F,D] or peft's expert adapters, and its
-functorch fallback needs the same plain ops as `vmap` here. Both paths are tested against per-example
-backward passes (tests/test_privacy.py). Loads: each example's expert-load fractions per MoE layer,
+functorch fallback needs the same plain ops as `vmap` here. All three are tested against per-example
+backward passes (tests/test_privacy.py). `auto` takes the first that applies: hooks, vmap, loop. Loads: each example's expert-load fractions per MoE layer,
 counts / tokens ([L,E], each row sums to K), are returned summed for the DP balancing update.
 """
 
@@ -43,34 +48,51 @@ class PerSampleClipper:
     """Clipped per-example gradient sums for `params` (the trainable parameters) of `model`.
 
     `loss_of(batch) -> scalar loss` runs the model on a batch (the loop strategy calls it with one example);
-    `strategy` is loop, vmap, or auto (vmap, falling back to the loop for good when vmap raises).
-    `vmap_loss(batch) -> scalar` (optional) is the vmappable loss of one example whose tensors have a
-    leading dimension of 1, padding included (see dp_sgd.py).
+    `strategy` is hooks, vmap, loop, or auto (the first of them that applies; one that raises is dropped
+    for good and `fallback_reason` says why). `vmap_loss(batch) -> scalar` (optional) is the vmappable loss
+    of one example whose tensors have a leading dimension of 1, padding included (see dp_sgd.py).
+    `loss_sums_examples`: B * loss_of(batch) is the sum of the B examples' own losses (hooks needs it).
     """
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter], max_grad_norm: float,
                  moe_layers: list[nn.Module] | None = None, strategy: str = "loop",
-                 vmap_loss: Callable | None = None, chunk_size: int = 16) -> None:
+                 vmap_loss: Callable | None = None, chunk_size: int = 16, loss_sums_examples: bool = False) -> None:
         self.model, self.params, self.c = model, params, max_grad_norm
         self.moe = list(moe_layers or [])
-        self.strategy, self.vmap_loss, self.chunk_size = strategy, vmap_loss, chunk_size
-        self.fallback_reason: str | None = None  # why `auto` fell back from vmap to the loop
+        self.vmap_loss, self.chunk_size = vmap_loss, chunk_size
+        order = [strategy] if strategy != "auto" else (["hooks"] * loss_sums_examples
+                                                       + ["vmap"] * (vmap_loss is not None) + ["loop"])
+        self._order = order
+        self.fallback_reason: str | None = None  # why `auto` dropped a strategy
+
+    @property
+    def strategy(self) -> str:
+        """The strategy the next batch uses."""
+        return self._order[0]
 
     def clipped_sum(self, batch: dict[str, torch.Tensor], loss_of: Callable
                     ) -> tuple[list[torch.Tensor], torch.Tensor | None, dict[str, float]]:
         """(sum_i clip(g_i) per parameter, summed load fractions [L,E] or None, stats) over the batch."""
-        if self.strategy in ("vmap", "auto") and self.vmap_loss is not None:
-            try:
-                return self._vmap(batch)
-            except RuntimeError as e:  # e.g. peft's parametrized expert adapters mutate tensors under grad()
-                if self.strategy == "vmap":
-                    from ...errors import RecipeError
+        from ...errors import RecipeError
+        from .grad_sample import Uncovered
 
-                    raise RecipeError("privacy.per_sample vmap cannot run through these layers (e.g. peft "
-                                      "adapters on the routed experts); use per_sample: loop or auto") from None
-                self.fallback_reason = str(e).splitlines()[0][:200]
-                self.strategy = "loop"
-        return self._loop(batch, loss_of)
+        while True:
+            try:
+                if self.strategy == "hooks":
+                    return self._hooks(batch, loss_of)
+                if self.strategy == "vmap":
+                    return self._vmap(batch)
+                return self._loop(batch, loss_of)
+            except (Uncovered, RuntimeError) as e:  # vmap: e.g. peft's parametrized expert adapters under grad()
+                if len(self._order) == 1:
+                    if self.strategy == "loop":
+                        raise
+                    raise RecipeError(f"privacy.per_sample {self.strategy} cannot run through these layers ("
+                                      f"{str(e).splitlines()[0][:160]}); use per_sample: loop or auto") from None
+                self.fallback_reason = f"{self.strategy}: {str(e).splitlines()[0][:200]}"
+                self._order.pop(0)
+                for p in self.params:
+                    p.grad = None
 
     def _loop(self, batch, loss_of):
         total = [torch.zeros_like(p) for p in self.params]
@@ -96,6 +118,58 @@ class PerSampleClipper:
         for m in self.moe:
             m.load_counts.zero_()
         return total, loads, _stats(norms, self.c)
+
+    def _hooks(self, batch, loss_of):
+        """One forward/backward per chunk of examples of similar length (sorted, each chunk cut to its longest)."""
+        lengths = batch["attention_mask"].sum(1)
+        order = lengths.argsort(descending=True)
+        total = [torch.zeros_like(p) for p in self.params]
+        loads = torch.zeros(len(self.moe), self.moe[0].num_experts) if self.moe else None
+        norms: list[float] = []
+        for s in range(0, len(order), self.chunk_size):
+            rows = order[s: s + self.chunk_size]
+            t = int(lengths[rows].max())
+            chunk = {k: (v[rows, :t] if v.dim() == 2 and v.shape[1] == batch["attention_mask"].shape[1] else v[rows])
+                     for k, v in batch.items()}
+            part, part_loads, part_norms = self._hooks_chunk(chunk, loss_of)
+            torch._foreach_add_(total, part)
+            if loads is not None:
+                loads += part_loads
+            norms.extend(part_norms)
+        return total, loads, _stats(norms, self.c)
+
+    def _hooks_chunk(self, batch, loss_of):
+        from .grad_sample import recording
+
+        b, t = batch["input_ids"].shape
+        routed: list[torch.Tensor] = []
+        hooks = [m.gate.register_forward_hook(lambda mod, inp, out: routed.append(out.indices)) for m in self.moe]
+        try:
+            with recording(self.model, self.params, t) as grads:
+                for p in self.params:
+                    p.grad = None
+                (loss_of(batch) * b).backward()
+                g = grads(b)
+        finally:
+            for h in hooks:
+                h.remove()
+            for p in self.params:
+                p.grad = None
+            for m in self.moe:
+                m.load_counts.zero_()
+        norm = torch.stack([gi.reshape(b, -1).pow(2).sum(1) for gi in g]).sum(0).sqrt()  # [B]
+        f = clip_factor(norm, self.c)
+        total = [torch.einsum("b,b...->...", f.to(gi.dtype), gi) for gi in g]
+        loads = None
+        if self.moe:
+            m = batch["attention_mask"].float()  # [B,T]
+            rows = []
+            for idx in routed[: len(self.moe)]:  # [B*T,K]
+                chosen = torch.zeros(idx.shape[0], self.moe[0].num_experts, device=idx.device).scatter(1, idx, 1.0)
+                per_ex = (chosen.view(b, t, -1) * m[:, :, None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+                rows.append(per_ex.sum(0))
+            loads = torch.stack(rows).cpu()
+        return total, loads, norm.tolist()
 
     def _vmap(self, batch):
         from torch.func import functional_call, grad, vmap

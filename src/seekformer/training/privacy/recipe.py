@@ -7,7 +7,7 @@
       accountant: rdp             # rdp | prv (Opacus accountants)
       noise_multiplier: null      # give sigma directly instead of calibrating it (epsilon then caps the run)
       balance_share: 0.05         # share of the privacy cost spent on the MoE load counts (full fine-tuning)
-      per_sample: auto            # auto | vmap | loop: how per-example gradients are computed
+      per_sample: auto            # auto | hooks | vmap | loop: how per-example gradients are computed
 
     federated:                    # federated fine-tuning (training/federated.py)
       clients: 8
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from ...errors import RecipeError
 
 ACCOUNTANTS = ("rdp", "prv")
-PER_SAMPLE = ("auto", "vmap", "loop")
+PER_SAMPLE = ("auto", "hooks", "vmap", "loop")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_label")
 # train.* values a privacy run uses unless the recipe sets them (see the module docstring).
@@ -55,7 +55,7 @@ class PrivacyRecipe:
         accountant: rdp | prv (Opacus accountants)
         noise_multiplier: give sigma directly instead of calibrating it (epsilon then caps the steps)
         balance_share: share of the privacy cost spent on the MoE load counts (balancing under DP)
-        per_sample: auto | vmap | loop: how per-record gradients are computed (pretraining: loop)
+        per_sample: auto | hooks | vmap | loop: how per-record gradients are computed (pretraining: loop)
     """
 
     epsilon: float | None = None
