@@ -141,7 +141,11 @@ def test_cli_generate_compile_flag(seek_model_dir, monkeypatch):
 
     from seekformer.cli import app
 
+    from seekformer import runtime
+
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    for name in ("_product_form", "_decode_threads"):  # the CLI sets them: restored after the test
+        monkeypatch.setattr(runtime, name, getattr(runtime, name))
     runner = CliRunner()
     args = ["generate", str(seek_model_dir), "--prompt", "hello", "--max-new-tokens", "6", "--threads", "1"]
     plain = runner.invoke(app, args)

@@ -73,18 +73,19 @@ def kv_bytes_per_token(model, hf, ids: torch.Tensor) -> dict[str, float]:
     return {"seekformer": ours, "transformers": total / max(1, tokens), "per_head": naive}
 
 
-def bytes_per_token(model, context: int) -> dict[str, float]:
+def bytes_per_token(model, context: int, compiled: bool = False) -> dict[str, float]:
     """Bytes one batch-1 decoding step reads at `context` cached tokens: the weights it multiplies by (attention
-    as the step runs it, folded or not; the dense FFNs; per MoE layer the router, the shared experts and K of
-    the E routed experts; the output head; one embedding row) and the latent cache."""
-    from ..nn.mla_decode import fold_pays, folded_weights
+    as the step runs it, folded or not -- the compiled step folds less; the dense FFNs; per MoE layer the
+    router, the shared experts and K of the E routed experts; the output head; one embedding row) and the
+    latent cache."""
+    from ..nn.mla_decode import FOLD_MAX_GROWTH, STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights
 
     cfg = model.config
     size = model.dtype.itemsize if hasattr(model.dtype, "itemsize") else 4
     weights = cfg.hidden_size  # the embedding row
     for layer in model.model.layers:
         attn = layer.self_attn
-        fold = attn.decode_fold if attn.decode_fold is not None else fold_pays(attn)
+        fold = decode_folds(attn, STATIC_FOLD_MAX_GROWTH if compiled else FOLD_MAX_GROWTH)
         mats = [w for w in folded_weights(attn) if w is not None] if fold else \
             [p for n, p in attn.named_parameters() if "layernorm" not in n]
         weights += sum(w.numel() for w in mats)
@@ -320,7 +321,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
         rows += mine
         for r in mine:
             if r["batch"] == 1:
-                need = bytes_per_token(model, r["prompt_len"] + new_tokens // 2)
+                need = bytes_per_token(model, r["prompt_len"] + new_tokens // 2, compiled="sfc_decode" in r)
                 best = max(r["sf_decode"], r.get("sfc_decode", 0.0))
                 bw.append({"model": name, "prompt_len": r["prompt_len"], "bytes": need["total"],
                            "weights": need["weights"], "cache": need["cache"], "bandwidth": bandwidth,
@@ -393,7 +394,8 @@ def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode"
                          f"{r['form_ms'][False]:.2f}"] for m, r in seen.items()])
     if result.get("bandwidth"):
         lines += ["", "Bytes one batch-1 step reads (the weights it multiplies by -- attention as the step runs "
-                  "it, K of E routed experts -- and the latent cache at prompt + new/2 tokens) against the measured "
+                  "it, K of E routed experts -- and the latent cache at prompt + new/2 tokens; with --compile those "
+                  "of the compiled step) against the measured "
                   "read bandwidth (sum over a 512 MiB tensor): the ceiling a bandwidth-bound decoder could reach. "
                   "Small models fit in the CPU caches, so their ceiling is higher than this.", ""]
         lines += table(["model", "prompt", "MB / token (weights + cache)", "bandwidth GB/s", "ceiling tok/s",

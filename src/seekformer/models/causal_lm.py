@@ -20,7 +20,7 @@ from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
 from ..nn.attention import ABSORB_MAX_CHUNK
 from ..nn import few_rows
 from ..nn.few_rows import linear_of
-from ..nn.mla_decode import fold_pays, folded_weights, latent_decode, rope_matrix
+from ..nn.mla_decode import STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights, latent_decode, rope_matrix
 from ..nn.norm import rms_norm
 from ..nn.loss import cross_entropy
 from ..nn.moe import Experts, Router
@@ -303,9 +303,8 @@ class SeekForCausalLM(nn.Module):
         """Eager work `static_decode_step` relies on, before each captured call: the folded attention weights
         are made current (the captured step reads them as they are)."""
         for layer in self.model.layers:
-            attn = layer.self_attn
-            if attn.decode_fold if attn.decode_fold is not None else fold_pays(attn):
-                folded_weights(attn)
+            if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH):
+                folded_weights(layer.self_attn)
 
     def static_decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                            hidden_mask: torch.Tensor, k: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +323,8 @@ class SeekForCausalLM(nn.Module):
         storage = SlotStorage(k)
         for layer in inner.layers:
             h = rms_norm(x, layer.input_layernorm)
-            x = x + latent_decode(layer.self_attn, h, rope, hidden_mask, storage, layer.layer_idx, slots)
+            fold = decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH)  # bytes decide: no growth
+            x = x + latent_decode(layer.self_attn, h, rope, hidden_mask, storage, layer.layer_idx, slots, fold)
             x = x + static_ffn(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
         hidden = rms_norm(x, inner.norm)
         return linear_of(self.lm_head, hidden[:, -1]), hidden
