@@ -155,15 +155,40 @@ def test_hooks_per_sample_gradients_of_lora_match_per_example_backward(base):
     assert all(m.experts.get_base_layer().row_tap is None for m in moe)
 
 
-def test_auto_falls_back_from_hooks_when_a_parameter_has_no_rule(base):
-    """Full fine-tuning trains RMSNorm weights and embeddings: auto drops hooks (saying why) and uses vmap."""
+def test_hooks_per_sample_gradients_of_full_fine_tuning_match(base):
+    """Full fine-tuning through the hooks rules (embeddings, RMSNorm weights, attention Linears, the router,
+    the stacked experts' own weights, the shared and dense MLPs, the head) equals per-example backward."""
     model, batch = _model_and_batch(base)
     params = [p for p in model.parameters() if p.requires_grad]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    moe = [m for n_, m in model.lm.moe_layers() if not n_.startswith("mtp.")]
+    loss_of = lambda b: model("c", **b).loss  # noqa: E731
+    ref, ref_loads, norms = _reference(model, batch, params, moe, loss_of, 0.5)
+    clipper = PerSampleClipper(model, params, 0.5, moe, "hooks", loss_sums_examples=True, chunk_size=3)
+    total, loads, stats = clipper.clipped_sum(batch, loss_of)
+    assert clipper.strategy == "hooks" and stats["examples"] == 4
+    for n_, a, b in zip(names, total, ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4), (n_, (a - b).abs().max())
+    assert torch.allclose(loads, ref_loads, atol=1e-5)
+
+
+def test_hooks_refuse_a_weight_used_outside_the_rules(base):
+    """A weight read outside its layer's forward (here a hook adding 0.5 * proj(x) again) makes the examples'
+    gradients disagree with autograd's batch gradient: `hooks` refuses with one line, `auto` falls back."""
+    from seekformer.errors import RecipeError
+
+    model, batch = _model_and_batch(base)
+    proj = model.heads["c"].proj
+    handle = proj.register_forward_hook(lambda mod, inp, out: out + 0.5 * torch.nn.functional.linear(inp[0], mod.weight))
+    params = [p for p in model.parameters() if p.requires_grad]
     moe = [m for _, m in model.lm.moe_layers()]
-    clipper = PerSampleClipper(model, params, 1.0, moe, "auto", _vmap_loss(model), loss_sums_examples=True)
-    assert clipper.strategy == "hooks"
-    clipper.clipped_sum(batch, lambda b: model("c", **b).loss)
-    assert clipper.strategy == "vmap" and clipper.fallback_reason.startswith("hooks: no per-example rule for")
+    loss_of = lambda b: model("c", **b).loss  # noqa: E731
+    with pytest.raises(RecipeError, match="per_sample hooks cannot run .*heads.c.proj.weight do not add up"):
+        PerSampleClipper(model, params, 1.0, moe, "hooks", loss_sums_examples=True).clipped_sum(batch, loss_of)
+    clipper = PerSampleClipper(model, params, 1.0, moe, "auto", loss_sums_examples=True)
+    clipper.clipped_sum(batch, loss_of)
+    assert clipper.strategy == "loop" and clipper.fallback_reason.startswith("hooks: the per-example gradients")
+    handle.remove()
 
 
 def test_trim_cuts_padding():

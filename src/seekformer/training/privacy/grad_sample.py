@@ -9,6 +9,9 @@ its output rows, and forms every example's gradient from the rows of that exampl
   weight or bias trains): dW_b = sum_t g_bt x_bt^T, db_b = sum_t g_bt.
 - peft `ParamWrapper` on a Linear's weight (adapters on the dense and shared MLPs): W = W0 + s B A, so
   dB_b = s sum_t g_bt (A x_bt)^T and dA_b = s sum_t (B^T g_bt) x_bt^T (rank-r projections first: cheap).
+- RMSNorm weights: dw_b = sum_t g_bt * n_bt (n the normalised input); the router's weight (logits = x W^T);
+  embeddings (g_bt added at example b's token ids); the stacked experts' own weights in full fine-tuning
+  (sum of g x^T over each (example, expert) run of the sorted token copies).
 - peft `ParamWrapper` on the stacked experts (`gate_up_proj` [E,2F,D], `down_proj` [E,D,F]): peft's factors
   W[e] = W0[e] + s lhs[e] rhs[e]; the rows are the token copies sorted by expert (`Experts.row_tap`), each
   row's example is its token's batch row; the same two rules per expert, summed per (example, expert), then
@@ -18,8 +21,9 @@ Exactness: the batched loss must be the SUM of per-example losses with no term c
 for the classification loss (mean over examples, times B), the sequence-wise balance loss (a mean over
 sequences) and routing (per token, no capacity limit). Padding rows get zero gradient (causal attention,
 masked pooling). The router z-loss (a mean over all tokens of the batch) does not decompose: callers fall back
-to the loop when it is on. A trainable parameter no rule covers (RMSNorm weights, embeddings, the experts'
-own weights in full fine-tuning) raises `Uncovered`: callers fall back to another strategy.
+to the loop when it is on. A trainable parameter no rule covers raises `Uncovered`, and so does one whose per-example gradients
+do not add up to autograd's batch gradient (a use outside the rules, e.g. a weight read directly by a fused
+loss): callers fall back to another strategy.
 Tested against per-example backward passes (tests/test_privacy.py).
 """
 
@@ -84,6 +88,52 @@ class _LinearRule:
         return out
 
 
+class _WeightRule:
+    """A rule for a module's `weight`: records (input, output) rows at each call (`out` picks the output)."""
+
+    def __init__(self, m: nn.Module, out: Callable = lambda y: y) -> None:
+        self.m, self.rows = m, _Rows()
+        self.params = [m.weight]
+        self.handle = m.register_forward_hook(lambda mod, inp, y: self.rows.record(inp[0], out(y)))
+
+
+class _NormRule(_WeightRule):
+    """Per-example grads of an RMSNorm weight: dw_b = sum_t g_bt * n_bt (n: the normalised input)."""
+
+    def grads(self, b: int) -> dict[int, torch.Tensor]:
+        w = self.m.weight.new_zeros(b, *self.m.weight.shape)
+        for x, g in self.rows.pairs():
+            x32 = _rows_per_example(x, b).float()
+            n = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.m.eps)).to(x.dtype)
+            w += (_rows_per_example(g, b) * n).sum(1).to(w.dtype)
+        return {id(self.m.weight): w}
+
+
+class _RouterRule(_WeightRule):
+    """Per-example grads of the router's weight (logits = x W^T in fp32, on the flattened tokens)."""
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__(m, lambda out: out.logits)
+
+    def grads(self, b: int) -> dict[int, torch.Tensor]:
+        w = self.m.weight.new_zeros(b, *self.m.weight.shape)
+        for x, g in self.rows.pairs():
+            w += torch.einsum("bro,bri->boi", _rows_per_example(g, b), _rows_per_example(x, b).float()).to(w.dtype)
+        return {id(self.m.weight): w}
+
+
+class _EmbeddingRule(_WeightRule):
+    """Per-example grads of an embedding table: example b's output gradients added at its token ids.
+    Dense [B,V,D] per chunk: fine for small vocabularies, heavy for large ones."""
+
+    def grads(self, b: int) -> dict[int, torch.Tensor]:
+        w = self.m.weight.new_zeros(b, *self.m.weight.shape)
+        for ids, g in self.rows.pairs():
+            ids, g = ids.reshape(b, -1), _rows_per_example(g, b).to(w.dtype)
+            w.scatter_add_(1, ids[:, :, None].expand(-1, -1, g.shape[-1]), g)
+        return {id(self.m.weight): w}
+
+
 def _factor_grads(lhs: torch.Tensor, rhs: torch.Tensor, s: float, x: torch.Tensor, g: torch.Tensor,
                   counts: torch.Tensor, seg: torch.Tensor, n_seg: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-segment grads of W[e] = W0[e] + s lhs[e] rhs[e] (lhs [E,O,r], rhs [E,r,I]) used as y = x W[e]^T on
@@ -134,6 +184,13 @@ class _ExpertsRule:
         self.calls: list[dict] = []
         self.params = [p for w, ad in wrappers.values() for p in (w.lora_A[ad].weight, w.lora_B[ad].weight)
                        if p.requires_grad]
+        # full fine-tuning: the stacked weights themselves (not adapted here, so plain Parameters)
+        self.own = {}
+        for n in ("gate_up_proj", "down_proj"):
+            p = experts._parameters.get(n)
+            if n not in wrappers and isinstance(p, nn.Parameter) and p.requires_grad:
+                self.own[n] = p
+        self.params += list(self.own.values())
         experts.row_tap = self._tap
 
     def _tap(self, d, xs, gu, act, out) -> None:
@@ -148,21 +205,32 @@ class _ExpertsRule:
     def remove(self) -> None:
         self.experts.row_tap = None
 
+    def _rows(self, name: str, b: int):
+        """(x [S,I], g [S,O], counts [E], seg [S] = example * E + expert) of every call that saw gradients."""
+        e_n = self.experts.num_experts
+        for c in self.calls:
+            if name in c["g"]:
+                expert = torch.repeat_interleave(torch.arange(e_n, device=c["token"].device), c["counts"])  # [S]
+                yield c["x"][name], c["g"][name], c["counts"], (c["token"] // self.t) * e_n + expert
+
     def grads(self, b: int) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
         e_n = self.experts.num_experts
+        for name, p in self.own.items():  # segments (example, expert) are contiguous runs of the sorted rows
+            dw = p.new_zeros(b * e_n, *p.shape[1:])
+            for x, g, _, seg in self._rows(name, b):
+                ids, runs = torch.unique_consecutive(seg, return_counts=True)
+                for i, xs, gs in zip(ids.tolist(), x.split(runs.tolist()), g.split(runs.tolist())):
+                    dw[i] += (gs.T @ xs).to(dw.dtype)
+            out[id(p)] = dw.view(b, *p.shape)
         for name, (w, ad) in self.wrappers.items():
             a, bw = w.lora_A[ad].weight, w.lora_B[ad].weight
             with torch.enable_grad():
                 lhs, rhs, s = w.get_delta_factors(ad)  # [E,O,r], [E,r,I]: differentiable views of A, B
             dl, dr = lhs.new_zeros(b * e_n, *lhs.shape[1:]), rhs.new_zeros(b * e_n, *rhs.shape[1:])
-            for c in self.calls:
-                if name not in c["g"]:
-                    continue
-                x, g = c["x"][name].to(dl.dtype), c["g"][name].to(dl.dtype)
-                expert = torch.repeat_interleave(torch.arange(e_n, device=x.device), c["counts"])  # [S]
-                seg = (c["token"] // self.t) * e_n + expert
-                l_, r_ = _factor_grads(lhs.detach(), rhs.detach(), float(s), x, g, c["counts"], seg, b * e_n)
+            for x, g, counts, seg in self._rows(name, b):
+                l_, r_ = _factor_grads(lhs.detach(), rhs.detach(), float(s), x.to(dl.dtype), g.to(dl.dtype), counts,
+                                       seg, b * e_n)
                 dl += l_
                 dr += r_
             got = _to_params([lhs, rhs], [dl.view(b, *lhs.shape), dr.view(b, *rhs.shape)],
@@ -178,7 +246,8 @@ def recording(model: nn.Module, params: list[nn.Parameter], seq_len: int) -> Ite
     batch. The rules detach on exit."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    from ...nn.moe import Experts
+    from ...nn.moe import Experts, Router
+    from ...nn.norm import RMSNorm
 
     rules: list = []
     experts: dict[int, tuple[nn.Module, dict]] = {}
@@ -190,8 +259,15 @@ def recording(model: nn.Module, params: list[nn.Parameter], seq_len: int) -> Ite
                 experts.setdefault(id(base), (base, {}))[1][m.parameter_name] = (m, ad)
             elif isinstance(base, nn.Linear) and m.parameter_name == "weight" and not m.fan_in_fan_out:
                 rules.append(_WrappedLinearRule(m, ad))
+    for m in model.modules():  # experts trained in full (no adapter on them)
+        if isinstance(m, Experts) and id(m) not in experts and any(p.requires_grad for p in m.parameters(False)):
+            experts[id(m)] = (m, {})
     for base, wrappers in experts.values():
         rules.append(_ExpertsRule(base, wrappers, seq_len))
+    for m in model.modules():
+        kind = {RMSNorm: _NormRule, Router: _RouterRule, nn.Embedding: _EmbeddingRule}.get(type(m))
+        if kind is not None and m.weight.requires_grad:
+            rules.append(kind(m))
     covered = {id(p) for r in rules for p in r.params}
     for m in model.modules():
         if isinstance(m, nn.Linear) and not nn.utils.parametrize.is_parametrized(m) and any(p is not None and p.requires_grad and id(p) not in covered
@@ -201,11 +277,19 @@ def recording(model: nn.Module, params: list[nn.Parameter], seq_len: int) -> Ite
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered
                and any(p is q for q in params)]
 
+    names = {id(p): n for n, p in model.named_parameters()}
+
     def grads(b: int) -> list[torch.Tensor]:
         by_id: dict[int, torch.Tensor] = {}
         for r in rules:
             by_id.update(r.grads(b))
-        return [by_id[id(p)] for p in params]
+        out = [by_id[id(p)] for p in params]
+        for p, g in zip(params, out):  # the examples' gradients must add up to the batch's (autograd's own)
+            ref = p.grad if p.grad is not None else torch.zeros_like(p)
+            if not torch.allclose(g.sum(0), ref, rtol=1e-3, atol=1e-5 * (1.0 + float(ref.abs().max()))):
+                raise Uncovered(f"the per-example gradients of {names.get(id(p), '?')} do not add up to the batch "
+                                "gradient (the parameter is used outside the layer rules)")
+        return out
 
     try:
         if missing:

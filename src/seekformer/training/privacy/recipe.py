@@ -8,6 +8,7 @@
       noise_multiplier: null      # give sigma directly instead of calibrating it (epsilon then caps the run)
       balance_share: 0.05         # share of the privacy cost spent on the MoE load counts (full fine-tuning)
       per_sample: auto            # auto | hooks | vmap | loop: how per-example gradients are computed
+      zero_head: true             # start the fresh task head at zero (chance-level predictions)
 
     federated:                    # federated fine-tuning (training/federated.py)
       clients: 8
@@ -56,6 +57,7 @@ class PrivacyRecipe:
         noise_multiplier: give sigma directly instead of calibrating it (epsilon then caps the steps)
         balance_share: share of the privacy cost spent on the MoE load counts (balancing under DP)
         per_sample: auto | hooks | vmap | loop: how per-record gradients are computed (pretraining: loop)
+        zero_head: start the (fresh) task head at zero: chance-level, unconfident predictions (fine-tuning)
     """
 
     epsilon: float | None = None
@@ -65,6 +67,7 @@ class PrivacyRecipe:
     noise_multiplier: float | None = None
     balance_share: float = 0.05
     per_sample: str = "auto"
+    zero_head: bool = True
 
     def validate(self, n_examples: int | None = None) -> None:
         """Check the section (and delta against the number of training examples when known)."""
