@@ -26,6 +26,8 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
     out: Path = typer.Option(Path("benchmarks/results/train.md"), "--out", help="Markdown table to write."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="Keep freed memory in the heap (glibc), both models."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=INT config override for every preset "
+                                             "(repeatable), e.g. --set n_routed_experts=16 --set num_experts_per_tok=4."),
 ) -> None:
     """Training-step tokens/s and MFU of seekformer and transformers' DeepseekV3 (forward, backward, AdamW)."""
     from ..bench.train import run_train_bench
@@ -40,7 +42,8 @@ def train(
         if p not in PRESETS:
             raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
     run_train_bench(presets=presets, dtypes=dtypes, batch_size=batch_size, seq_len=seq_len,
-                    steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc)
+                    steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc,
+                    overrides=_int_overrides(set_ or []))
 
 
 @bench_app.command("decode")
