@@ -45,12 +45,6 @@ class PrivateTrainer(MultiTaskTrainer):
             raise RecipeError("privacy: --train.resume is not supported for DP-SGD runs yet; start a new out")
         (self.task,) = self.names
         data = self.data[self.task]
-        if self.recipe.privacy.zero_head and self.task in self.model.heads:
-            # the head is fresh (built from the task declaration): start it at zero, i.e. at chance with
-            # unconfident logits; a random head's confident wrong logits cost many of a DP run's few steps
-            with torch.no_grad():
-                for q in self.model.heads[self.task].parameters():
-                    q.zero_()
         self.examples = data.train
         n = len(self.examples)
         gamma = self.model.config.aux_free_bias_update_rate

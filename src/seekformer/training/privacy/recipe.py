@@ -8,7 +8,6 @@
       noise_multiplier: null      # give sigma directly instead of calibrating it (epsilon then caps the run)
       balance_share: 0.05         # share of the privacy cost spent on the MoE load counts (full fine-tuning)
       per_sample: auto            # auto | hooks | vmap | loop: how per-example gradients are computed
-      zero_head: true             # start the fresh task head at zero (chance-level predictions)
 
     federated:                    # federated fine-tuning (training/federated.py)
       clients: 8
@@ -40,7 +39,7 @@ PER_SAMPLE = ("auto", "hooks", "vmap", "loop")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_label")
 # train.* values a privacy run uses unless the recipe sets them (see the module docstring).
-DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "steps": 150, "warmup_steps": 0,
+DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "head_lr": 2e-3, "steps": 150, "warmup_steps": 0,
                      "weight_decay": 0.0}
 FEDERATED_TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 0}
 
@@ -57,7 +56,6 @@ class PrivacyRecipe:
         noise_multiplier: give sigma directly instead of calibrating it (epsilon then caps the steps)
         balance_share: share of the privacy cost spent on the MoE load counts (balancing under DP)
         per_sample: auto | hooks | vmap | loop: how per-record gradients are computed (pretraining: loop)
-        zero_head: start the (fresh) task head at zero: chance-level, unconfident predictions (fine-tuning)
     """
 
     epsilon: float | None = None
@@ -67,7 +65,6 @@ class PrivacyRecipe:
     noise_multiplier: float | None = None
     balance_share: float = 0.05
     per_sample: str = "auto"
-    zero_head: bool = True
 
     def validate(self, n_examples: int | None = None) -> None:
         """Check the section (and delta against the number of training examples when known)."""
