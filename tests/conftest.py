@@ -15,6 +15,18 @@ from seekformer.config import SeekConfig
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _runtime_policies():
+    """CLI commands set process-wide decode policies (threads, product form: "auto"); a test in the same process
+    must not inherit them from an earlier one (they change what benchmarks time and report)."""
+    from seekformer import runtime
+
+    saved = runtime._decode_threads, runtime._product_form
+    runtime._decode_threads, runtime._product_form = None, None
+    yield
+    runtime._decode_threads, runtime._product_form = saved
+
+
 def tiny_config(**overrides) -> SeekConfig:
     """A ~100k-parameter DeepSeek-V3 config with every feature on (MoE, groups, shared expert, MTP off)."""
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,

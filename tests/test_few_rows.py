@@ -67,3 +67,57 @@ def test_decoding_through_wide_weights_equals_the_uncached_argmax_chain():
         assert row[-(len(p) + 12):].tolist() == seq
     single = model.generate([prompts[0]], max_new_tokens=12, ignore_eos=True)
     assert single[0].tolist() == out[0][-16:].tolist()
+
+
+def test_use_switches_the_form_off_for_a_block(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(few_rows.torch, "mm", lambda a, b: calls.append(1) or real_mm(a, b))
+    x, w = torch.randn(1, 64), torch.randn(few_rows.MIN_OUT, 64)
+    with torch.no_grad():
+        with few_rows.use(False):
+            assert not few_rows.enabled()
+            torch.testing.assert_close(few_rows_linear(x, w), F.linear(x, w))
+            with few_rows.use(None):  # None: as set
+                few_rows_linear(x, w)
+        assert few_rows.enabled()
+        few_rows_linear(x, w)
+    assert len(calls) == 1
+
+
+def test_product_form_measured_once_per_model_and_forced_by_policy():
+    """runtime.set_product_form("auto"): the decoder times both forms on the model's step once, keeps the faster
+    and records the timings; True/False force it; greedy tokens are the same either way."""
+    from seekformer import runtime
+    from seekformer.inference.decoding import product_form
+
+    from .test_inference import tiny_model
+
+    model = tiny_model(vocab_size=2048)
+    ids = [[5, 6, 7, 8]]
+    want = model.generate(ids, max_new_tokens=8, ignore_eos=True)
+    seen = []
+    real_use = few_rows.use
+
+    class spy(real_use):
+        def __enter__(self):
+            super().__enter__()
+            seen.append(few_rows.enabled())
+
+    try:
+        runtime.set_product_form("auto")
+        first = product_form(model)
+        record = model.__dict__["_decode_products"][torch.get_num_threads()]
+        assert record["few_row_form"] is first and set(record["seconds"]) == {True, False}
+        assert product_form(model) is first  # measured once
+        assert torch.equal(model.generate(ids, max_new_tokens=8, ignore_eos=True), want)
+        for forced in (False, True):
+            runtime.set_product_form(forced)
+            few_rows.use = spy
+            seen.clear()
+            assert torch.equal(model.generate(ids, max_new_tokens=8, ignore_eos=True), want)
+            few_rows.use = real_use
+            assert seen and set(seen) == {forced}
+    finally:
+        few_rows.use = real_use
+        runtime.set_product_form(None)

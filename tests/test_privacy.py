@@ -185,7 +185,8 @@ def test_hooks_refuse_a_weight_used_outside_the_rules(base):
     loss_of = lambda b: model("c", **b).loss  # noqa: E731
     with pytest.raises(RecipeError, match="per_sample hooks cannot run .*heads.c.proj.weight do not add up"):
         PerSampleClipper(model, params, 1.0, moe, "hooks", loss_sums_examples=True).clipped_sum(batch, loss_of)
-    clipper = PerSampleClipper(model, params, 1.0, moe, "auto", loss_sums_examples=True)
+    clipper = PerSampleClipper(model, params, 1.0, moe, "auto", loss_sums_examples=True, chunk_size=1)
+    assert clipper.strategy == "hooks"  # the tiny model's full gradient is small enough for auto
     clipper.clipped_sum(batch, loss_of)
     assert clipper.strategy == "loop" and clipper.fallback_reason.startswith("hooks: the per-example gradients")
     handle.remove()

@@ -121,18 +121,46 @@ class torch_threads:
 def fastest_threads(fn, candidates, repeats: int = 7) -> int:
     """The thread count among `candidates` under which `fn()` runs fastest (median of `repeats` calls, the
     candidates interleaved in each round so a busy machine slows them alike; one warm-up call each)."""
+    cands = list(dict.fromkeys(int(c) for c in candidates))
+    return fastest({c: (lambda c=c: torch_threads(c)) for c in cands}, fn, repeats)[0]
+
+
+def fastest(settings: dict, fn, repeats: int = 7) -> tuple:
+    """(key, {key: median seconds}) of the setting under which `fn()` runs fastest: `settings` maps a key to a
+    function returning a context manager that applies it; the settings interleave in each round (a busy
+    machine slows them alike), after one warm-up round."""
     import statistics
     import time
 
-    cands = list(dict.fromkeys(int(c) for c in candidates))
-    if len(cands) == 1:
-        return cands[0]
-    times: dict[int, list[float]] = {c: [] for c in cands}
+    keys = list(settings)
+    if len(keys) == 1:
+        return keys[0], {}
+    times: dict = {k: [] for k in keys}
     for rnd in range(repeats + 1):
-        for c in cands:
-            with torch_threads(c):
+        for k in keys:
+            with settings[k]():
                 t0 = time.perf_counter()
                 fn()
                 if rnd:
-                    times[c].append(time.perf_counter() - t0)
-    return min(cands, key=lambda c: statistics.median(times[c]))
+                    times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return min(keys, key=med.__getitem__), med
+
+
+# ---------------------------------------------------------------------- the few-row product form
+# nn/few_rows.py's W @ X^T form of a decoding step's products: faster than F.linear on some CPUs, slower on
+# others. "auto" (the CLI's default) times the model's decoding step both ways once per model and thread
+# count and keeps the faster; True/False force it; None (the library default) leaves it on.
+_product_form: str | bool | None = None
+
+
+def set_product_form(policy: str | bool | None) -> None:
+    """The few-row product form of decoding steps: "auto" (measured per model), True, False, or None (on)."""
+    global _product_form
+    if policy not in ("auto", True, False, None):
+        raise ValueError(f"few-rows policy must be 'auto', True, False or None, got {policy!r}")
+    _product_form = policy
+
+
+def product_form_policy() -> str | bool | None:
+    return _product_form

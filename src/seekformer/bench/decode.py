@@ -73,6 +73,44 @@ def kv_bytes_per_token(model, hf, ids: torch.Tensor) -> dict[str, float]:
     return {"seekformer": ours, "transformers": total / max(1, tokens), "per_head": naive}
 
 
+def bytes_per_token(model, context: int, compiled: bool = False) -> dict[str, float]:
+    """Bytes one batch-1 decoding step reads at `context` cached tokens: the weights it multiplies by (attention
+    as the step runs it, folded or not -- the compiled step folds less; the dense FFNs; per MoE layer the
+    router, the shared experts and K of the E routed experts; the output head; one embedding row) and the
+    latent cache."""
+    from ..nn.mla_decode import FOLD_MAX_GROWTH, STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights
+
+    cfg = model.config
+    size = model.dtype.itemsize if hasattr(model.dtype, "itemsize") else 4
+    weights = cfg.hidden_size  # the embedding row
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        fold = decode_folds(attn, STATIC_FOLD_MAX_GROWTH if compiled else FOLD_MAX_GROWTH)
+        mats = [w for w in folded_weights(attn) if w is not None] if fold else \
+            [p for n, p in attn.named_parameters() if "layernorm" not in n]
+        weights += sum(w.numel() for w in mats)
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            shared = mlp.shared_experts.parameters() if mlp.shared_experts is not None else ()
+            weights += mlp.gate.weight.numel() + sum(p.numel() for p in shared)
+            per_expert = (mlp.experts.gate_up_proj.numel() + mlp.experts.down_proj.numel()) / mlp.num_experts
+            weights += mlp.top_k * per_expert
+        else:
+            weights += sum(p.numel() for p in mlp.parameters())
+    weights += model.lm_head.weight.numel()
+    cache = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * context
+    return {"weights": weights * size, "cache": cache * size, "total": (weights + cache) * size}
+
+
+def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Measured main-memory read bandwidth in bytes/s with torch's current thread count: the best of `repeats`
+    sums over a `mib` MiB fp32 tensor (larger than the caches)."""
+    x = torch.ones(mib * 2 ** 20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
 def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -80,12 +118,13 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 
 def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: Sequence[int], new_tokens: int,
-                repeats: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+                repeats: int, log: Callable[[str], None], compile: bool = False) -> list[dict[str, Any]]:
     """Time greedy decoding of both models for every (prompt length, batch size).
 
     Each setting is timed twice per library: generating 1 token (the prefill: time to first token) and
     generating `new_tokens`; decode tokens/s = batch x (new_tokens - 1) / (difference of the two), and
-    end-to-end tokens/s = batch x new_tokens / (time of the long run).
+    end-to-end tokens/s = batch x new_tokens / (time of the long run). With `compile`, seekformer's
+    compiled decoding step (inference/compiled.py) is timed too, interleaved with the eager one.
     """
     model.eval()
     hf.eval()
@@ -101,8 +140,8 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
             ids = torch.randint(3, cfg.vocab_size, (b, plen), generator=g)
             am = torch.ones_like(ids)
 
-            def ours(n: int = new_tokens):
-                return model.generate(ids, max_new_tokens=n, ignore_eos=True)
+            def ours(n: int = new_tokens, compiled: bool = False):
+                return model.generate(ids, max_new_tokens=n, ignore_eos=True, compile=compiled)
 
             def theirs(n: int = new_tokens):
                 return hf.generate(ids, attention_mask=am, max_new_tokens=n, do_sample=False, pad_token_id=0)
@@ -110,22 +149,40 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
             with torch.no_grad():
                 a, h = ours(), theirs()  # warm-up, and the outputs to compare
                 same = float((a[:, plen:] == h[:, plen:]).all(dim=1).float().mean())
-                times: dict[str, list[float]] = {"sf1": [], "hf1": [], "sf": [], "hf": []}
+                times: dict[str, list[float]] = {"sf1": [], "hf1": [], "sf": [], "hf": [], "sfc": []}
+                if compile:
+                    warm = _timed(lambda: ours(compiled=True))  # compilation (or the on-disk cache) + one run
+                    c = ours(compiled=True)
+                    same_c = float((c[:, plen:] == a[:, plen:]).all(dim=1).float().mean())
                 for _ in range(repeats):
                     times["sf1"].append(_timed(lambda: ours(1)))
                     times["hf1"].append(_timed(lambda: theirs(1)))
                     times["sf"].append(_timed(ours))
                     times["hf"].append(_timed(theirs))
-            m = {k: statistics.median(v) for k, v in times.items()}
+                    if compile:
+                        times["sfc"].append(_timed(lambda: ours(compiled=True)))
+            m = {k: statistics.median(v) for k, v in times.items() if v}
             steps = b * max(1, new_tokens - 1)
             row = {"model": name, "prompt_len": plen, "batch": b, "new_tokens": new_tokens, "identical": same,
                    "sf_ttft": m["sf1"], "hf_ttft": m["hf1"],
                    "sf_decode": steps / max(m["sf"] - m["sf1"], 1e-9), "hf_decode": steps / max(m["hf"] - m["hf1"], 1e-9),
                    "sf_e2e": b * new_tokens / m["sf"], "hf_e2e": b * new_tokens / m["hf"]}
             row["speedup"] = row["sf_decode"] / row["hf_decode"]
+            form = model.__dict__.get("_decode_products", {}).get(torch.get_num_threads())
+            if form:
+                row["few_row_form"] = form["few_row_form"]
+                row["form_ms"] = {k: 1e3 * v for k, v in form["seconds"].items()}
             log(f"{name} prompt {plen} batch {b}: decode seekformer {row['sf_decode']:.1f} tok/s, transformers "
                 f"{row['hf_decode']:.1f} tok/s (x{row['speedup']:.2f}); first token {1e3 * m['sf1']:.0f} vs "
                 f"{1e3 * m['hf1']:.0f} ms; identical rows {same:.0%}")
+            if compile:
+                row.update(sfc_decode=steps / max(m["sfc"] - m["sf1"], 1e-9), compile_warmup_s=warm,
+                           identical_compiled=same_c)
+                row["compiled_vs_eager"] = row["sfc_decode"] / row["sf_decode"]
+                row["compiled_vs_hf"] = row["sfc_decode"] / row["hf_decode"]
+                log(f"  compiled: {row['sfc_decode']:.1f} tok/s (x{row['compiled_vs_eager']:.2f} eager, "
+                    f"x{row['compiled_vs_hf']:.2f} transformers); first compiled run {warm:.1f} s; identical to "
+                    f"eager {same_c:.0%}")
             rows.append(row)
     return rows
 
@@ -166,9 +223,10 @@ def bench_speculative(name: str, model, prompt_ids: torch.Tensor, new_tokens: in
 
 
 def bench_llama_cpp(name: str, model_dir: str | Path, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
-                    log: Callable[[str], None], gguf_type: str = "f32") -> dict[str, Any] | None:
+                    log: Callable[[str], None], gguf_type: str = "f32", compile: bool = False) -> dict[str, Any] | None:
     """Batch-1 greedy decode tokens/s of seekformer and llama.cpp (llama-cpp-python) on the same weights (the
-    model's GGUF export), interleaved; None when llama_cpp is not installed. Prefill is left out on both sides."""
+    model's GGUF export), interleaved; None when llama_cpp is not installed. Prefill is left out on both sides.
+    With `compile`, seekformer decodes through its compiled step."""
     try:
         import llama_cpp
     except ImportError:
@@ -199,7 +257,8 @@ def bench_llama_cpp(name: str, model_dir: str | Path, model, prompt_ids: torch.T
             t0 = time.perf_counter()
             model.generate(prompt_ids, max_new_tokens=1, ignore_eos=True)
             t1 = time.perf_counter()
-            out = model.generate(prompt_ids, max_new_tokens=new_tokens, ignore_eos=True)[0, len(ids):].tolist()
+            out = model.generate(prompt_ids, max_new_tokens=new_tokens, ignore_eos=True,
+                                 compile=compile)[0, len(ids):].tolist()
             decode = (time.perf_counter() - t1) - (t1 - t0)
             return out, (new_tokens - 1) / max(decode, 1e-9)
 
@@ -213,7 +272,7 @@ def bench_llama_cpp(name: str, model_dir: str | Path, model, prompt_ids: torch.T
         del llm
     row = {"model": name, "gguf": gguf_type, "new_tokens": new_tokens, "sf_decode": statistics.median(sf),
            "llama_decode": statistics.median(lc), "same_tokens": sum(x == y for x, y in zip(a, b)) / len(a),
-           "llama_cpp": llama_cpp.__version__}
+           "llama_cpp": llama_cpp.__version__, "compiled": compile}
     row["ratio"] = row["sf_decode"] / row["llama_decode"]
     log(f"{name} vs llama.cpp {gguf_type}: {row['sf_decode']:.1f} vs {row['llama_decode']:.1f} tok/s "
         f"(x{row['ratio']:.2f}); greedy tokens equal: {row['same_tokens']:.0%}")
@@ -225,10 +284,14 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                      new_tokens: int = 64, repeats: int = 3, dtype: str = "fp32", threads: int | None = None,
                      prompt_text: str | None = None, out_md: str | Path | None = None,
                      log: Callable[[str], None] = print, draft_counts: Sequence[int | None] = (None,),
-                     llama_cpp: bool = True) -> dict[str, Any]:
-    """Run the decode benchmark; returns {"rows", "kv", "speculative", "llama_cpp", "settings"} and writes
-    markdown. For model directories: speculative decoding with `draft_counts` drafts per step and, with
-    `llama_cpp` (and llama-cpp-python installed), batch-1 decoding against llama.cpp on the F32 GGUF export."""
+                     llama_cpp: bool = True, compile: bool = False,
+                     overrides: dict[str, Any] | None = None, product_form: str | bool | None = "auto") -> dict[str, Any]:
+    """Run the decode benchmark; returns {"rows", "kv", "speculative", "llama_cpp", "bandwidth", "settings"}
+    and writes markdown. For model directories: speculative decoding with `draft_counts` drafts per step and,
+    with `llama_cpp` (and llama-cpp-python installed), batch-1 decoding against llama.cpp on the F32 GGUF
+    export. `compile`: also the compiled decoding step. `overrides`: config fields changed in every preset
+    (e.g. {"n_routed_experts": 16, "num_experts_per_tok": 4}, a held-out-like MoE). `product_form`: the
+    few-row product form of seekformer's steps ("auto": measured per model, as the CLI does)."""
     _require_transformers()
     if dtype not in DTYPES:
         raise SeekformerError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -237,17 +300,33 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
         raise SeekformerError("--new-tokens, --repeats, batch sizes and prompt lengths must be >= 1")
     if threads:
         torch.set_num_threads(threads)
+    from .. import runtime
+
+    runtime.set_product_form(product_form)  # as the CLI decodes: measured per model ("auto")
     torch_dtype = DTYPES[dtype]
     machine = Machine()
-    rows, kv, spec, lcpp = [], {}, [], []
-    models = [(p, None) for p in presets] + [(Path(d).name, d) for d in model_dirs]
-    for name, directory in models:
+    rows, kv, spec, lcpp, bw = [], {}, [], [], []
+    overrides = dict(overrides or {})
+    suffix = " (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")" if overrides else ""
+    bandwidth = read_bandwidth()
+    log(f"measured read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    models = [(p + suffix, p, None) for p in presets] + [(Path(d).name, None, d) for d in model_dirs]
+    for name, preset, directory in models:
         if directory is None:
-            model, hf = build_pair(SeekConfig.from_preset(name), seed=0)
+            model, hf = build_pair(SeekConfig.from_preset(preset, **overrides), seed=0)
             model, hf = model.to(torch_dtype), hf.to(torch_dtype)
         else:
             model, hf = load_pair(directory, torch_dtype)
-        rows += bench_model(name, model, hf, batch_sizes, prompt_lens, new_tokens, repeats, log)
+        mine = bench_model(name, model, hf, batch_sizes, prompt_lens, new_tokens, repeats, log, compile)
+        rows += mine
+        for r in mine:
+            if r["batch"] == 1:
+                need = bytes_per_token(model, r["prompt_len"] + new_tokens // 2, compiled="sfc_decode" in r)
+                best = max(r["sf_decode"], r.get("sfc_decode", 0.0))
+                bw.append({"model": name, "prompt_len": r["prompt_len"], "bytes": need["total"],
+                           "weights": need["weights"], "cache": need["cache"], "bandwidth": bandwidth,
+                           "ceiling": bandwidth / need["total"], "best": best,
+                           "of_ceiling": best * need["total"] / bandwidth})
         probe = torch.randint(3, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
         kv[name] = kv_bytes_per_token(model, hf, probe)
         if directory is not None and len(model.mtp):
@@ -259,13 +338,13 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
             spec += bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log, draft_counts)
         if directory is not None and llama_cpp and torch_dtype == torch.float32:
             ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
-            r = bench_llama_cpp(name, directory, model, ids, new_tokens, repeats, log)
+            r = bench_llama_cpp(name, directory, model, ids, new_tokens, repeats, log, compile=compile)
             if r:
                 lcpp.append(r)
         del model, hf
     settings = {"threads": torch.get_num_threads(), "dtype": dtype, "repeats": repeats, "new_tokens": new_tokens,
-                "machine": machine.line()}
-    result = {"rows": rows, "kv": kv, "speculative": spec, "llama_cpp": lcpp, "settings": settings}
+                "machine": machine.line(), "compile": compile}
+    result = {"rows": rows, "kv": kv, "speculative": spec, "llama_cpp": lcpp, "bandwidth": bw, "settings": settings}
     if out_md:
         log(f"wrote {write_report(out_md, to_markdown(result, command_line('decode')))}")
     return result
@@ -291,6 +370,39 @@ def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode"
                    [[r["model"], r["prompt_len"], r["batch"], f"{r['sf_decode']:.1f}", f"{r['hf_decode']:.1f}",
                      f"**{r['speedup']:.2f}x**", f"{1e3 * r['sf_ttft']:.0f} / {1e3 * r['hf_ttft']:.0f}",
                      f"{r['sf_e2e']:.1f} / {r['hf_e2e']:.1f}", f"{r['identical']:.0%}"] for r in result["rows"]])
+    if s.get("compile"):
+        lines += ["", "Compiled decoding step (`compile=True`: torch.compile, CPU inductor, of the model's "
+                  "static_decode_step), interleaved with the eager runs above; first compiled run = compilation "
+                  "(or inductor's on-disk cache) plus one run. Rows whose batch x top-k exceeds the routed experts "
+                  "run the eager step.", ""]
+        lines += table(["model", "prompt", "batch", "eager tok/s", "compiled tok/s", "compiled / eager",
+                        "compiled / transformers", "first compiled run s", "identical to eager"],
+                       [[r["model"], r["prompt_len"], r["batch"], f"{r['sf_decode']:.1f}", f"{r['sfc_decode']:.1f}",
+                         f"**{r['compiled_vs_eager']:.2f}x**", f"**{r['compiled_vs_hf']:.2f}x**",
+                         f"{r['compile_warmup_s']:.1f}", f"{r['identical_compiled']:.0%}"]
+                        for r in result["rows"] if "sfc_decode" in r])
+    forms = [r for r in result["rows"] if "few_row_form" in r]
+    if forms:
+        lines += ["", "Few-row product form of seekformer's decoding steps, chosen by measurement when the model "
+                  "first decodes (its batch-1 step timed both ways, interleaved, median of 7): W @ X^T (`few_rows`) "
+                  "or F.linear.", ""]
+        seen = {}
+        for r in forms:
+            seen.setdefault(r["model"], r)
+        lines += table(["model", "chosen", "step ms with W @ X^T", "step ms with F.linear"],
+                       [[m, "W @ X^T" if r["few_row_form"] else "F.linear", f"{r['form_ms'][True]:.2f}",
+                         f"{r['form_ms'][False]:.2f}"] for m, r in seen.items()])
+    if result.get("bandwidth"):
+        lines += ["", "Bytes one batch-1 step reads (the weights it multiplies by -- attention as the step runs "
+                  "it, K of E routed experts -- and the latent cache at prompt + new/2 tokens; with --compile those "
+                  "of the compiled step) against the measured "
+                  "read bandwidth (sum over a 512 MiB tensor): the ceiling a bandwidth-bound decoder could reach. "
+                  "Small models fit in the CPU caches, so their ceiling is higher than this.", ""]
+        lines += table(["model", "prompt", "MB / token (weights + cache)", "bandwidth GB/s", "ceiling tok/s",
+                        "best seekformer tok/s", "of ceiling"],
+                       [[r["model"], r["prompt_len"], f"{r['bytes'] / 1e6:.1f} ({r['weights'] / 1e6:.1f} + "
+                         f"{r['cache'] / 1e6:.2f})", f"{r['bandwidth'] / 1e9:.1f}", f"{r['ceiling']:.0f}",
+                         f"{r['best']:.1f}", f"{r['of_ceiling']:.0%}"] for r in result["bandwidth"]])
     lines += ["", "KV cache, bytes per token (all decoder layers). transformers 5 caches the same compressed latent "
               "(and re-expands all of it through kv_b_proj at every step); the per-head column is the K/V a "
               "standard cache would hold for the same model (seekformer's `naive` mode).", ""]
@@ -312,9 +424,10 @@ def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode"
     if result.get("llama_cpp"):
         lines += ["", "llama.cpp (llama-cpp-python, the model's GGUF export, same weights), batch 1, greedy, "
                   "random 32-token prompt, decode tokens/s without the prefill, interleaved.", ""]
-        lines += table(["model", "GGUF", "llama_cpp", "seekformer tok/s", "llama.cpp tok/s", "seekformer / llama.cpp",
-                        "greedy tokens equal"],
-                       [[r["model"], r["gguf"], r["llama_cpp"], f"{r['sf_decode']:.1f}", f"{r['llama_decode']:.1f}",
-                         f"**{r['ratio']:.2f}x**", f"{r['same_tokens']:.0%}"] for r in result["llama_cpp"]],
-                       align="lllrrrr")
+        lines += table(["model", "GGUF", "llama_cpp", "seekformer step", "seekformer tok/s", "llama.cpp tok/s",
+                        "seekformer / llama.cpp", "greedy tokens equal"],
+                       [[r["model"], r["gguf"], r["llama_cpp"], "compiled" if r.get("compiled") else "eager",
+                         f"{r['sf_decode']:.1f}", f"{r['llama_decode']:.1f}", f"**{r['ratio']:.2f}x**",
+                         f"{r['same_tokens']:.0%}"] for r in result["llama_cpp"]],
+                       align="llllrrrr")
     return render(lines)

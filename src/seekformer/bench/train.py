@@ -129,8 +129,9 @@ def _step_fn(model: torch.nn.Module, is_hf: bool, ids: torch.Tensor, dtype: str,
 # ====================================================================== the benchmark
 def bench_preset(preset: str, dtypes: Sequence[str], batch_size: int, seq_len: int, steps: int, warmup: int = 2,
                  peaks: dict[str, float] | None = None, seed: int = 0,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    cfg = SeekConfig.from_preset(preset)
+                 log: Callable[[str], None] = print, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Time both models' training steps on `preset` (with config `overrides`) for each dtype."""
+    cfg = SeekConfig.from_preset(preset, **(overrides or {}))
     if seq_len > cfg.max_position_embeddings:
         raise SeekformerError(f"--seq-len {seq_len} exceeds max_position_embeddings "
                               f"{cfg.max_position_embeddings} of preset {preset!r}")
@@ -179,8 +180,9 @@ def bench_preset(preset: str, dtypes: Sequence[str], batch_size: int, seq_len: i
 def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence[str] = ("fp32", "bf16"),
                     batch_size: int = 8, seq_len: int = 256, steps: int = 10, threads: int | None = None,
                     out_md: str | Path | None = None, log: Callable[[str], None] = print,
-                    tune_malloc: bool = False) -> list[dict[str, Any]]:
+                    tune_malloc: bool = False, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Time training steps of seekformer and transformers for each preset and dtype; optionally write markdown.
+    `overrides`: config fields changed in every preset (e.g. a held-out-like MoE of 16 experts, top-4).
 
     Returns one dict per (preset, dtype) with tokens/s, step time, MFU of both, and the speedup
     (transformers step time / seekformer step time). `tune_malloc` keeps freed memory in the process heap
@@ -203,7 +205,11 @@ def run_train_bench(presets: Sequence[str] = ("tiny", "small"), dtypes: Sequence
             + f" ({torch.get_num_threads()} threads)")
         results: list[dict[str, Any]] = []
         for preset in presets:
-            results += bench_preset(preset, dtypes, batch_size, seq_len, steps, peaks=peaks, log=log)
+            rows = bench_preset(preset, dtypes, batch_size, seq_len, steps, peaks=peaks, log=log, overrides=overrides)
+            if overrides:
+                for r in rows:
+                    r["preset"] = f"{preset} (" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + ")"
+            results += rows
         for r in results:
             r["malloc_tuned"] = bool(tune_malloc)
     finally:

@@ -26,6 +26,8 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for both (default: torch's choice)."),
     out: Path = typer.Option(Path("benchmarks/results/train.md"), "--out", help="Markdown table to write."),
     tune_malloc: bool = typer.Option(False, "--tune-malloc", help="Keep freed memory in the heap (glibc), both models."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=INT config override for every preset "
+                                             "(repeatable), e.g. --set n_routed_experts=16 --set num_experts_per_tok=4."),
 ) -> None:
     """Training-step tokens/s and MFU of seekformer and transformers' DeepseekV3 (forward, backward, AdamW)."""
     from ..bench.train import run_train_bench
@@ -40,7 +42,8 @@ def train(
         if p not in PRESETS:
             raise ConfigError(f"unknown preset {p!r}; choose from: {', '.join(PRESETS)}")
     run_train_bench(presets=presets, dtypes=dtypes, batch_size=batch_size, seq_len=seq_len,
-                    steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc)
+                    steps=steps, threads=threads, out_md=out, log=typer.echo, tune_malloc=tune_malloc,
+                    overrides=_int_overrides(set_ or []))
 
 
 @bench_app.command("decode")
@@ -60,6 +63,10 @@ def bench_decode_cmd(
                                                "on a trained model with MTP (repeatable; default: the MTP depth)."),
     llama_cpp: bool = typer.Option(True, "--llama-cpp/--no-llama-cpp", help="Compare a --model-dir with llama.cpp "
                                    "on its F32 GGUF export (batch 1; needs llama-cpp-python)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="Also time seekformer's compiled decoding "
+                                 "step (torch.compile), interleaved with the eager one."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=INT config override for every preset "
+                                             "(repeatable), e.g. --set n_routed_experts=16 --set num_experts_per_tok=4."),
     out: Path = typer.Option(Path("benchmarks/results/decode.md"), "--out", help="Markdown table to write."),
 ) -> None:
     """Decode tokens/s (batch 1 and 8) and KV-cache bytes/token of seekformer and transformers generate()."""
@@ -82,7 +89,23 @@ def bench_decode_cmd(
     run_decode_bench(presets=presets, model_dirs=model_dir or [], batch_sizes=batch_size or [1, 8],
                      prompt_lens=prompt_len or [32, 512], new_tokens=new_tokens, repeats=repeats, dtype=dtype,
                      threads=threads, prompt_text=prompt, out_md=out, log=typer.echo,
-                     draft_counts=drafts or [None], llama_cpp=llama_cpp)
+                     draft_counts=drafts or [None], llama_cpp=llama_cpp, compile=compile,
+                     overrides=_int_overrides(set_ or []))
+
+
+def _int_overrides(items: list[str]) -> dict[str, int]:
+    """["KEY=INT", ...] -> {KEY: INT}; ConfigError for anything else."""
+    from ..config import SeekConfig
+    from ..errors import ConfigError
+
+    out = {}
+    fields = SeekConfig.__dataclass_fields__
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(f"--set takes KEY=INT with a config field as KEY, got {item!r}")
+        out[key] = int(value)
+    return out
 
 
 @bench_app.command("serve")

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         device: opts.Device = "cpu",
         dtype: opts.Dtype = None,
         threads: opts.Threads = None,
+        compile: opts.Compile = False,
         image: Optional[list[Path]] = typer.Option(None, "--image", help="An image the prompt asks about (repeatable; "
                                                    "a model with a vision tower; the prompt is a chat user message)."),
     ) -> None:
@@ -41,6 +42,7 @@ def register(app: typer.Typer) -> None:
         from ..models.loading import load_model_and_tokenizer
 
         opts.set_threads(threads)
+        opts.set_compile(compile)
         if prompt == "-":
             prompt = sys.stdin.read()
         if not prompt:
@@ -91,6 +93,7 @@ def register(app: typer.Typer) -> None:
         device: opts.Device = "cpu",
         dtype: opts.Dtype = None,
         threads: opts.Threads = None,
+        compile: opts.Compile = False,
     ) -> None:
         """Chat interactively (chat template, streamed replies). Commands: /reset, /exit, /image PATH.
 
@@ -102,6 +105,7 @@ def register(app: typer.Typer) -> None:
         from ..models.vision_lm import is_vision_dir
 
         opts.set_threads(threads)
+        opts.set_compile(compile)
         if is_vision_dir(model_dir):  # a model with a vision tower: /image PATH attaches an image
             from ..inference.vision import VisionChatSession, load_vision_model
 

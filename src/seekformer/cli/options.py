@@ -17,6 +17,9 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="Weights: fp32|float32 (default), bf16|bfloat16 or "
                                               "fp16|float16.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: torch's choice).")]
+Compile = Annotated[bool, typer.Option("--compile/--no-compile", help="Compile the decoding step with "
+                                       "torch.compile (faster steps after a one-off compilation of seconds to "
+                                       "minutes, cached on disk; eager fallback with a warning).")]
 
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="0 = greedy; > 0 samples.")]
@@ -85,12 +88,35 @@ def with_sampling(**defaults: Any) -> Callable[[Callable], Callable]:
     return decorate
 
 
+def set_compile(on: bool) -> None:
+    """The process default of compiled decoding steps (inference/compiled.py) from --compile."""
+    from ..inference.compiled import set_compile as _set
+
+    _set(on)
+
+
+def _set_product_form() -> None:
+    """Decoding steps' few-row product form: measured per model ("auto"), unless SEEKFORMER_FEW_ROWS=on|off."""
+    import os
+
+    from ..errors import ConfigError
+    from ..runtime import set_product_form
+
+    value = os.environ.get("SEEKFORMER_FEW_ROWS", "auto").strip().lower()
+    choices = {"auto": "auto", "on": True, "off": False}
+    if value not in choices:
+        raise ConfigError(f"SEEKFORMER_FEW_ROWS must be auto, on or off, got {value!r}")
+    set_product_form(choices[value])
+
+
 def set_threads(threads: int | None) -> None:
     """torch.set_num_threads(threads) when given (>= 1, else ConfigError); otherwise few-row decoding steps
-    choose their thread count by measurement (runtime.set_decode_threads("auto"))."""
+    choose their thread count by measurement (runtime.set_decode_threads("auto")); their product form is
+    measured too (runtime.set_product_form("auto"), or SEEKFORMER_FEW_ROWS=on|off)."""
     from ..runtime import set_decode_threads
 
     set_decode_threads("auto" if threads is None else None)
+    _set_product_form()
     if threads is not None:
         import torch
 

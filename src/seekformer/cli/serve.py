@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 (default) or bfloat16."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+        compile: bool = typer.Option(False, "--compile/--no-compile", help="Compile the decoding step with "
+                                     "torch.compile (one-off compilation at the first steps, cached on disk; eager "
+                                     "fallback with a warning)."),
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level."),
         max_body_bytes: int = typer.Option(8 * 2 ** 20, "--max-body-bytes", min=0,
                                            help="Larger request bodies get 413 before parsing (0: no limit)."),
@@ -62,6 +65,7 @@ def register(app: typer.Typer) -> None:
         from . import options as opts
 
         opts.set_threads(threads)  # without --threads: few-row decode steps measure their thread count
+        opts.set_compile(compile)
         if api_key is not None and not api_key.strip():
             raise SeekformerError("--api-key is empty: give a key, or leave the option out for no authentication")
         adapter = None

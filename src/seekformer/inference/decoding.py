@@ -22,6 +22,7 @@ loop (beams reorder rows) and shares the helpers below.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
+from .compiled import compiled_step
 from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
@@ -114,6 +116,22 @@ def new_cache(model, batch_size: int, max_length: int, mode: str = "latent", mtp
     return KVCache(cfg, batch_size, max_length, mode=mode, dtype=model.dtype, device=model.device, num_layers=layers)
 
 
+def _scratch_step(model):
+    """A batch-1 decoding step on a scratch cache (prefilled with 32 tokens), undone after each call: what
+    the automatic choices below time."""
+    cache = new_cache(model, 1, 40)
+    ids = torch.arange(3, 35, device=model.device)[None] % model.config.vocab_size
+    with torch.no_grad():
+        model(ids, cache=cache, logits_to_keep=1)
+
+    def one_step():
+        with torch.no_grad():
+            model.decode_step(ids[:, :1], cache)
+        cache.rollback(1)
+
+    return one_step
+
+
 def step_threads(model, tokens: int) -> int | None:
     """Threads for a decoding step of `tokens` tokens in all (runtime.decode_threads): None = leave torch's
     setting; with "auto", steps of at most runtime.FEW_ROW_TOKENS tokens use the count measured once per
@@ -126,17 +144,51 @@ def step_threads(model, tokens: int) -> int | None:
     budget = torch.get_num_threads()
     chosen = model.__dict__.setdefault("_decode_threads", {})
     if budget not in chosen:
-        cache = new_cache(model, 1, 40)
-        ids = torch.arange(3, 35, device=model.device)[None] % model.config.vocab_size
-        with torch.no_grad():
-            model(ids, cache=cache, logits_to_keep=1)
-
-            def one_step():
-                model.decode_step(ids[:, :1], cache)
-                cache.rollback(1)
-
-            chosen[budget] = runtime.fastest_threads(one_step, [1, budget])
+        chosen[budget] = runtime.fastest_threads(_scratch_step(model), [1, budget])
     return chosen[budget]
+
+
+def _products(model, flag: bool | None):
+    """The model's context manager for the product form of its decoding steps (`decode_products`; models
+    without one: nothing changes)."""
+    form = getattr(model, "decode_products", None)
+    return form(flag) if form is not None else contextlib.nullcontext()
+
+
+def product_form(model) -> bool | None:
+    """Whether decoding steps use the model's few-row product form (`SeekForCausalLM.decode_products`;
+    runtime.product_form_policy): None = leave it as is (on); with "auto", the faster of both on this model's
+    batch-1 step, measured once per model and thread count (interleaved, median of 7; the choice and the
+    timings are kept in `model.__dict__["_decode_products"]`)."""
+    policy = runtime.product_form_policy()
+    if policy != "auto" or getattr(model, "decode_products", None) is None:
+        return None if policy == "auto" else policy
+    threads = torch.get_num_threads()
+    chosen = model.__dict__.setdefault("_decode_products", {})
+    if threads not in chosen:
+        flag, med = runtime.fastest({True: lambda: _products(model, True), False: lambda: _products(model, False)},
+                                    _scratch_step(model))
+        chosen[threads] = {"few_row_form": flag, "seconds": med}
+    return chosen[threads]["few_row_form"]
+
+
+class step_settings:
+    """Context manager around a decoding step of `tokens` tokens: the thread count (`step_threads`) and the
+    product form (`product_form`) chosen for this model."""
+
+    def __init__(self, model, tokens: int) -> None:
+        self.model, self.tokens = model, tokens
+        self.threads = self.form = None
+
+    def __enter__(self) -> None:
+        self.threads = runtime.torch_threads(step_threads(self.model, self.tokens))
+        self.threads.__enter__()
+        self.form = _products(self.model, product_form(self.model))
+        self.form.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.form.__exit__(*exc)
+        self.threads.__exit__(*exc)
 
 
 # ---------------------------------------------------------------------- the decode loop's state
@@ -158,8 +210,9 @@ class DecodeBatch:
     """
 
     def __init__(self, model, cache: KVCache, penalties: PenaltyState | None = None,
-                 generator: torch.Generator | None = None, drafter=None) -> None:
+                 generator: torch.Generator | None = None, drafter=None, compile: bool | None = None) -> None:
         self.model = model
+        self.compile = compile  # plain steps through the compiled graph (inference/compiled.py); None: process default
         self.cache = cache
         self.drafter = drafter  # speculative.MTPDrafter or None; follows the rows (prompts, moves, hidden states)
         # which rows the drafter tracks (the engine: requests that speculate); None = every row
@@ -222,10 +275,15 @@ class DecodeBatch:
         n = len(self.rows)
         last = torch.tensor([[r.state.tokens[-1]] for r in self.rows], device=self.model.device)
         cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-        with runtime.torch_threads(step_threads(self.model, n)):
-            if self.drafter is None:
-                return self.model.decode_step(last, cache)
-            logits, hidden = self.model.decode_step(last, cache, return_hidden=True)
+        step = compiled_step(self.model, self.compile)
+        want_hidden = self.drafter is not None
+        with step_settings(self.model, n):
+            out = step(last, cache, want_hidden) if step is not None else None
+            if out is None:
+                out = self.model.decode_step(last, cache, return_hidden=want_hidden)
+        if not want_hidden:
+            return out
+        logits, hidden = out
         for i in range(n):
             if self.tracked(self.rows[i]):
                 self.drafter.add_hidden(i, hidden[i])
@@ -246,7 +304,7 @@ class DecodeBatch:
         """
         n, d = len(self.rows), self.drafter
         k = d.k
-        with runtime.torch_threads(step_threads(self.model, n * (k + 1))):
+        with step_settings(self.model, n * (k + 1)):
             drafts = d.draft([self._tokens(i) for i in range(n)])
             chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
                                  device=self.model.device)

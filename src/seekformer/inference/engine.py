@@ -110,10 +110,11 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_length: int | None = None,
                  cache_mode: str = "latent", prefill_chunk: int = PREFILL_CHUNK, speculative: bool | None = None,
-                 num_speculative_tokens: int | None = None) -> None:
+                 num_speculative_tokens: int | None = None, compile: bool | None = None) -> None:
         """`speculative`: True = requests speculate unless they say otherwise (needs MTP modules); None =
         only requests that ask (`SamplingParams.speculative`), when the model has MTP modules; False = never.
-        `num_speculative_tokens`: drafts per step (default the MTP depth)."""
+        `num_speculative_tokens`: drafts per step (default the MTP depth). `compile`: plain decoding steps
+        through the compiled graph (inference/compiled.py); None = the process default (`--compile`)."""
         ctx = model.config.max_position_embeddings
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -130,7 +131,7 @@ class Engine:
         extra = drafter.k if drafter is not None else 0  # verification writes K slots past the last token
         self.batch = DecodeBatch(model, new_cache(model, self.max_batch_size, self.max_length + extra, cache_mode),
                                  PenaltyState.create([[]] * self.max_batch_size, v, model.device, active=True),
-                                 drafter=drafter)
+                                 drafter=drafter, compile=compile)
         self.batch.drafts_for = self._wants  # the drafter keeps state only for requests that speculate
         self._waiting: deque[Request] = deque()
         self._cancelled: set[str] = set()

@@ -41,11 +41,12 @@ class GenerateOutput:
 
 
 def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
-                 tokenizer=None, cache_mode: str = "latent") -> Iterator[tuple[int, int, str, list[SequenceState]]]:
+                 tokenizer=None, cache_mode: str = "latent", compile: bool | None = None) -> Iterator[tuple[int, int, str, list[SequenceState]]]:
     """The plain decoding loop (greedy or sampling) as an iterator of (row, token, text piece, states).
 
     input_ids / attention_mask [B,T]. One KV cache of B rows and T + max_new_tokens slots is allocated
     up front; the `DecodeBatch` over it drops finished rows. One generator (params.seed) serves the batch.
+    `compile`: steps through the compiled graph (inference/compiled.py); None = the process default.
     """
     cfg = model.config
     b, t = input_ids.shape
@@ -54,7 +55,7 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
     prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)] if params.penalised else [[]] * b
     pen = PenaltyState.create([[]] * b, cfg.vocab_size, input_ids.device, active=params.penalised)
     batch = DecodeBatch(model, new_cache(model, b, t + params.max_new_tokens, cache_mode), pen,
-                        make_generator(params.seed, input_ids.device))
+                        make_generator(params.seed, input_ids.device), compile=compile)
     lo, hi = batch.admit([Row(s, key=r) for r, s in enumerate(states)], prompts)
     logits = batch.prefill(lo, hi, input_ids, attention_mask)
     while True:
@@ -70,12 +71,14 @@ def decode_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, p
 def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False, speculative: bool = False,
              num_speculative_tokens: int | None = None, cache_mode: str = "latent", pad_token_id: int | None = None,
-             return_dict: bool = False, **options) -> torch.Tensor | GenerateOutput:
+             return_dict: bool = False, compile: bool | None = None, **options) -> torch.Tensor | GenerateOutput:
     """Decode continuations of `input_ids` [B,T] (left padding marked by `attention_mask`).
 
     options: SamplingParams fields (max_new_tokens, do_sample, temperature, top_k, top_p, min_p,
     repetition/frequency/presence penalties, seed, stop, stop_token_ids, eos_token_id, ...).
     Returns [B, T + n] ids (prompt, then new tokens, then pad), or a GenerateOutput with `return_dict`.
+    `compile=True` runs plain decoding steps through `torch.compile` (inference/compiled.py; the same
+    tokens; eager fallback with a warning when it cannot); None = the process default (`--compile`).
     """
     options.pop("use_cache", None)  # always on; accepted for transformers compatibility
     max_length = options.pop("max_length", None)
@@ -103,7 +106,7 @@ def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams
                                                    num_speculative_tokens)
             else:
                 states = None
-                for *_, states in decode_steps(model, ids, am, params, tokenizer, cache_mode):
+                for *_, states in decode_steps(model, ids, am, params, tokenizer, cache_mode, compile):
                     pass
     finally:
         model.train(was_training)
@@ -129,6 +132,7 @@ def stream(model, tokenizer, prompt: str | Sequence[int], info: dict | None = No
     if not ids:
         raise GenerationError("empty prompt: give at least one token")
     cache_mode = options.pop("cache_mode", "latent")
+    compile = options.pop("compile", None)
     params = SamplingParams.from_kwargs(**options).validate(model.config.vocab_size)
     x, am = prepare_inputs(model, [ids])
     check_context(model, am, params.max_new_tokens)
@@ -136,7 +140,7 @@ def stream(model, tokenizer, prompt: str | Sequence[int], info: dict | None = No
     model.eval()
     try:
         with torch.no_grad():
-            for _, _, piece, states in decode_steps(model, x, am, params, tokenizer, cache_mode):
+            for _, _, piece, states in decode_steps(model, x, am, params, tokenizer, cache_mode, compile):
                 if piece:
                     yield piece
             if info is not None:

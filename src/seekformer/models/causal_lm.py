@@ -18,11 +18,13 @@ from torch import nn
 from ..config import SeekConfig
 from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
 from ..nn.attention import ABSORB_MAX_CHUNK
+from ..nn import few_rows
 from ..nn.few_rows import linear_of
-from ..nn.mla_decode import rope_matrix
+from ..nn.mla_decode import STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights, latent_decode, rope_matrix
 from ..nn.norm import rms_norm
 from ..nn.loss import cross_entropy
 from ..nn.moe import Experts, Router
+from ..nn.static_decode import SlotStorage, static_blocker, static_ffn
 
 
 @dataclass
@@ -283,6 +285,49 @@ class SeekForCausalLM(nn.Module):
         hidden = self.model.step(input_ids, cache, attention_mask)
         logits = linear_of(self.lm_head, hidden[:, -1] if last_only else hidden)
         return (logits, hidden) if return_hidden else logits
+
+    @staticmethod
+    def decode_products(flag: bool | None) -> few_rows.use:
+        """Context manager: decoding steps inside it multiply few rows by their weights in `nn.few_rows`'
+        W @ X^T form (True), as F.linear (False), or as set (None). Which is faster depends on the CPU:
+        the decoders measure both (`inference.decoding.product_form`)."""
+        return few_rows.use(flag)
+
+    # ------------------------------------------------------------------ capturable decoding step
+    def static_step_blocker(self) -> str | None:
+        """Why `static_decode_step` cannot serve this model (a quantized or adapter module), None if it can."""
+        return static_blocker(self)
+
+    @torch.no_grad()
+    def static_step_prepare(self) -> None:
+        """Eager work `static_decode_step` relies on, before each captured call: the folded attention weights
+        are made current (the captured step reads them as they are)."""
+        for layer in self.model.layers:
+            if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH):
+                folded_weights(layer.self_attn)
+
+    def static_decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                           hidden_mask: torch.Tensor, k: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode_step` of one token per row with no data-dependent Python, for `torch.compile`
+        (inference/compiled.py): input_ids/positions/slots [B,1] and hidden_mask bool [B,1,1,S] (True =
+        hidden) from `KVCache.prepare`, k the main layers' latent storage [B,S_max,R+P] (the new latents are
+        written at `slots` in place; the caller commits) -> (logits [B,V], final-normed hidden [B,1,D]).
+
+        The same layers and weights as `SeekModel.step` (same values up to fp32 rounding); routed experts
+        through `nn.static_decode.static_ffn` (the chosen experts' weights gathered by index).
+        """
+        inner = self.model
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(positions, x.dtype)
+        rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
+        storage = SlotStorage(k)
+        for layer in inner.layers:
+            h = rms_norm(x, layer.input_layernorm)
+            fold = decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH)  # bytes decide: no growth
+            x = x + latent_decode(layer.self_attn, h, rope, hidden_mask, storage, layer.layer_idx, slots, fold)
+            x = x + static_ffn(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
+        hidden = rms_norm(x, inner.norm)
+        return linear_of(self.lm_head, hidden[:, -1]), hidden
 
     @torch.no_grad()
     def mtp_step(self, depth: int, h_prev: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,

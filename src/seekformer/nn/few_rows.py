@@ -9,6 +9,11 @@ rows). A single row is therefore duplicated: the extra column costs arithmetic, 
 decoding step is bound by memory traffic.
 
 Only the no-gradient fp32 CPU case takes this path; everything else (training, bf16, GPU) is `F.linear`.
+
+Whether it pays depends on the CPU and its BLAS: on other machines of the same kind (an Intel Xeon) the
+form was a net loss, and even here hot-cache micro-benchmarks favour F.linear. `use(False)` switches it
+off for a block (`with few_rows.use(flag): ...`); the decoders measure both on the model's own decoding
+step and keep the faster one (`inference.decoding.few_rows_choice`, `runtime.set_product_form`).
 """
 
 from __future__ import annotations
@@ -21,11 +26,34 @@ FEW_ROWS = 32
 # ... for weights with at least this many output rows; inside a decoding step (other weights evicting the
 # caches) narrower ones (512 x 512, 512 x 1024, 256 x 512) gained nothing.
 MIN_OUT = 1024
+_enabled = True  # switched per block by `use`
+
+
+class use:
+    """Context manager: few_rows_linear takes its W @ X^T form inside the block only if `flag` (None: as is)."""
+
+    def __init__(self, flag: bool | None) -> None:
+        self.flag, self.before = flag, None
+
+    def __enter__(self) -> None:
+        global _enabled
+        self.before = _enabled
+        if self.flag is not None:
+            _enabled = bool(self.flag)
+
+    def __exit__(self, *exc) -> None:
+        global _enabled
+        _enabled = self.before
+
+
+def enabled() -> bool:
+    """Whether few_rows_linear currently takes its W @ X^T form where it applies."""
+    return _enabled
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """== F.linear(x, weight, bias) for x [..., I] and weight [O, I] (same values up to fp32 rounding)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
+    if (not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     d = x.shape[-1]

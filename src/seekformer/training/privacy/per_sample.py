@@ -17,7 +17,8 @@ Three ways to get the per-example gradients g_i (the trainable parameters' gradi
 Opacus' GradSampleModule is not used for the gradients: it has no per-sample rule for RMSNorm, the
 router's F.linear on its own weight, the stacked expert tensors [E,2F,D] or peft's expert adapters, and its
 functorch fallback needs the same plain ops as `vmap` here. All three are tested against per-example
-backward passes (tests/test_privacy.py). `auto` takes the first that applies: hooks, vmap, loop. Loads: each example's expert-load fractions per MoE layer,
+backward passes (tests/test_privacy.py). `auto` takes hooks where it applies and the per-example gradients
+of a chunk are small (LoRA, heads), else the loop. Loads: each example's expert-load fractions per MoE layer,
 counts / tokens ([L,E], each row sums to K), are returned summed for the DP balancing update.
 """
 
@@ -44,12 +45,15 @@ def trim(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return out
 
 
+HOOKS_AUTO_MAX_FLOATS = 2 ** 24  # per_sample auto takes hooks while chunk_size * trainable parameters <= this
+
+
 class PerSampleClipper:
     """Clipped per-example gradient sums for `params` (the trainable parameters) of `model`.
 
     `loss_of(batch) -> scalar loss` runs the model on a batch (the loop strategy calls it with one example);
-    `strategy` is hooks, vmap, loop, or auto (the first of them that applies; one that raises is dropped
-    for good and `fallback_reason` says why). `vmap_loss(batch) -> scalar` (optional) is the vmappable loss
+    `strategy` is hooks, vmap, loop, or auto (hooks when it applies and the per-example gradients are
+    small, else the loop; a strategy that raises is dropped for good and `fallback_reason` says why). `vmap_loss(batch) -> scalar` (optional) is the vmappable loss
     of one example whose tensors have a leading dimension of 1, padding included (see dp_sgd.py).
     `loss_sums_examples`: B * loss_of(batch) is the sum of the B examples' own losses (hooks needs it).
     """
@@ -60,8 +64,11 @@ class PerSampleClipper:
         self.model, self.params, self.c = model, params, max_grad_norm
         self.moe = list(moe_layers or [])
         self.vmap_loss, self.chunk_size = vmap_loss, chunk_size
-        order = [strategy] if strategy != "auto" else (["hooks"] * loss_sums_examples
-                                                       + ["vmap"] * (vmap_loss is not None) + ["loop"])
+        # auto: hooks while a chunk's per-example gradients stay small (LoRA, heads); with millions of trainable
+        # parameters (full fine-tuning) materialising [chunk, P] costs more than the loop's B backward passes
+        # (benchmarks/privacy_per_sample.py); vmap only when asked (on CPU it is not faster than the loop)
+        small = chunk_size * sum(p.numel() for p in params) <= HOOKS_AUTO_MAX_FLOATS
+        order = [strategy] if strategy != "auto" else ["hooks"] * (loss_sums_examples and small) + ["loop"]
         self._order = order
         self.fallback_reason: str | None = None  # why `auto` dropped a strategy
 

@@ -39,7 +39,7 @@ PER_SAMPLE = ("auto", "hooks", "vmap", "loop")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_label")
 # train.* values a privacy run uses unless the recipe sets them (see the module docstring).
-DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "steps": 150, "warmup_steps": 0,
+DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "head_lr": 2e-3, "steps": 150, "warmup_steps": 0,
                      "weight_decay": 0.0}
 FEDERATED_TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 0}
 
