@@ -190,7 +190,8 @@ class Experts(nn.Module):
         """Rows grouped by expert times each expert's matrix: xs [S,I], counts [E], w [E,O,I] -> [S,O]."""
         if use_grouped_mm and grouped_mm_supported(xs, w):
             return torch._grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
-        return torch.cat([F.linear(xe, we) for xe, we in zip(xs.split(counts.tolist()), w.unbind(0))])
+        parts = [F.linear(xe, we) for xe, we in zip(xs.split(counts.tolist()), w.unbind(0)) if xe.shape[0]]
+        return torch.cat(parts) if parts else xs.new_zeros(0, w.shape[1])  # experts without rows do not run
 
     @staticmethod
     def grouped_swiglu(xs: torch.Tensor, gate_w: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor,
