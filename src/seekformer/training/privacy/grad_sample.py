@@ -166,13 +166,16 @@ class _WrappedLinearRule:
         self.params = [p for p in (self.a, self.b) if p.requires_grad]
 
     def grads(self, b: int) -> dict[int, torch.Tensor]:
+        """`_factor_grads` with one "expert" (lhs = B, rhs = A) and each example's rows as its segment."""
         s = float(self.w.scaling[self.adapter])
         da, db = self.a.new_zeros(b, *self.a.shape), self.b.new_zeros(b, *self.b.shape)
-        a, bw = self.a.detach(), self.b.detach()
         for x, g in self.rows.pairs():
-            x, g = _rows_per_example(x, b).to(da.dtype), _rows_per_example(g, b).to(da.dtype)
-            db += s * torch.einsum("bro,brk->bok", g, x @ a.T)
-            da += s * torch.einsum("brk,bri->bki", g @ bw, x)
+            x, g = x.reshape(-1, x.shape[-1]).to(da.dtype), g.reshape(-1, g.shape[-1]).to(da.dtype)
+            seg = torch.arange(x.shape[0], device=x.device) // (x.shape[0] // b)  # row -> example
+            counts = torch.tensor([x.shape[0]], device=x.device)
+            dl, dr = _factor_grads(self.b.detach()[None], self.a.detach()[None], s, x, g, counts, seg, b)
+            db += dl
+            da += dr
         return {id(self.a): da, id(self.b): db}
 
 
@@ -205,7 +208,7 @@ class _ExpertsRule:
     def remove(self) -> None:
         self.experts.row_tap = None
 
-    def _rows(self, name: str, b: int):
+    def _rows(self, name: str):
         """(x [S,I], g [S,O], counts [E], seg [S] = example * E + expert) of every call that saw gradients."""
         e_n = self.experts.num_experts
         for c in self.calls:
@@ -218,7 +221,7 @@ class _ExpertsRule:
         e_n = self.experts.num_experts
         for name, p in self.own.items():  # segments (example, expert) are contiguous runs of the sorted rows
             dw = p.new_zeros(b * e_n, *p.shape[1:])
-            for x, g, _, seg in self._rows(name, b):
+            for x, g, _, seg in self._rows(name):
                 ids, runs = torch.unique_consecutive(seg, return_counts=True)
                 for i, xs, gs in zip(ids.tolist(), x.split(runs.tolist()), g.split(runs.tolist())):
                     dw[i] += (gs.T @ xs).to(dw.dtype)
@@ -228,7 +231,7 @@ class _ExpertsRule:
             with torch.enable_grad():
                 lhs, rhs, s = w.get_delta_factors(ad)  # [E,O,r], [E,r,I]: differentiable views of A, B
             dl, dr = lhs.new_zeros(b * e_n, *lhs.shape[1:]), rhs.new_zeros(b * e_n, *rhs.shape[1:])
-            for x, g, counts, seg in self._rows(name, b):
+            for x, g, counts, seg in self._rows(name):
                 l_, r_ = _factor_grads(lhs.detach(), rhs.detach(), float(s), x.to(dl.dtype), g.to(dl.dtype), counts,
                                        seg, b * e_n)
                 dl += l_

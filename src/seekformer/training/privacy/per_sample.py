@@ -167,15 +167,7 @@ class PerSampleClipper:
         norm = torch.stack([gi.reshape(b, -1).pow(2).sum(1) for gi in g]).sum(0).sqrt()  # [B]
         f = clip_factor(norm, self.c)
         total = [torch.einsum("b,b...->...", f.to(gi.dtype), gi) for gi in g]
-        loads = None
-        if self.moe:
-            m = batch["attention_mask"].float()  # [B,T]
-            rows = []
-            for idx in routed[: len(self.moe)]:  # [B*T,K]
-                chosen = torch.zeros(idx.shape[0], self.moe[0].num_experts, device=idx.device).scatter(1, idx, 1.0)
-                per_ex = (chosen.view(b, t, -1) * m[:, :, None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
-                rows.append(per_ex.sum(0))
-            loads = torch.stack(rows).cpu()
+        loads = _loads_of(routed, batch["attention_mask"], self.moe).cpu() if self.moe else None
         return total, loads, norm.tolist()
 
     def _vmap(self, batch):
@@ -232,15 +224,17 @@ class _LossModule(nn.Module):
         return self.loss(batch)
 
 
-def _loads_of(routed: list[torch.Tensor], mask_1T: torch.Tensor | None, moe: list[nn.Module]) -> torch.Tensor:
-    """Expert-load fractions [L,E] of one example from the routers' chosen indices (padding excluded)."""
-    if not moe or mask_1T is None:
+def _loads_of(routed: list[torch.Tensor], mask_BT: torch.Tensor | None, moe: list[nn.Module]) -> torch.Tensor:
+    """Expert-load fractions [L,E] of B examples, summed over the examples: each example's counts / its real
+    tokens per layer, from the routers' chosen indices [B*T,K] (padding excluded)."""
+    if not moe or mask_BT is None:
         return torch.zeros(0)
-    m = mask_1T.reshape(-1).float()  # [T]
+    m = mask_BT.float()  # [B,T]
     rows = []
-    for idx in routed[: len(moe)]:  # [T,K]
-        chosen = torch.zeros(idx.shape[0], moe[0].num_experts).scatter(1, idx, 1.0)  # [T,E]
-        rows.append((chosen * m[:, None]).sum(0) / m.sum().clamp_min(1.0))
+    for idx in routed[: len(moe)]:  # [B*T,K]
+        chosen = torch.zeros(idx.shape[0], moe[0].num_experts, device=idx.device).scatter(1, idx, 1.0)  # [B*T,E]
+        per_ex = (chosen.view(*m.shape, -1) * m[:, :, None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
+        rows.append(per_ex.sum(0))
     return torch.stack(rows)
 
 
