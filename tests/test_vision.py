@@ -251,3 +251,75 @@ def test_lora_on_vision_multitask_saves_merged(tok_lm, tmp_path):
     loaded = load_multitask(tmp_path / "lora")
     assert not loaded.has_lora()
     assert torch.allclose(loaded("v", ids, pixel_values=pix).logits, before, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- session 4: stem, prompt order, cache
+def test_strided_stem_shapes():
+    cfg = VisionConfig.from_preset("vit-tiny", image_size=32, pixel_shuffle=True, lm_hidden_size=32,
+                                   conv_stem=True, strided_stem=True)
+    tower = VisionTower(cfg)
+    convs = [m for m in tower.encoder.patch_embed.stem if isinstance(m, torch.nn.Conv2d)]
+    # one 3x3 stem conv at full resolution, then log2(4) = 2 stride-2 3x3 convs; the patchify conv is 1x1
+    assert [c.stride for c in convs] == [(1, 1), (2, 2), (2, 2)]
+    assert tower.encoder.patch_embed.proj.kernel_size == (1, 1)
+    assert tower(torch.randn(2, 3, 32, 32)).shape == (2, cfg.num_image_tokens, 32) and cfg.num_image_tokens == 16
+    with pytest.raises(Exception, match="power-of-two"):
+        VisionConfig.from_preset("vit-nano", image_size=24, patch_size=6, strided_stem=True)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_prompt_order_same_in_training_chat_and_server(tok_lm, text_first, monkeypatch):
+    """VQA training/eval, `generate --image`, chat `/image` and the server build the same ids; a vision.json
+    without `text_first` (written before it existed) keeps the image first."""
+    import types
+
+    from seekformer.data.tasks import Encoder, TaskRecipe
+    from seekformer.inference import vision as iv
+    from seekformer.models.vision_lm import VisionSetup
+    from seekformer.serving.protocol import ChatMessage
+    from seekformer.serving.vision import VisionChat
+
+    tok, lm, tid = tok_lm
+    d = VisionConfig.from_preset("vit-nano", image_size=8).to_dict()
+    if not text_first:
+        del d["text_first"]
+    cfg = VisionConfig.from_dict(d)
+    assert cfg.text_first is text_first
+    vlm = SeekForVisionLM(lm, cfg, tid).eval()
+    q, png = "what color is the circle?", png_bytes(size=(8, 8))
+    content = q + IMAGE_TOKEN if text_first else IMAGE_TOKEN + q
+    want = expand_image_markers(tok.encode(tok.apply_chat_template([{"role": "user", "content": content}])), tid,
+                                vlm.num_image_tokens)
+    seen = []
+    monkeypatch.setattr(iv, "stream_ids", lambda vlm, tok, ids, pix, **kw: seen.append(ids) or iter(["x"]))
+    list(iv.stream_with_images(vlm, tok, q, [png], max_new_tokens=1))
+    chat = iv.VisionChatSession(vlm, tok, max_new_tokens=1)
+    chat.add_image(png)
+    list(chat.send(q))
+    spec = TaskRecipe(name="s", type="vqa", train="x.jsonl")
+    rec = {"image": png, "question": q, "answer": "red"}
+    ex = Encoder(spec, tok, None, image=VisionSetup(cfg, tid)).encode([rec], "test", training=False)[0]
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    req = types.SimpleNamespace(messages=[ChatMessage.model_validate(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": q}]})])
+    ids, images = VisionChat(types.SimpleNamespace(tok=tok), vlm)._inputs(req)
+    assert seen[0] == seen[1] == ex["input_ids"][: ex["prompt_len"]] == want
+    assert iv.expand_prompt(vlm, ids, len(images)) == want
+
+
+def test_image_cache_returns_identical_pixels(tmp_path):
+    from seekformer.data.tasks import Encoder, TaskRecipe
+    from seekformer.models.vision_lm import VisionSetup
+
+    counts = write_shapes_vqa(tmp_path, 6, seed=1, size=16)
+    recs = [json.loads(x) for x in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for r in recs:
+        r["image"] = str(tmp_path / r["image"])
+    cfg = VisionConfig.from_preset("vit-nano", image_size=16)
+    spec = TaskRecipe(name="s", type="vqa", train="x.jsonl")
+    enc = Encoder(spec, SeekTokenizer.train(texts=["what color is the shape"] * 5, vocab_size=280), None,
+                  image=VisionSetup(cfg, 0))
+    examples = [enc._vqa(r, "t") for r in recs]
+    assert len(examples) == counts["train"] and len(enc._image_cache) == len({r["image"] for r in recs})
+    for r, ex in zip(recs, examples):  # cached pixels are those of a fresh decode
+        assert torch.equal(ex["pixels"], load_image(r["image"], 16, 3))

@@ -119,11 +119,18 @@ def decode_data_url(url: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
         raise ImageError("image data URL is not valid base64") from None
 
 
-def image_chat_prompt(tokenizer, question: str, n_images: int = 1) -> str:
-    """The prompt of a question about image(s): the chat format with the image marker(s) before the text.
+def image_message(text: str, n_images: int = 1, text_first: bool = True) -> str:
+    """A user message about image(s): the text, then one marker per image (`text_first`, so that in the causal
+    trunk the image tokens see the question), or the markers first (models trained before `text_first`)."""
+    return text + IMAGE_TOKEN * n_images if text_first else IMAGE_TOKEN * n_images + text
 
-    VQA training, `eval`, `generate --image`, chat `/image` and the server all build prompts this way."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": IMAGE_TOKEN * n_images + question}])
+
+def image_chat_prompt(tokenizer, question: str, n_images: int = 1, text_first: bool = True) -> str:
+    """The prompt of a question about image(s): the chat format of one user message (`image_message`).
+
+    VQA training, `eval`, `generate --image`, chat `/image` and the server all build prompts this way, with
+    the model's `vision.text_first`."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": image_message(question, n_images, text_first)}])
 
 
 # ====================================================================== task records
@@ -177,6 +184,6 @@ def read_image_records(source: str, task_type: str, fields: dict[str, str] | Non
     return read_image_file(p, tuple(fields.get(r, r) for r in roles))
 
 
-__all__ = ["IMAGE_TOKEN", "image_chat_prompt", "load_image", "normalize", "decode_data_url", "read_image_records", "read_image_folder",
+__all__ = ["IMAGE_TOKEN", "image_chat_prompt", "image_message", "load_image", "normalize", "decode_data_url", "read_image_records", "read_image_folder",
            "read_image_file", "ImageError", "ImageTooLarge", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS",
            "IMAGE_SUFFIXES"]

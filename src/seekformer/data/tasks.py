@@ -353,10 +353,14 @@ class Encoder:
 
         cfg = self.image.config
         path = _get(self.task, rec, "image", where)
-        try:
-            return load_image(path, cfg.image_size, cfg.channels)
-        except ImageError as e:
-            raise ImageError(f"{where}: {e}") from None
+        key = (str(path), cfg.image_size, cfg.channels)
+        cache = self.__dict__.setdefault("_image_cache", {})  # VQA: one image has several questions
+        if key not in cache:
+            try:
+                cache[key] = load_image(path, cfg.image_size, cfg.channels)
+            except ImageError as e:
+                raise ImageError(f"{where}: {e}") from None
+        return cache[key]
 
     def _image_ids(self) -> list[int]:
         return [self.image.image_token_id] * self.image.config.num_image_tokens
@@ -372,7 +376,7 @@ class Encoder:
         answer = str(_get(self.task, rec, "answer", where))
         marker = self.image.image_token_id
         prompt = []
-        for t in self.tok.encode(image_chat_prompt(self.tok, question)):
+        for t in self.tok.encode(image_chat_prompt(self.tok, question, text_first=self.image.config.text_first)):
             prompt += self._image_ids() if t == marker else [t]
         stop = self.tok.end_of_turn_token_id if self.tok.end_of_turn_token_id is not None else self.tok.eos_token_id
         tgt = self.tok.encode(answer)[: self.task.max_length // 2 - 1] + [stop]

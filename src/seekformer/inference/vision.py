@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.images import IMAGE_TOKEN, image_chat_prompt, load_image, normalize
+from ..data.images import IMAGE_TOKEN, image_chat_prompt, image_message, load_image, normalize
 from ..errors import GenerationError
 from .chat import ChatSession
 from .generate import stream
@@ -69,7 +69,8 @@ def _stop_ids(tok) -> tuple[int, ...]:
 
 def stream_with_images(vlm, tok, question: str, images: Sequence[str | Path | bytes], **options) -> Iterator[str]:
     """Stream the answer to `question` about `images` (prompt: image_chat_prompt)."""
-    ids = expand_prompt(vlm, tok.encode(image_chat_prompt(tok, question, len(images))), len(images))
+    prompt = image_chat_prompt(tok, question, len(images), vlm.vision.config.text_first)
+    ids = expand_prompt(vlm, tok.encode(prompt), len(images))
     options["stop_token_ids"] = tuple(options.get("stop_token_ids", ())) + _stop_ids(tok)
     yield from stream_ids(vlm, tok, ids, pixels_of(vlm, images), **options)
 
@@ -101,7 +102,7 @@ class VisionChatSession(ChatSession):
     def send(self, text: str) -> Iterator[str]:
         if not text.strip():
             raise GenerationError("empty message")
-        content = IMAGE_TOKEN * len(self.pending) + text
+        content = image_message(text, len(self.pending), self.vlm.vision.config.text_first)
         self.images += self.pending
         self.pending = []
         self.messages.append({"role": "user", "content": content})

@@ -3,8 +3,9 @@
 Shapes: B images, C channels, S image side (pixels), P patch side, N = (S/P)^2 patches, E encoder width,
 D the language model's hidden size, M image tokens after the projector (N, or N/4 with pixel shuffle).
 
-    pixels_BCSS -> PatchEmbed (optional stem of `stem_layers` 3x3 convs, then conv P x P stride P)
-                   + learned positions -> x_BNE
+    pixels_BCSS -> PatchEmbed (optional stem of `stem_layers` 3x3 convs, then conv P x P stride P; or with
+                   `strided_stem` log2(P) stride-2 3x3 convs and a 1x1 conv, the "early convolutions" stem
+                   of Xiao et al. 2021) + learned positions -> x_BNE
     x_BNE -> `layers` pre-norm Transformer blocks (bidirectional attention, GELU MLP) -> LayerNorm -> x_BNE
     Projector: optional 2x2 pixel shuffle (x_BNE -> x_B(N/4)(4E)), then Linear -> GELU -> Linear -> y_BMD
 
@@ -47,6 +48,8 @@ class VisionConfig:
     mlp_ratio: float = 2.0
     conv_stem: bool = True
     stem_layers: int = 1  # 3x3 convs (width hidden_size/2, GELU) in the conv stem
+    strided_stem: bool = False  # patchify with log2(patch_size) stride-2 3x3 convs (+ 1x1) instead of P x P
+    text_first: bool = True  # prompts put the question before the image (image tokens then see the question)
     pixel_shuffle: bool = False  # 2x2 patches -> one image token (4x fewer tokens)
     projector_hidden_size: int | None = None  # default: lm_hidden_size
     lm_hidden_size: int = 64
@@ -68,6 +71,7 @@ class VisionConfig:
         from ..errors import ConfigError
 
         known = {f.name for f in fields(cls)}
+        d = {"text_first": False, **d}  # vision.json files written before this key put the image first
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown vision config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -106,23 +110,37 @@ class VisionConfig:
         need(self.hidden_size % self.num_heads == 0, "hidden_size must be a multiple of num_heads")
         need(self.num_layers >= 0, "num_layers must be >= 0")
         need(self.stem_layers >= 1, "stem_layers must be >= 1")
+        need(not self.strided_stem or self.patch_size & (self.patch_size - 1) == 0,
+             f"strided_stem needs a power-of-two patch_size, got {self.patch_size}")
         need(not self.pixel_shuffle or self.grid % 2 == 0,
              f"pixel_shuffle needs an even number of patches per side (image_size/patch_size = {self.grid})")
 
 
 class PatchEmbed(nn.Module):
-    """pixels [B,C,S,S] -> patch embeddings [B,N,E] (+ learned positions). The optional stem is `stem_layers`
-    3x3 convs (C -> E/2 -> ... -> E/2, GELU each) before the P x P patch conv: cheap local features for small
-    images."""
+    """pixels [B,C,S,S] -> patch embeddings [B,N,E] (+ learned positions, one per patch of the g x g grid).
+
+    The optional stem is `stem_layers` 3x3 convs (C -> E/2 -> ... -> E/2, GELU each) at full resolution.
+    Patchify: one P x P conv with stride P, or with `strided_stem` log2(P) 3x3 convs of stride 2 (widths E/2
+    ... E, GELU each) and a 1x1 conv: overlapping receptive fields, the local edge features small shapes need.
+    """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         e = cfg.hidden_size
         stem: list[nn.Module] = []
-        for i in range(cfg.stem_layers if cfg.conv_stem else 0):
-            stem += [nn.Conv2d(cfg.channels if i == 0 else e // 2, e // 2, 3, padding=1), nn.GELU()]
+        width = cfg.channels
+        for _ in range(cfg.stem_layers if cfg.conv_stem else 0):
+            stem += [nn.Conv2d(width, e // 2, 3, padding=1), nn.GELU()]
+            width = e // 2
+        if cfg.strided_stem:
+            n_down = cfg.patch_size.bit_length() - 1
+            for i in range(n_down):
+                out = e if i == n_down - 1 else e // 2
+                stem += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.GELU()]
+                width = out
         self.stem = nn.Sequential(*stem) if stem else None
-        self.proj = nn.Conv2d(e // 2 if cfg.conv_stem else cfg.channels, e, cfg.patch_size, stride=cfg.patch_size)
+        patch = 1 if cfg.strided_stem else cfg.patch_size
+        self.proj = nn.Conv2d(width, e, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, cfg.num_patches, e) * 0.02)
 
     def forward(self, pixels_BCSS: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
     {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
                                  {"type": "text", "text": "what color is the circle?"}]}
 
-Each image part becomes an `<|image|>` marker where it stands in the message (the chat template of
-`data.images.image_chat_prompt`, so a VQA fine-tune answers as `seekformer eval` scored it); the model
-splices its image tokens in there. Errors: a text-only model given an image -> 400; a remote http(s) URL
+A message's text parts are joined and its image parts become `<|image|>` markers placed as
+`data.images.image_message` places them (after the text for models with `vision.text_first`, before it for
+older ones): the prompt of `image_chat_prompt`, so a VQA fine-tune answers as `seekformer eval` scored it;
+the model splices its image tokens in there. Errors: a text-only model given an image -> 400; a remote http(s) URL
 -> 400 unless the server allows remote images; a malformed data URL or an unreadable image -> 400; an
 image over the byte limit -> 413, over the pixel limit -> 400. Requests with images are decoded outside
 the batching engine (one at a time, in a worker thread), without streaming of partial tokens: a `stream`
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.images import (IMAGE_TOKEN, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, ImageError, ImageTooLarge,
-                           decode_data_url, load_image, normalize)
+                           decode_data_url, image_message, load_image, normalize)
 from ..errors import SeekformerError
 from .protocol import APIError, bad_request
 
@@ -100,7 +101,7 @@ class VisionChat:
             if not isinstance(m.content, list):
                 messages.append({"role": role, "content": m.content or ""})
                 continue
-            text = []
+            text, n_images = [], 0
             for j, part in enumerate(m.content):
                 if part.type == "text":
                     if IMAGE_TOKEN in part.text:
@@ -118,8 +119,8 @@ class VisionChat:
                            else bad_request(str(e), param, "image_too_large")) from None
                 except ImageError as e:
                     raise bad_request(str(e), param, "invalid_image") from None
-                text.append(IMAGE_TOKEN)
-            messages.append({"role": role, "content": "".join(text)})
+                n_images += 1
+            messages.append({"role": role, "content": image_message("".join(text), n_images, cfg.text_first)})
         ids = self.h.tok.encode(self.h.tok.apply_chat_template(messages, add_generation_prompt=True))
         return ids, images
 
