@@ -30,7 +30,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
-from .compiled import compiled_step
+from .compiled import compiled_speculation, compiled_step
 from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
@@ -304,12 +304,17 @@ class DecodeBatch:
         """
         n, d = len(self.rows), self.drafter
         k = d.k
+        cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+        graph = compiled_speculation(self.model, self.compile) if n == 1 and cache.mode == "latent" else None
         with step_settings(self.model, n * (k + 1)):
-            drafts = d.draft([self._tokens(i) for i in range(n)])
-            chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
-                                 device=self.model.device)
-            cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-            logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
+            fused = d.fused(self._tokens(0), cache, graph) if graph is not None and not torch.is_grad_enabled() else None
+            if fused is not None:  # drafts and verification in one compiled graph
+                drafts, logits, hidden = [fused[0]], fused[1], fused[2]
+            else:
+                drafts = d.draft([self._tokens(i) for i in range(n)])
+                chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
+                                     device=self.model.device)
+                logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
         self.spec_stats["forwards"] += 1
         spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
         idx = [i for i in range(n) if spec[i] and self.rows[i].state.params.greedy]
