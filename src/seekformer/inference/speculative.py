@@ -138,19 +138,23 @@ class MTPDrafter:
         forward on [toks[-1], drafts], with the caches as `draft` followed by `decode_step` of those K+1
         tokens leaves them (the caller rolls back the rejected main-cache slots and feeds the hidden states
         back with `add_hidden`). None, with nothing changed, when this state does not fit the graph (MTP
-        depth > 1, more than K+1 positions to catch up: right after a prompt) or the graph failed.
+        depth > 1) or the graph failed.
 
         The catch-up positions are right-padded to K+1 (the graph's shapes do not depend on how many drafts
         the last step accepted); the padding and the K-1 chained positions are rolled back from the MTP cache.
+        More than K+1 positions to catch up (right after a prompt): all but the last K+1 run eagerly first.
         """
         if self.depth != 1 or toks is None:
             return None
         mc = self.caches[0] if self.caches[0].batch_size == 1 else self.caches[0].rows(0, 1)
         p, n, w, k = int(mc.next_position[0]), len(toks) - 1, self.k + 1, self.k
         m = n - p  # confirmed positions depth 1 has not run on
-        pend = self.pend[0][0]
-        if not 1 <= m <= w or sum(h.shape[0] for h in pend) != m:
+        if m < 1 or sum(h.shape[0] for h in self.pend[0][0]) != m:
             return None
+        if m > w:  # a prompt: the positions before the last K+1 through the module's eager step
+            self._run(0, 0, 1, [toks], [[]], [None], [m - w], confirmed_only=True)
+            p, m = p + m - w, w
+        pend = self.pend[0][0]
         have = pend[0] if len(pend) == 1 else torch.cat(pend)
         dev = have.device
         h_pend = have.new_zeros(1, w, have.shape[-1])

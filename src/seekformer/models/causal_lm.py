@@ -308,9 +308,13 @@ class SeekForCausalLM(nn.Module):
     def static_step_prepare(self) -> None:
         """Eager work the captured steps rely on, before each call: the folded attention weights are made
         current (the captured step reads them as they are)."""
-        for layer in [*self.model.layers, *(m.block for m in self.mtp)]:
-            if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH):
-                folded_weights(layer.self_attn)
+        folds = self.__dict__.get("_static_folds")  # the attention modules that fold (decided once)
+        if folds is None:
+            folds = [layer.self_attn for layer in [*self.model.layers, *(m.block for m in self.mtp)]
+                     if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH)]
+            self.__dict__["_static_folds"] = folds
+        for attn in folds:
+            folded_weights(attn)
 
     def _static_main(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      hidden_mask: torch.Tensor, k: list[torch.Tensor]) -> torch.Tensor:
