@@ -363,7 +363,7 @@ class DecodeBatch:
                 one = PenaltyState(self.penalties.seen[i:i + 1], self.penalties.counts[i:i + 1], True)
                 for t in tokens[i]:
                     one.update(torch.tensor([t], device=logits.device))
-        self.cache.rows(0, n).rollback(torch.tensor([k + 1 - max(len(t), 1) for t in tokens], device=self.model.device))
+        self.cache.rows(0, n).rollback([k + 1 - max(len(t), 1) for t in tokens])
         for i in range(n):
             if self.tracked(self.rows[i]):
                 d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])

@@ -155,15 +155,11 @@ class MTPDrafter:
             self._run(0, 0, 1, [toks], [[]], [None], [m - w], confirmed_only=True)
             p, m = p + m - w, w
         pend = self.pend[0][0]
-        have = pend[0] if len(pend) == 1 else torch.cat(pend)
-        dev = have.device
-        h_pend = have.new_zeros(1, w, have.shape[-1])
-        h_pend[0, :m] = have
-        next_ids = torch.zeros(1, w, dtype=torch.long, device=dev)
-        next_ids[0, :m] = torch.tensor(toks[p + 1:n + 1], device=dev)
-        am = torch.ones(1, w + k - 1, dtype=torch.long, device=dev)
-        am[0, m:w] = 0
-        m_slots, m_pos, m_mask = mc.prepare(am)
+        pad = w - m
+        h_pend = torch.cat([*pend, pend[0].new_zeros(pad, pend[0].shape[-1])] if pad else pend)[None]  # [1,W,D]
+        dev = h_pend.device
+        next_ids = torch.tensor([toks[p + 1:n + 1] + [0] * pad], device=dev)  # [1,W]
+        m_slots, m_pos, m_mask = mc.prepare(torch.tensor([[1] * m + [0] * pad + [1] * (k - 1)], device=dev))
         slots, pos, mask = cache.prepare(torch.ones(1, k + 1, dtype=torch.long, device=dev))
         out = graph(torch.tensor([[toks[-1]]], device=dev), h_pend, next_ids, torch.tensor([m - 1], device=dev),
                     m_pos, m_slots, ~m_mask, mc.k, pos, slots, ~mask, cache.k[:self.model.config.num_hidden_layers])
@@ -172,7 +168,7 @@ class MTPDrafter:
             return None
         cache.commit()
         mc.commit()
-        mc.rollback(w + k - 1 - m)
+        mc.rollback(pad + k - 1)
         self.pend[0][0] = []
         drafts, logits, hidden = out
         return drafts[0].tolist(), logits, hidden
@@ -191,7 +187,7 @@ class MTPDrafter:
             h, logits = self.model.mtp_step(d, h, ids, ones, cache)
             for dr, t in zip(drafts, logits.argmax(dim=-1).tolist()):
                 dr.append(t)
-        cache.rollback(torch.tensor(rollback, device=dev) + (self.k - self.depth))
+        cache.rollback([r + self.k - self.depth for r in rollback])
 
     def _run(self, d: int, lo: int, hi: int, toks, drafts, prev, spans, confirmed_only: bool, keep: bool = False):
         """Depth d+1 over rows [lo, hi): positions from its cache's next position, `spans[i]` of them (None:
@@ -239,7 +235,7 @@ class MTPDrafter:
                 self.pend[d + 1][r].append(h_out[i, :conf])
             out[r] = (start[i], h_out[i, :max(m, 1)])
         if not keep:
-            cache.rollback(torch.tensor(rollback, device=dev))
+            cache.rollback(rollback)
         return out, rollback
 
 

@@ -33,8 +33,8 @@ _from_rows: int | None = None  # with this many rows or more, the W @ X^T form f
 class use:
     """Context manager: few_rows_linear takes its W @ X^T form inside the block only if `flag` (None: as is);
     `from_rows` (None: as is), products of at least that many (<= FEW_ROWS) rows take it whatever the flag
-    and the weight's size (MKL's small-M sgemm packs the weight on every call: on the development VM 4 rows
-    by a 4096 x 256 weight cost 5.9x one row as F.linear, 3.0x in the W @ X^T form)."""
+    and the weight's size (MKL's small-M sgemm is slow: on the development VM 4 rows by a 4096 x 256
+    weight cost 5.9x one row as F.linear, 3.0x in the W @ X^T form)."""
 
     def __init__(self, flag: bool | None, from_rows: int | None = None) -> None:
         self.flag, self.from_rows, self.before = flag, from_rows, None
