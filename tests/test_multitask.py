@@ -92,6 +92,38 @@ def test_classification_pools_last_non_pad_token(base, tok):
     assert torch.allclose(both[0], alone[0], atol=1e-5)
 
 
+def test_layers_features_pool_every_depth(base, tok, tmp_path):
+    """`features: layers`: the head reads the embeddings and each layer's output, each mean-pooled and
+    RMS-normalised; the result matches pooling the states by hand, and survives save/load."""
+    decl = {"name": "cls", "type": "classification", "labels": ["a", "b"], "pooling": "mean", "dropout": 0.0,
+            "features": "layers"}
+    lm = SeekForCausalLM.from_pretrained(base)
+    model = SeekForMultiTask(lm, [decl]).eval()
+    head = model.heads["cls"]
+    n = lm.config.num_hidden_layers + 1
+    assert head.proj.in_features == n * lm.config.hidden_size
+    ids = torch.randint(10, 1000, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    states = [lm.model.embed_tokens(ids)]
+    x = states[0]
+    hooks = [layer.register_forward_hook(lambda m, a, o: states.append(o)) for layer in lm.model.layers]
+    lm.model(ids, mask)
+    for h in hooks:
+        h.remove()
+    m = mask.float().unsqueeze(-1)
+    want = [(s * m).sum(1) / m.sum(1) for s in states]
+    want = torch.cat([w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + 1e-6) / n ** 0.5 for w in want], -1)
+    assert x.shape[-1] * n == want.shape[-1]
+    assert torch.allclose(model("cls", ids, mask).logits, head.proj(want), atol=1e-5)
+    model.save_pretrained(tmp_path / "ft", tokenizer=tok)
+    again = SeekForMultiTask.from_pretrained(tmp_path / "ft").eval()
+    assert torch.allclose(again("cls", ids, mask).logits, model("cls", ids, mask).logits, atol=1e-6)
+    with pytest.raises(TaskError, match="features"):
+        TaskRecipe(name="t", type="tagging", features="layers").validate()
+    with pytest.raises(TaskError, match="features"):
+        TaskRecipe(name="t", type="classification", features="deep").validate()
+
+
 def test_tagging_aligns_word_labels_to_sub_words(tok):
     labels = ["O", "B-NAME", "I-NAME"]
     words, tags = ["Mr.", "Kennedy", "spoke", "unexpectedly"], ["B-NAME", "I-NAME", "O", "O"]

@@ -257,6 +257,25 @@ def test_finetune_with_privacy_writes_the_account(base, tmp_path, method):
     assert (out / "heads.safetensors").is_file() and "test" in json.loads((out / "results.json").read_text())
 
 
+def test_dp_defaults_fill_what_the_recipe_leaves_unset():
+    """A privacy recipe that sets nothing trains a head on every depth of the frozen trunk (the measured
+    default); choosing lora or full brings the adapting defaults; keys the recipe sets are kept."""
+    from seekformer.training.multitask_recipe import finetune_recipe_from_dict
+    from seekformer.training.privacy.recipe import DP_ADAPT_DEFAULTS, DP_TRAIN_DEFAULTS
+
+    task = {"name": "t", "type": "classification", "train": "x.jsonl"}
+    r = finetune_recipe_from_dict({"base": "b", "tasks": [task], "privacy": {"epsilon": 8, "delta": 1e-5}})
+    assert (r.train.method, r.train.batch_size, r.train.steps) == ("frozen", DP_TRAIN_DEFAULTS["batch_size"],
+                                                                   DP_TRAIN_DEFAULTS["steps"])
+    assert (r.tasks[0].features, r.tasks[0].pooling, r.tasks[0].dropout) == ("layers", "mean", 0.0)
+    r = finetune_recipe_from_dict({"base": "b", "tasks": [{**task, "pooling": "last"}], "train": {"method": "lora",
+                                   "steps": 7}, "privacy": {"epsilon": 8, "delta": 1e-5}})
+    assert (r.train.batch_size, r.train.lr, r.train.steps) == (DP_ADAPT_DEFAULTS["batch_size"], DP_ADAPT_DEFAULTS["lr"], 7)
+    assert (r.tasks[0].features, r.tasks[0].pooling) == ("layers", "last")
+    r = finetune_recipe_from_dict({"base": "b", "tasks": [task]})
+    assert (r.train.method, r.tasks[0].features) == ("full", "final")
+
+
 def test_noise_multiplier_given_stops_at_the_budget(base, tmp_path):
     main(["finetune", _recipe(tmp_path, base, "frozen", {"epsilon": 1.0, "delta": 1e-3, "noise_multiplier": 2.0},
                               steps=50)])

@@ -67,6 +67,8 @@ class TaskRecipe:
         labels: the label set (classification, tagging); null: taken from the training data
         max_length: tokens per example (prompt + target for generation)
         pooling: classification: last (last non-pad token) | mean
+        features: classification: final (the final-normed states) | layers (the embeddings and every layer's
+            output, each pooled and RMS-normalised, side by side: lexical features a small trunk loses in depth)
         dropout: head dropout (classification, tagging, qa)
         label_all_subwords: tagging: label continuation sub-words too (B-X -> I-X) instead of ignoring them
         max_answer_tokens: qa: longest predicted span
@@ -87,6 +89,7 @@ class TaskRecipe:
     labels: list[str] | None = None
     max_length: int = 128  # tokens per example (prompt + target for generation)
     pooling: str = "last"  # classification: last (last non-pad token) | mean
+    features: str = "final"  # classification: final | layers (embeddings + every layer's output)
     dropout: float = 0.1  # head dropout (classification, tagging, qa)
     label_all_subwords: bool = False  # tagging: label continuation sub-words too (B-X -> I-X) instead of -100
     max_answer_tokens: int = 30  # qa: longest predicted span
@@ -115,6 +118,10 @@ class TaskRecipe:
                             f"(valid: {', '.join(FIELDS[self.type])})")
         if self.pooling not in ("last", "mean"):
             raise TaskError(f"task {self.name!r}: pooling must be 'last' or 'mean', got {self.pooling!r}")
+        if self.features not in ("final", "layers"):
+            raise TaskError(f"task {self.name!r}: features must be 'final' or 'layers', got {self.features!r}")
+        if self.features != "final" and self.type != "classification":
+            raise TaskError(f"task {self.name!r}: features: {self.features} applies to classification tasks only")
         if self.max_length < 8:
             raise TaskError(f"task {self.name!r}: max_length must be >= 8, got {self.max_length}")
         if self.labels is not None and self.type in ("qa", "generation", "chat", "vqa"):

@@ -69,9 +69,14 @@ class SeekModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """`inputs_embeds` [B,T,D], when given, replaces the token embeddings (input_ids still give B, T)."""
+                inputs_embeds: torch.Tensor | None = None, layer_states: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`inputs_embeds` [B,T,D], when given, replaces the token embeddings (input_ids still give B, T).
+        `layer_states`, when given, receives the embeddings and every decoder layer's output ([B,T,D] each, not
+        normed): what a head reading several depths pools (models/multitask.py `features: layers`)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if layer_states is not None:
+            layer_states.append(x)
         b, t = input_ids.shape
         mask = slots = None
         if cache is not None:
@@ -88,6 +93,8 @@ class SeekModel(nn.Module):
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache, slots, attention_mask)
+            if layer_states is not None:
+                layer_states.append(x)
         if cache is not None:
             cache.commit()
         return self.norm(x)

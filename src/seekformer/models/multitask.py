@@ -50,27 +50,38 @@ class TaskOutput:
 
 
 class ClassificationHead(nn.Module):
-    """hidden [B,T,D], mask [B,T] -> logits [B,C], pooled from the last non-pad token or the mean."""
+    """hidden [B,T,n*D], mask [B,T] -> logits [B,C], pooled from the last non-pad token or the mean.
 
-    def __init__(self, d: int, num_labels: int, pooling: str = "last", dropout: float = 0.0) -> None:
+    `blocks` n > 1: the input is n depths' states side by side (`features: layers`: the embeddings and every
+    decoder layer's output); each pooled block is RMS-normalised (no weights) and scaled by 1/sqrt(n), so
+    the pooled vector has the norm of one normed state whatever n is.
+    """
+
+    def __init__(self, d: int, num_labels: int, pooling: str = "last", dropout: float = 0.0, blocks: int = 1) -> None:
         super().__init__()
-        self.pooling = pooling
+        self.pooling, self.blocks = pooling, blocks
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(d, num_labels)
+        self.proj = nn.Linear(blocks * d, num_labels)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.classify(self.pool(hidden, mask))
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden [B,T,D], mask [B,T] -> pooled [B,D]."""
+        """hidden [B,T,n*D], mask [B,T] -> pooled [B,n*D]."""
         if self.pooling == "mean":
             m = mask.to(hidden.dtype).unsqueeze(-1)
-            return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        last = mask.long().sum(1).clamp_min(1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            last = mask.long().sum(1).clamp_min(1) - 1
+            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.blocks == 1:
+            return pooled
+        p_BND = pooled.unflatten(-1, (self.blocks, -1))
+        p_BND = p_BND * torch.rsqrt(p_BND.pow(2).mean(-1, keepdim=True) + 1e-6) / self.blocks ** 0.5
+        return p_BND.flatten(1)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled [B,D] -> logits [B,C] (dropout, then the projection)."""
+        """pooled [B,n*D] -> logits [B,C] (dropout, then the projection)."""
         return self.proj(self.dropout(pooled))
 
 
@@ -92,11 +103,14 @@ class TokenHead(nn.Module):
         return self.proj(self.dropout(torch.cat([hidden, nxt], dim=-1)))
 
 
-def build_head(task: dict[str, Any], d: int) -> nn.Module | None:
-    """The head module a task declaration asks for (None for generation, which uses the LM head)."""
+def build_head(task: dict[str, Any], d: int, n_layers: int = 0) -> nn.Module | None:
+    """The head module a task declaration asks for (None for generation, which uses the LM head);
+    `n_layers`: the trunk's decoder layers (a classification head with `features: layers` reads n_layers + 1
+    depths)."""
     kind, drop = task["type"], float(task.get("dropout", 0.0))
     if kind == "classification":
-        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop)
+        blocks = n_layers + 1 if task.get("features", "final") == "layers" else 1
+        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop, blocks)
     if kind == "tagging":
         return TokenHead(d, len(task["labels"]), drop)
     if kind == "qa":
@@ -140,7 +154,7 @@ class SeekForMultiTask(nn.Module):
         self.tasks = {t["name"]: dict(t) for t in tasks}
         self.heads = nn.ModuleDict()
         for t in tasks:
-            head = build_head(t, lm.config.hidden_size)
+            head = build_head(t, lm.config.hidden_size, lm.config.num_hidden_layers)
             if head is not None:
                 self.heads[t["name"]] = head
         self.heads.to(lm.device)
@@ -157,6 +171,15 @@ class SeekForMultiTask(nn.Module):
         """Trainable parameters shared by all tasks (the trunk and LM head, MTP modules excluded)."""
         return [p for n, p in self.lm.named_parameters() if p.requires_grad and not n.startswith("mtp.")]
 
+    def trunk_states(self, task: str, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """What `task`'s head reads: the final-normed trunk states [B,T,D]; for a classification task with
+        `features: layers`, the embeddings and every decoder layer's output side by side [B,T,(L+1)D]."""
+        if self.tasks[task].get("features", "final") != "layers":
+            return self.lm.model(input_ids, mask)
+        states: list[torch.Tensor] = []
+        self.lm.model(input_ids, mask, layer_states=states)
+        return torch.cat(states, dim=-1)
+
     def _aux_loss(self) -> torch.Tensor | None:
         """Collect (and clear) the MoE balance losses the last training forward left on the MoE layers."""
         aux = [m.aux_loss for _, m in self.lm.moe_layers() if m.aux_loss is not None]
@@ -172,7 +195,7 @@ class SeekForMultiTask(nn.Module):
         positions [B] and span_mask [B,T] (qa)."""
         spec = self.tasks[task]
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        hidden = self.lm.model(input_ids, mask)
+        hidden = self.trunk_states(task, input_ids, mask)
         aux = self._aux_loss() if self.training else None
         kind, loss = spec["type"], None
         if kind in ("generation", "chat"):

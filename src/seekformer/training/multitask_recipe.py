@@ -26,7 +26,8 @@ from ..data.tasks import TaskRecipe, builtin_defaults
 from ..distributed.config import ParallelRecipe, check_parallel, env_world_size
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
-from .privacy.recipe import DP_TRAIN_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe, PrivacyRecipe
+from .privacy.recipe import (DP_TASK_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe, PrivacyRecipe,
+                             private_train_defaults)
 from .recipe import build_section, apply_overrides, read_recipe_dict
 from .weighting import STRATEGIES
 
@@ -285,7 +286,8 @@ class FinetuneRecipe:
             raise RecipeError(f"{mode} fine-tuning runs on one process; drop --nproc / torchrun")
 
 
-def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
+def _task_from_dict(raw: Any, i: int, private: bool = False) -> TaskRecipe:
+    """One `tasks:` entry; `private` (a recipe with `privacy:`): unset keys take DP_TASK_DEFAULTS of its type."""
     where = f"tasks[{i}]"
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a mapping with name, type and train")
@@ -300,6 +302,8 @@ def _task_from_dict(raw: Any, i: int) -> TaskRecipe:
         if raw["type"] == defaults["type"] and defaults.get("labels") is not None:
             raw.setdefault("labels", defaults["labels"])
         raw.setdefault("name", train.split(":")[1])
+    if private:
+        raw = {**DP_TASK_DEFAULTS.get(raw.get("type"), {}), **raw}
     return build_section(TaskRecipe, raw, where)
 
 
@@ -350,11 +354,13 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
             raise RecipeError(f"`{key}:` must be a path, got {d[key]!r}")
     train = d.get("train")
     # privacy / federated runs: train keys the recipe leaves unset take that mode's defaults
-    for section, defaults in (("federated", FEDERATED_TRAIN_DEFAULTS), ("privacy", DP_TRAIN_DEFAULTS)):
-        if d.get(section) is not None and (train is None or isinstance(train, dict)):
-            train = {**defaults, **(train or {})}
+    private = d.get("privacy") is not None
+    if d.get("federated") is not None and (train is None or isinstance(train, dict)):
+        train = {**FEDERATED_TRAIN_DEFAULTS, **(train or {})}
+    if private and (train is None or isinstance(train, dict)):
+        train = private_train_defaults(train)
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
-                       tasks=[_task_from_dict(t, i) for i, t in enumerate(tasks)],
+                       tasks=[_task_from_dict(t, i, private) for i, t in enumerate(tasks)],
                        train=build_section(FinetuneTrainRecipe, train, "train"),
                        weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
                        lora=build_section(LoraRecipe, d.get("lora"), "lora"),

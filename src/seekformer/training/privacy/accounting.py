@@ -13,6 +13,7 @@ of the cost: sigma_c^-2 = rho sigma^-2, sigma_g^-2 = (1 - rho) sigma^-2.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -39,10 +40,30 @@ def make_accountant(kind: str):
     return create_accountant(kind)
 
 
+@functools.lru_cache(maxsize=64)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    """One step's RDP at Opacus' default orders (its accountant multiplies this by the steps)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    return tuple(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                             orders=RDPAccountant.DEFAULT_ALPHAS))
+
+
 def epsilon_of(kind: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-    """Epsilon that Opacus' accountant `kind` gives for `steps` steps at (noise_multiplier, sample_rate)."""
+    """Epsilon that Opacus' accountant `kind` gives for `steps` steps at (noise_multiplier, sample_rate).
+
+    rdp: Opacus' own computation (`compute_rdp` is linear in the steps) with one step's RDP cached, so logging
+    epsilon every step costs microseconds instead of a second."""
     if steps <= 0:
         return 0.0
+    if kind == "rdp":
+        import numpy as np
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+        from opacus.accountants.rdp import RDPAccountant
+
+        rdp = np.asarray(_rdp_per_step(float(noise_multiplier), float(sample_rate))) * steps
+        return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
     acc = make_accountant(kind)
     acc.history = [(noise_multiplier, sample_rate, steps)]
     with warnings.catch_warnings():

@@ -100,7 +100,7 @@ class PrivateTrainer(MultiTaskTrainer):
         """Classification loss of one right-padded example [1,T] without data-dependent control flow: the
         trunk runs unmasked (causal attention never reads the right padding from a real token), the head
         pools with the mask."""
-        hidden = self.model.lm.model(batch["input_ids"])
+        hidden = self.model.trunk_states(self.task, batch["input_ids"], None)
         aux = self.model._aux_loss()
         logits = self.model.heads[self.task](hidden, batch["attention_mask"])
         loss = self.weighting.weights()[self.task] * F.cross_entropy(logits.float(), batch["labels"])
@@ -116,7 +116,7 @@ class PrivateTrainer(MultiTaskTrainer):
         for _, batch in eval_batches(self.examples, "classification", self.t.eval_batch_size,
                                      self.tokenizer.pad_token_id):
             mask = batch["attention_mask"].to(self.t.device)
-            feats.append(head.pool(self.model.lm.model(batch["input_ids"].to(self.t.device), mask), mask))
+            feats.append(head.pool(self.model.trunk_states(self.task, batch["input_ids"].to(self.t.device), mask), mask))
         self.model.train()
         return torch.cat(feats)
 

@@ -24,8 +24,8 @@
       dp_clip_norm: 0.0           # per-client update L2 bound (needed with dp_noise_multiplier > 0)
 
 With a `privacy:` section, `train:` keys the recipe does not set take the DP defaults in `DP_TRAIN_DEFAULTS`
-(DP-SGD wants fewer trainable parameters, larger batches and a larger learning rate than plain fine-tuning;
-measured in benchmarks/results/privacy.md). `federated:` does the same with `FEDERATED_TRAIN_DEFAULTS`.
+(`DP_ADAPT_DEFAULTS` for method lora / full), and classification tasks the `DP_TASK_DEFAULTS` (DP-SGD wants
+few trainable parameters and large batches; measured in benchmarks/results/privacy.md). `federated:` does the same with `FEDERATED_TRAIN_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,14 @@ PER_SAMPLE = ("auto", "hooks", "vmap", "loop")
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 PARTITIONS = ("iid", "dirichlet", "by_label")
 # train.* values a privacy run uses unless the recipe sets them (see the module docstring).
-DP_TRAIN_DEFAULTS = {"method": "lora", "batch_size": 64, "lr": 2e-3, "head_lr": 2e-3, "steps": 150, "warmup_steps": 0,
-                     "weight_decay": 0.0}
+# The default method is `frozen` with a classification head reading every depth of the trunk (`features: layers`,
+# DP_TASK_DEFAULTS): a few thousand trainable parameters whose DP noise is small at large batches, and whose
+# features (the embeddings above all) carry the lexical signal a small trunk loses in depth. Adapting the trunk
+# (`lora`, `full`) under DP gets its own (smaller-batch, lower-lr) values.
+DP_TRAIN_DEFAULTS = {"method": "frozen", "batch_size": 512, "lr": 0.02, "head_lr": 0.02, "steps": 400,
+                     "warmup_steps": 0, "weight_decay": 0.0}
+DP_ADAPT_DEFAULTS = {"batch_size": 64, "lr": 2e-3, "head_lr": 2e-3, "steps": 150}
+DP_TASK_DEFAULTS = {"classification": {"pooling": "mean", "features": "layers", "dropout": 0.0}}
 FEDERATED_TRAIN_DEFAULTS = {"lr": 3e-4, "warmup_steps": 0}
 
 
@@ -158,5 +164,15 @@ def _suggest_delta(n: int) -> float:
     return 10.0 ** math.floor(math.log10(1.0 / (10 * n)))
 
 
-__all__ = ["PrivacyRecipe", "FederatedRecipe", "DP_TRAIN_DEFAULTS", "FEDERATED_TRAIN_DEFAULTS",
+def private_train_defaults(train: dict | None) -> dict:
+    """The `train:` mapping of a recipe with a `privacy:` section, unset keys filled with the DP defaults
+    (`DP_ADAPT_DEFAULTS` over `DP_TRAIN_DEFAULTS` when the recipe chooses method lora or full)."""
+    user = dict(train or {})
+    base = DP_TRAIN_DEFAULTS
+    if user.get("method", base["method"]) != "frozen":
+        base = {**base, **DP_ADAPT_DEFAULTS}
+    return {**base, **user}
+
+
+__all__ = ["PrivacyRecipe", "FederatedRecipe", "DP_TRAIN_DEFAULTS", "FEDERATED_TRAIN_DEFAULTS", "private_train_defaults", "DP_TASK_DEFAULTS", "DP_ADAPT_DEFAULTS",
            "ACCOUNTANTS", "STRATEGIES", "PARTITIONS", "PER_SAMPLE"]
