@@ -20,6 +20,10 @@ The number of cached slots S varies per step: it is marked dynamic, so one compi
 length (no recompilation per token). Batch 1 has its own graph; larger batches share one with a dynamic
 batch dimension.
 
+Speculative decoding of a single row has its own graph (`CompiledSpeculation`, the model's
+`static_speculate_step`: the MTP module's catch-up and K drafts, then the main model on the K+1 tokens;
+`speculative.MTPDrafter.fused` builds its inputs and keeps the caches), so a speculative step is one call.
+
 Compiling takes seconds to minutes (printed once per process, `compile_report()`); inductor keeps its
 generated code in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, by default under /tmp), so a later
 process with the same model shapes compiles much faster. Anything that fails to compile (a quantized

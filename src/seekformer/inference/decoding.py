@@ -293,7 +293,8 @@ class DecodeBatch:
 
     def speculate(self, wants: Sequence[bool], isolate: bool = False):
         """One speculative step of every row (needs a drafter): K drafts per row, verified by one
-        `model.decode_step` of K+1 tokens; a greedy row with `wants[i]` whose params allow drafts
+        `model.decode_step` of K+1 tokens (a single row with compiling on: drafts and verification in one
+        compiled graph, `MTPDrafter.fused`); a greedy row with `wants[i]` whose params allow drafts
         (`drafts_apply`) takes the longest prefix of drafts equal to the greedy choices plus the next greedy
         token (exactly what plain greedy decoding emits), a sampled one the tokens of `speculative_sample`
         (the same distribution as plain sampling, not the same draws), any other row one token by `choose`.
