@@ -188,36 +188,67 @@ def bench_model(name: str, model, hf, batch_sizes: Sequence[int], prompt_lens: S
 
 
 def bench_speculative(name: str, model, prompt_ids: torch.Tensor, new_tokens: int, repeats: int,
-                      log: Callable[[str], None], draft_counts: Sequence[int | None] = (None,)) -> list[dict[str, Any]]:
+                      log: Callable[[str], None], draft_counts: Sequence[int | None] = (None,),
+                      compile: bool = False) -> list[dict[str, Any]]:
     """Greedy vs MTP self-speculative decoding at batch 1, for each number of drafts per step in
     `draft_counts` (None: the MTP depth); greedy and every speculative setting interleaved in each repeat.
-    [] when the model has no MTP module."""
+    With `compile`, the compiled greedy step and the compiled speculative step (drafts + verification in one
+    graph) are timed too, in the same rounds. [] when the model has no MTP module."""
     if not len(model.mtp):
         return []
     kw = dict(max_new_tokens=new_tokens, ignore_eos=True)
     counts = [len(model.mtp) if k is None else int(k) for k in draft_counts]
+    modes = [False, True] if compile else [False]
+
+    def greedy(c: bool):
+        return model.generate(prompt_ids, compile=c, **kw)
+
+    def speculative(k: int, c: bool):
+        return model.generate(prompt_ids, speculative=True, num_speculative_tokens=k, return_dict=True, compile=c,
+                              **kw)
+
     with torch.no_grad():
-        plain = model.generate(prompt_ids, **kw)
-        specs = {k: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k, return_dict=True, **kw)
-                 for k in counts}
-        t_plain, t_spec = [], {k: [] for k in counts}
+        plain = greedy(False)
+        warm = {c: _timed(lambda: greedy(c)) for c in modes}
+        specs, first = {}, {}
+        for k in counts:
+            for c in modes:
+                t0 = time.perf_counter()
+                specs[k, c] = speculative(k, c)
+                first[k, c] = time.perf_counter() - t0
+        same_plain = {c: bool(torch.equal(plain, greedy(c))) for c in modes}
+        t_plain = {c: [] for c in modes}
+        t_spec = {key: [] for key in specs}
         for _ in range(repeats):
-            t_plain.append(_timed(lambda: model.generate(prompt_ids, **kw)))
-            for k in counts:
-                t_spec[k].append(_timed(lambda: model.generate(prompt_ids, speculative=True, num_speculative_tokens=k,
-                                                               **kw)))
+            for c in modes:
+                t_plain[c].append(_timed(lambda: greedy(c)))
+                for k in counts:
+                    t_spec[k, c].append(_timed(lambda: speculative(k, c)))
+    med = {key: statistics.median(v) for key, v in t_spec.items()}
+    plain_med = {c: statistics.median(v) for c, v in t_plain.items()}
     rows = []
     for k in counts:
-        spec = specs[k]
+        spec = specs[k, False]
         row = {"model": name, "new_tokens": new_tokens, "drafts": k, "mtp_depth": len(model.mtp),
                "identical": bool(torch.equal(plain, spec.sequences)),
                "acceptance_rate": spec.stats["acceptance_rate"], "tokens_per_forward": spec.stats["tokens_per_forward"],
-               "greedy_tokens_per_s": new_tokens / statistics.median(t_plain),
-               "speculative_tokens_per_s": new_tokens / statistics.median(t_spec[k])}
-        row["speedup"] = statistics.median(t_plain) / statistics.median(t_spec[k])
+               "greedy_tokens_per_s": new_tokens / plain_med[False],
+               "speculative_tokens_per_s": new_tokens / med[k, False], "speedup": plain_med[False] / med[k, False]}
         log(f"{name} speculative, {k} drafts/step: acceptance {row['acceptance_rate']:.1%}, "
             f"{row['tokens_per_forward']:.2f} tokens/forward, x{row['speedup']:.2f} over greedy "
             f"(identical: {row['identical']})")
+        if compile:
+            cs = specs[k, True]
+            row.update(compiled_greedy_tokens_per_s=new_tokens / plain_med[True],
+                       compiled_speculative_tokens_per_s=new_tokens / med[k, True],
+                       compiled_speedup=plain_med[True] / med[k, True],
+                       compiled_vs_eager_greedy=plain_med[False] / med[k, True],
+                       compiled_identical=bool(torch.equal(plain, cs.sequences)) and same_plain[True],
+                       compiled_acceptance_rate=cs.stats["acceptance_rate"],
+                       compiled_first_run_s=first[k, True], compiled_greedy_first_run_s=warm[True])
+            log(f"{name} compiled speculative, {k} drafts/step: x{row['compiled_speedup']:.2f} over compiled "
+                f"greedy, x{row['compiled_vs_eager_greedy']:.2f} over eager greedy (identical: "
+                f"{row['compiled_identical']}); first run {first[k, True]:.1f} s")
         rows.append(row)
     return rows
 
@@ -335,7 +366,7 @@ def run_decode_bench(presets: Sequence[str] = ("tiny", "small"), model_dirs: Seq
                 from ..tokenizer import SeekTokenizer
 
                 ids = torch.tensor([SeekTokenizer.load(directory).encode(prompt_text, add_bos=True)])
-            spec += bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log, draft_counts)
+            spec += bench_speculative(name, model, ids, max(new_tokens, 128), repeats, log, draft_counts, compile)
         if directory is not None and llama_cpp and torch_dtype == torch.float32:
             ids = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
             r = bench_llama_cpp(name, directory, model, ids, new_tokens, repeats, log, compile=compile)
@@ -421,6 +452,21 @@ def to_markdown(result: dict[str, Any], command: str = "seekformer bench decode"
                          f"{r['greedy_tokens_per_s']:.1f}", f"{r['speculative_tokens_per_s']:.1f}",
                          f"**{r['speedup']:.2f}x**", r["identical"]] for r in result["speculative"]],
                        align="lrrrrrrrrl")
+        comp = [r for r in result["speculative"] if "compiled_speedup" in r]
+        if comp:
+            lines += ["", "Compiled (`--compile`): greedy through the compiled decoding step; speculative with one "
+                      "compiled graph per step (MTP drafts, then the main model on the K+1 tokens), timed in the "
+                      "same rounds as the table above. Two ratios: over the compiled greedy step (the same engine "
+                      "without speculation) and over eager greedy decoding; identical = the tokens of eager "
+                      "greedy decoding.", ""]
+            lines += table(["model", "drafts K", "acceptance", "compiled greedy tok/s", "compiled speculative tok/s",
+                            "over compiled greedy", "over eager greedy", "first run s (greedy / speculative)",
+                            "identical"],
+                           [[r["model"], r["drafts"], f"{r['compiled_acceptance_rate']:.1%}",
+                             f"{r['compiled_greedy_tokens_per_s']:.1f}", f"{r['compiled_speculative_tokens_per_s']:.1f}",
+                             f"**{r['compiled_speedup']:.2f}x**", f"**{r['compiled_vs_eager_greedy']:.2f}x**",
+                             f"{r['compiled_greedy_first_run_s']:.1f} / {r['compiled_first_run_s']:.1f}",
+                             r["compiled_identical"]] for r in comp], align="lrrrrrrrl")
     if result.get("llama_cpp"):
         lines += ["", "llama.cpp (llama-cpp-python, the model's GGUF export, same weights), batch 1, greedy, "
                   "random 32-token prompt, decode tokens/s without the prefill, interleaved.", ""]

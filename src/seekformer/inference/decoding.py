@@ -30,7 +30,7 @@ import torch
 from .. import runtime
 from ..errors import GenerationError
 from ..nn.kv_cache import CACHE_MODES, KVCache
-from .compiled import compiled_step
+from .compiled import compiled_speculation, compiled_step
 from .sampling import PenaltyState, choose, speculative_sample, truncate
 from .stopping import SequenceState, early_stop_mask
 
@@ -293,7 +293,8 @@ class DecodeBatch:
 
     def speculate(self, wants: Sequence[bool], isolate: bool = False):
         """One speculative step of every row (needs a drafter): K drafts per row, verified by one
-        `model.decode_step` of K+1 tokens; a greedy row with `wants[i]` whose params allow drafts
+        `model.decode_step` of K+1 tokens (a single row with compiling on: drafts and verification in one
+        compiled graph, `MTPDrafter.fused`); a greedy row with `wants[i]` whose params allow drafts
         (`drafts_apply`) takes the longest prefix of drafts equal to the greedy choices plus the next greedy
         token (exactly what plain greedy decoding emits), a sampled one the tokens of `speculative_sample`
         (the same distribution as plain sampling, not the same draws), any other row one token by `choose`.
@@ -304,12 +305,17 @@ class DecodeBatch:
         """
         n, d = len(self.rows), self.drafter
         k = d.k
+        cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
+        graph = compiled_speculation(self.model, self.compile) if n == 1 and cache.mode == "latent" else None
         with step_settings(self.model, n * (k + 1)):
-            drafts = d.draft([self._tokens(i) for i in range(n)])
-            chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
-                                 device=self.model.device)
-            cache = self.cache if n == self.cache.batch_size else self.cache.rows(0, n)
-            logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
+            fused = d.fused(self._tokens(0), cache, graph) if graph is not None and not torch.is_grad_enabled() else None
+            if fused is not None:  # drafts and verification in one compiled graph
+                drafts, logits, hidden = [fused[0]], fused[1], fused[2]
+            else:
+                drafts = d.draft([self._tokens(i) for i in range(n)])
+                chunk = torch.tensor([[r.state.tokens[-1]] + dr for r, dr in zip(self.rows, drafts)],
+                                     device=self.model.device)
+                logits, hidden = self.model.decode_step(chunk, cache, last_only=False, return_hidden=True)
         self.spec_stats["forwards"] += 1
         spec = [bool(w) and drafts_apply(r.state.params) for w, r in zip(wants, self.rows)]
         idx = [i for i in range(n) if spec[i] and self.rows[i].state.params.greedy]
@@ -358,7 +364,7 @@ class DecodeBatch:
                 one = PenaltyState(self.penalties.seen[i:i + 1], self.penalties.counts[i:i + 1], True)
                 for t in tokens[i]:
                     one.update(torch.tensor([t], device=logits.device))
-        self.cache.rows(0, n).rollback(torch.tensor([k + 1 - max(len(t), 1) for t in tokens], device=self.model.device))
+        self.cache.rows(0, n).rollback([k + 1 - max(len(t), 1) for t in tokens])
         for i in range(n):
             if self.tracked(self.rows[i]):
                 d.add_hidden(i, hidden[i, :max(len(tokens[i]), 1)])

@@ -78,7 +78,8 @@ def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams
     repetition/frequency/presence penalties, seed, stop, stop_token_ids, eos_token_id, ...).
     Returns [B, T + n] ids (prompt, then new tokens, then pad), or a GenerateOutput with `return_dict`.
     `compile=True` runs plain decoding steps through `torch.compile` (inference/compiled.py; the same
-    tokens; eager fallback with a warning when it cannot); None = the process default (`--compile`).
+    tokens; eager fallback with a warning when it cannot), and with `speculative` a batch-1 row's drafts and
+    verification as one compiled graph per step; None = the process default (`--compile`).
     """
     options.pop("use_cache", None)  # always on; accepted for transformers compatibility
     max_length = options.pop("max_length", None)
@@ -103,7 +104,7 @@ def generate(model, input_ids, attention_mask=None, *, tokenizer=None, num_beams
                                      tokenizer, cache_mode)
             elif speculative:
                 states, stats = speculative_decode(model, ids, am, params, tokenizer, cache_mode,
-                                                   num_speculative_tokens)
+                                                   num_speculative_tokens, compile)
             else:
                 states = None
                 for *_, states in decode_steps(model, ids, am, params, tokenizer, cache_mode, compile):

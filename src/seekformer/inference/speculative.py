@@ -131,6 +131,48 @@ class MTPDrafter:
             self._chain(n, drafts, prev, rollback)
         return drafts
 
+    def fused(self, toks: list[int] | None, cache: KVCache, graph) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+        """Drafting and verification of row 0 of a batch of one in one call of `graph` (the captured
+        `SeekForCausalLM.static_speculate_step`, inference/compiled.py): toks as in `draft`, `cache` the main
+        model's (row 0) -> (K drafts, logits [1,K+1,V], final-normed hidden [1,K+1,D]) of the verification
+        forward on [toks[-1], drafts], with the caches as `draft` followed by `decode_step` of those K+1
+        tokens leaves them (the caller rolls back the rejected main-cache slots and feeds the hidden states
+        back with `add_hidden`). None, with nothing changed, when this state does not fit the graph (MTP
+        depth > 1) or the graph failed.
+
+        The catch-up positions are right-padded to K+1 (the graph's shapes do not depend on how many drafts
+        the last step accepted); the padding and the K-1 chained positions are rolled back from the MTP cache.
+        More than K+1 positions to catch up (right after a prompt): all but the last K+1 run eagerly first.
+        """
+        if self.depth != 1 or toks is None:
+            return None
+        mc = self.caches[0] if self.caches[0].batch_size == 1 else self.caches[0].rows(0, 1)
+        p, n, w, k = int(mc.next_position[0]), len(toks) - 1, self.k + 1, self.k
+        m = n - p  # confirmed positions depth 1 has not run on
+        if m < 1 or sum(h.shape[0] for h in self.pend[0][0]) != m:
+            return None
+        if m > w:  # a prompt: the positions before the last K+1 through the module's eager step
+            self._run(0, 0, 1, [toks], [[]], [None], [m - w], confirmed_only=True)
+            p, m = p + m - w, w
+        pend = self.pend[0][0]
+        pad = w - m
+        h_pend = torch.cat([*pend, pend[0].new_zeros(pad, pend[0].shape[-1])] if pad else pend)[None]  # [1,W,D]
+        dev = h_pend.device
+        next_ids = torch.tensor([toks[p + 1:n + 1] + [0] * pad], device=dev)  # [1,W]
+        m_slots, m_pos, m_mask = mc.prepare(torch.tensor([[1] * m + [0] * pad + [1] * (k - 1)], device=dev))
+        slots, pos, mask = cache.prepare(torch.ones(1, k + 1, dtype=torch.long, device=dev))
+        out = graph(torch.tensor([[toks[-1]]], device=dev), h_pend, next_ids, torch.tensor([m - 1], device=dev),
+                    m_pos, m_slots, ~m_mask, mc.k, pos, slots, ~mask, cache.k[:self.model.config.num_hidden_layers])
+        if out is None:  # nothing committed
+            mc._pending = mc._start = cache._pending = cache._start = None
+            return None
+        cache.commit()
+        mc.commit()
+        mc.rollback(pad + k - 1)
+        self.pend[0][0] = []
+        drafts, logits, hidden = out
+        return drafts[0].tolist(), logits, hidden
+
     def _chain(self, n: int, drafts, prev, rollback: list[int]) -> None:
         """Drafts past the MTP depth (EAGLE-style): the last module runs again one position further, on its own
         output there and the draft it just made; these entries and the last run's provisional ones and padding
@@ -145,7 +187,7 @@ class MTPDrafter:
             h, logits = self.model.mtp_step(d, h, ids, ones, cache)
             for dr, t in zip(drafts, logits.argmax(dim=-1).tolist()):
                 dr.append(t)
-        cache.rollback(torch.tensor(rollback, device=dev) + (self.k - self.depth))
+        cache.rollback([r + self.k - self.depth for r in rollback])
 
     def _run(self, d: int, lo: int, hi: int, toks, drafts, prev, spans, confirmed_only: bool, keep: bool = False):
         """Depth d+1 over rows [lo, hi): positions from its cache's next position, `spans[i]` of them (None:
@@ -193,14 +235,17 @@ class MTPDrafter:
                 self.pend[d + 1][r].append(h_out[i, :conf])
             out[r] = (start[i], h_out[i, :max(m, 1)])
         if not keep:
-            cache.rollback(torch.tensor(rollback, device=dev))
+            cache.rollback(rollback)
         return out, rollback
 
 
 def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, params: SamplingParams,
                        tokenizer=None, cache_mode: str = "latent",
-                       num_speculative_tokens: int | None = None) -> tuple[list[SequenceState], dict]:
-    """Greedy decoding of input_ids [B,T] accelerated by MTP drafts; returns (states, stats).
+                       num_speculative_tokens: int | None = None, compile: bool | None = None
+                       ) -> tuple[list[SequenceState], dict]:
+    """Greedy decoding of input_ids [B,T] accelerated by MTP drafts; returns (states, stats). `compile`: a
+    single row drafts and verifies in one compiled graph per step (`MTPDrafter.fused`); None = the process
+    default (`--compile`).
 
     stats: proposed / accepted drafts, acceptance_rate, main_forwards, tokens_per_forward, seconds.
     """
@@ -211,7 +256,7 @@ def speculative_decode(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     b, t = input_ids.shape
     n_max = params.max_new_tokens
     drafter = MTPDrafter(model, b, t + n_max, k, cache_mode)
-    batch = DecodeBatch(model, new_cache(model, b, t + n_max + k, cache_mode), drafter=drafter)
+    batch = DecodeBatch(model, new_cache(model, b, t + n_max + k, cache_mode), drafter=drafter, compile=compile)
     eos = stop_ids(params, model.config.eos_token_id)
     rows = [Row(SequenceState(params, eos, tokenizer)) for _ in range(b)]
     lo, hi = batch.admit(rows)

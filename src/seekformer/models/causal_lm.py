@@ -20,11 +20,11 @@ from ..nn import DecoderLayer, KVCache, MoE, RMSNorm, RotaryEmbedding
 from ..nn.attention import ABSORB_MAX_CHUNK
 from ..nn import few_rows
 from ..nn.few_rows import linear_of
-from ..nn.mla_decode import STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights, latent_decode, rope_matrix
+from ..nn.mla_decode import STATIC_FOLD_MAX_GROWTH, decode_folds, folded_weights, rope_matrix
 from ..nn.norm import rms_norm
 from ..nn.loss import cross_entropy
 from ..nn.moe import Experts, Router
-from ..nn.static_decode import SlotStorage, static_blocker, static_ffn
+from ..nn.static_decode import SlotStorage, static_blocker, static_layer
 
 
 @dataclass
@@ -149,6 +149,12 @@ class MTPModule(nn.Module):
         rope [B,T,P,P] and hidden_mask [B,1,T,S] as `DecoderLayer.step` takes them."""
         h = linear_of(self.eh_proj, torch.cat([rms_norm(emb_next, self.enorm), rms_norm(h_prev, self.hnorm)], dim=-1))
         return self.block.step(h, rope, hidden_mask, cache, slots)
+
+    def static_step(self, h_prev: torch.Tensor, emb_next: torch.Tensor, rope: torch.Tensor,
+                    hidden_mask: torch.Tensor, storage: SlotStorage, slots: torch.Tensor) -> torch.Tensor:
+        """`step` without data-dependent Python (`nn.static_decode.static_layer`), for a captured step."""
+        h = linear_of(self.eh_proj, torch.cat([rms_norm(emb_next, self.enorm), rms_norm(h_prev, self.hnorm)], dim=-1))
+        return static_layer(self.block, h, rope, hidden_mask, storage, slots)
 
     def head_norm(self, h: torch.Tensor) -> torch.Tensor:
         return self.shared_head.norm(h)
@@ -307,11 +313,27 @@ class SeekForCausalLM(nn.Module):
 
     @torch.no_grad()
     def static_step_prepare(self) -> None:
-        """Eager work `static_decode_step` relies on, before each captured call: the folded attention weights
-        are made current (the captured step reads them as they are)."""
-        for layer in self.model.layers:
-            if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH):
-                folded_weights(layer.self_attn)
+        """Eager work the captured steps rely on, before each call: the folded attention weights are made
+        current (the captured step reads them as they are)."""
+        folds = self.__dict__.get("_static_folds")  # the attention modules that fold (decided once)
+        if folds is None:
+            folds = [layer.self_attn for layer in [*self.model.layers, *(m.block for m in self.mtp)]
+                     if decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH)]
+            self.__dict__["_static_folds"] = folds
+        for attn in folds:
+            folded_weights(attn)
+
+    def _static_main(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     hidden_mask: torch.Tensor, k: list[torch.Tensor]) -> torch.Tensor:
+        """The main model on input_ids [B,T] as a captured step -> final-normed hidden [B,T,D]."""
+        inner = self.model
+        x = inner.embed_tokens(input_ids)
+        cos, sin = inner.rotary_emb(positions, x.dtype)
+        rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
+        storage = SlotStorage(k)
+        for layer in inner.layers:
+            x = static_layer(layer, x, rope, hidden_mask, storage, slots)
+        return rms_norm(x, inner.norm)
 
     def static_decode_step(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                            hidden_mask: torch.Tensor, k: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,18 +345,44 @@ class SeekForCausalLM(nn.Module):
         The same layers and weights as `SeekModel.step` (same values up to fp32 rounding); routed experts
         through `nn.static_decode.static_ffn` (the chosen experts' weights gathered by index).
         """
-        inner = self.model
-        x = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(positions, x.dtype)
-        rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
-        storage = SlotStorage(k)
-        for layer in inner.layers:
-            h = rms_norm(x, layer.input_layernorm)
-            fold = decode_folds(layer.self_attn, STATIC_FOLD_MAX_GROWTH)  # bytes decide: no growth
-            x = x + latent_decode(layer.self_attn, h, rope, hidden_mask, storage, layer.layer_idx, slots, fold)
-            x = x + static_ffn(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
-        hidden = rms_norm(x, inner.norm)
+        hidden = self._static_main(input_ids, positions, slots, hidden_mask, k)
         return linear_of(self.lm_head, hidden[:, -1]), hidden
+
+    def static_speculate_step(self, bonus_ids: torch.Tensor, h_pend: torch.Tensor, next_ids: torch.Tensor,
+                              last: torch.Tensor, mtp_positions: torch.Tensor, mtp_slots: torch.Tensor,
+                              mtp_mask: torch.Tensor, k_mtp: list[torch.Tensor], positions: torch.Tensor,
+                              slots: torch.Tensor, hidden_mask: torch.Tensor, k: list[torch.Tensor]
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One self-speculative step of one row (inference/speculative.py) with no data-dependent Python, for
+        `torch.compile`: MTP module 0 drafts K tokens, the main model verifies K+1 tokens, in one graph.
+
+        Shapes (batch 1, W = K+1 catch-up slots, S / S_m cached slots of the main / MTP caches):
+          * MTP catch-up on the W (right-padded) confirmed positions it has not seen: h_pend [1,W,D] (their
+            main-model hidden states), next_ids [1,W] (the tokens one ahead); `last` [1] the last real one,
+            whose output predicts draft 1; drafts 2..K chain the module on its own output (EAGLE-style);
+          * mtp_positions/mtp_slots [1,W+K-1] and mtp_mask bool [1,1,W+K-1,S_m] (True = hidden) for the
+            catch-up and the K-1 chained positions, from `KVCache.prepare` of the MTP cache; k_mtp its storage;
+          * the main model on [bonus_ids [1,1], drafts]: positions/slots [1,K+1], hidden_mask [1,1,K+1,S], k.
+        Latents are written in place (the caller commits and rolls back). Returns (drafts [1,K] long, logits
+        [1,K+1,V] of the verified positions, final-normed hidden [1,K+1,D]).
+        """
+        w = h_pend.shape[1]
+        n_draft = mtp_slots.shape[1] - w + 1
+        module = self.mtp[0]
+        embed = self.model.embed_tokens
+        cos, sin = self.model.rotary_emb(mtp_positions, h_pend.dtype)
+        rope = rope_matrix(cos, sin, self.config.rope_interleave, self.config.qk_rope_head_dim)
+        storage = SlotStorage(k_mtp, self.config.num_hidden_layers)
+        h = module.static_step(h_pend, embed(next_ids), rope[:, :w], mtp_mask[:, :, :w], storage, mtp_slots[:, :w])
+        h = h.index_select(1, last)  # [1,1,D]
+        drafts = [linear_of(self.lm_head, rms_norm(h[:, 0], module.shared_head.norm)).argmax(-1, keepdim=True)]
+        for j in range(w, w + n_draft - 1):
+            h = module.static_step(h, embed(drafts[-1]), rope[:, j:j + 1], mtp_mask[:, :, j:j + 1], storage,
+                                   mtp_slots[:, j:j + 1])
+            drafts.append(linear_of(self.lm_head, rms_norm(h[:, 0], module.shared_head.norm)).argmax(-1, keepdim=True))
+        drafted = torch.cat(drafts, dim=1)  # [1,K]
+        hidden = self._static_main(torch.cat([bonus_ids, drafted], dim=1), positions, slots, hidden_mask, k)
+        return drafted, linear_of(self.lm_head, hidden), hidden
 
     @torch.no_grad()
     def mtp_step(self, depth: int, h_prev: torch.Tensor, token_ids: torch.Tensor, attention_mask: torch.Tensor,

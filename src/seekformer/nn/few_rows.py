@@ -27,23 +27,29 @@ FEW_ROWS = 32
 # caches) narrower ones (512 x 512, 512 x 1024, 256 x 512) gained nothing.
 MIN_OUT = 1024
 _enabled = True  # switched per block by `use`
+_from_rows: int | None = None  # with this many rows or more, the W @ X^T form for every weight (`use`)
 
 
 class use:
-    """Context manager: few_rows_linear takes its W @ X^T form inside the block only if `flag` (None: as is)."""
+    """Context manager: few_rows_linear takes its W @ X^T form inside the block only if `flag` (None: as is);
+    `from_rows` (None: as is), products of at least that many (<= FEW_ROWS) rows take it whatever the flag
+    and the weight's size (MKL's small-M sgemm is slow: on the development VM 4 rows by a 4096 x 256
+    weight cost 5.9x one row as F.linear, 3.0x in the W @ X^T form)."""
 
-    def __init__(self, flag: bool | None) -> None:
-        self.flag, self.before = flag, None
+    def __init__(self, flag: bool | None, from_rows: int | None = None) -> None:
+        self.flag, self.from_rows, self.before = flag, from_rows, None
 
     def __enter__(self) -> None:
-        global _enabled
-        self.before = _enabled
+        global _enabled, _from_rows
+        self.before = (_enabled, _from_rows)
         if self.flag is not None:
             _enabled = bool(self.flag)
+        if self.from_rows is not None:
+            _from_rows = int(self.from_rows)
 
     def __exit__(self, *exc) -> None:
-        global _enabled
-        _enabled = self.before
+        global _enabled, _from_rows
+        _enabled, _from_rows = self.before
 
 
 def enabled() -> bool:
@@ -53,13 +59,14 @@ def enabled() -> bool:
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """== F.linear(x, weight, bias) for x [..., I] and weight [O, I] (same values up to fp32 rounding)."""
-    if (not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+    if ((not _enabled and _from_rows is None) or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return F.linear(x, weight, bias)
     d = x.shape[-1]
     rows = x.reshape(-1, d)
     m = rows.shape[0]
-    if m == 0 or m > FEW_ROWS or weight.shape[0] < MIN_OUT:
+    many = _from_rows is not None and _from_rows <= m <= FEW_ROWS
+    if not many and (not _enabled or m == 0 or m > FEW_ROWS or weight.shape[0] < MIN_OUT):
         return F.linear(x, weight, bias)
     rows = (rows.expand(2, d) if m == 1 else rows).contiguous()
     y = torch.mm(weight, rows.t())  # [O, max(m, 2)]

@@ -107,9 +107,15 @@ class KVCache:
         self._pending = self._start = None
 
     def rollback(self, n: torch.Tensor | int) -> None:
-        """Forget the last `n` slots of each row (rejected speculative tokens); n is an int or a [B] tensor."""
-        n_t = torch.as_tensor(n, device=self.lengths.device).expand_as(self.lengths)
-        for b, k in enumerate(n_t.tolist()):
+        """Forget the last `n` slots of each row (rejected speculative tokens); n is an int, or per row a [B]
+        tensor or a list of B ints."""
+        if isinstance(n, int):
+            ks = [n] * self.batch_size
+        elif isinstance(n, (list, tuple)):
+            ks = list(n)
+        else:
+            ks = torch.as_tensor(n, device=self.lengths.device).expand_as(self.lengths).tolist()
+        for b, k in enumerate(ks):
             if k <= 0:
                 continue
             end = int(self.lengths[b])
