@@ -39,7 +39,6 @@ import warnings
 
 import torch
 
-from ..nn import few_rows
 from ..nn.kv_cache import KVCache
 
 _enabled = False
@@ -66,7 +65,8 @@ class _Captured:
     what = ""  # "compiled {what} unavailable" warnings
     label = ""  # "{label}: first call ..." line
     memo = ""  # the model.__dict__ key of the model's instance
-    # products of at least this many rows inside the graph take the W @ X^T form (`few_rows.use`); None: as set
+    # products of at least this many rows inside the graph take the W @ X^T form (the model's
+    # `decode_products`); None: as set
     from_rows: int | None = None
 
     def __init__(self, model) -> None:
@@ -87,7 +87,7 @@ class _Captured:
         self.model.static_step_prepare()
         t0 = time.perf_counter()
         try:
-            with few_rows.use(None, self.from_rows):
+            with self.model.decode_products(None, self.from_rows):
                 out = self._compiled()(*args)
         except Exception as exc:  # compilation or the generated code failed: eager from now on
             self.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"

@@ -300,11 +300,12 @@ class SeekForCausalLM(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     @staticmethod
-    def decode_products(flag: bool | None) -> few_rows.use:
+    def decode_products(flag: bool | None, from_rows: int | None = None) -> few_rows.use:
         """Context manager: decoding steps inside it multiply few rows by their weights in `nn.few_rows`'
-        W @ X^T form (True), as F.linear (False), or as set (None). Which is faster depends on the CPU:
+        W @ X^T form (True), as F.linear (False), or as set (None); `from_rows`: products of at least this many
+        rows take the W @ X^T form too (the captured speculative step). Which is faster depends on the CPU:
         the decoders measure both (`inference.decoding.product_form`)."""
-        return few_rows.use(flag)
+        return few_rows.use(flag, from_rows)
 
     # ------------------------------------------------------------------ capturable decoding step
     def static_step_blocker(self) -> str | None:
