@@ -16,7 +16,7 @@ from seekformer.errors import DataError, RecipeError, TaskError
 from seekformer.evaluation.metrics import (classification_metrics, generation_metrics, qa_metrics,
                                            tagging_metrics)
 from seekformer.models.causal_lm import SeekForCausalLM
-from seekformer.models.multitask import SeekForMultiTask, best_spans
+from seekformer.models.multitask import BAG_BUCKETS, ClassificationHead, SeekForMultiTask, best_spans
 from seekformer.tokenizer import SeekTokenizer
 from seekformer.training.weighting import (DWAWeighting, GradNormWeighting, UncertaintyWeighting, build_weighting,
                                            pcgrad, sampling_probs)
@@ -92,6 +92,16 @@ def test_classification_pools_last_non_pad_token(base, tok):
     assert torch.allclose(both[0], alone[0], atol=1e-5)
 
 
+def _states(lm, ids, mask) -> list[torch.Tensor]:
+    """The embeddings and every decoder layer's output [B,T,D] (by hooks, independently of `layer_states`)."""
+    states = [lm.model.embed_tokens(ids)]
+    hooks = [layer.register_forward_hook(lambda m, a, o: states.append(o)) for layer in lm.model.layers]
+    lm.model(ids, mask)
+    for h in hooks:
+        h.remove()
+    return states
+
+
 def test_layers_features_pool_every_depth(base, tok, tmp_path):
     """`features: layers`: the head reads the embeddings and each layer's output, each mean-pooled and
     RMS-normalised; the result matches pooling the states by hand, and survives save/load."""
@@ -104,12 +114,8 @@ def test_layers_features_pool_every_depth(base, tok, tmp_path):
     assert head.proj.in_features == n * lm.config.hidden_size
     ids = torch.randint(10, 1000, (2, 6))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
-    states = [lm.model.embed_tokens(ids)]
+    states = _states(lm, ids, mask)
     x = states[0]
-    hooks = [layer.register_forward_hook(lambda m, a, o: states.append(o)) for layer in lm.model.layers]
-    lm.model(ids, mask)
-    for h in hooks:
-        h.remove()
     m = mask.float().unsqueeze(-1)
     want = [(s * m).sum(1) / m.sum(1) for s in states]
     want = torch.cat([w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + 1e-6) / n ** 0.5 for w in want], -1)
@@ -122,6 +128,39 @@ def test_layers_features_pool_every_depth(base, tok, tmp_path):
         TaskRecipe(name="t", type="tagging", features="layers").validate()
     with pytest.raises(TaskError, match="features"):
         TaskRecipe(name="t", type="classification", features="deep").validate()
+
+
+def test_bag_of_tokens_features(base, tok, tmp_path):
+    """`features: layers+tokens`: one more block, which token ids the real tokens contain (RMS-normalised like
+    the depths); the same logits batched with padding as alone; survives save/load; large vocabularies hashed."""
+    decl = {"name": "cls", "type": "classification", "labels": ["a", "b"], "pooling": "mean", "dropout": 0.0,
+            "features": "layers+tokens"}
+    lm = SeekForCausalLM.from_pretrained(base)
+    model = SeekForMultiTask(lm, [decl]).eval()
+    head, cfg = model.heads["cls"], lm.config
+    n = cfg.num_hidden_layers + 1
+    assert head.bag == min(cfg.vocab_size, BAG_BUCKETS)
+    assert head.proj.in_features == n * cfg.hidden_size + head.bag
+    ids = torch.tensor([[5, 9, 9, 12, 0, 0], [7, 8, 9, 10, 11, 3]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    bag = head.bag_of_tokens(ids, mask)
+    assert bag[0].nonzero().flatten().tolist() == [5, 9, 12] and bag[1].sum() == 6  # padding (id 0) not counted
+    states = torch.cat(_states(lm, ids, mask), -1)
+    pooled = head.pool(states, mask, ids)
+    k = (n + 1) ** 0.5
+    want = bag / torch.sqrt(bag.pow(2).mean(-1, keepdim=True) + 1e-6) / k
+    assert torch.allclose(pooled[:, n * cfg.hidden_size:], want, atol=1e-6)
+    logits = model("cls", ids, mask).logits
+    assert torch.allclose(logits, head.proj(pooled), atol=1e-5)
+    assert torch.allclose(logits[0], model("cls", ids[:1, :4]).logits[0], atol=1e-5)  # padding changes nothing
+    model.save_pretrained(tmp_path / "ft", tokenizer=tok)
+    again = SeekForMultiTask.from_pretrained(tmp_path / "ft").eval()
+    assert torch.allclose(again("cls", ids, mask).logits, logits, atol=1e-6)
+    small = ClassificationHead(4, 2, "mean", 0.0, 1, bag=8)
+    assert small.bag_of_tokens(torch.tensor([[3, 11, 19]]), torch.ones(1, 3)).nonzero()[:, 1].tolist() == [3]
+    TaskRecipe(name="t", type="classification", features="final+tokens").validate()
+    with pytest.raises(TaskError, match="features"):
+        TaskRecipe(name="t", type="tagging", features="layers+tokens").validate()
 
 
 def test_tagging_aligns_word_labels_to_sub_words(tok):

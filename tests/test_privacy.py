@@ -258,7 +258,7 @@ def test_finetune_with_privacy_writes_the_account(base, tmp_path, method):
 
 
 def test_dp_defaults_fill_what_the_recipe_leaves_unset():
-    """A privacy recipe that sets nothing trains a head on every depth of the frozen trunk (the measured
+    """A privacy recipe that sets nothing trains a head on every depth of the frozen trunk and the bag of tokens (the measured
     default); choosing lora or full brings the adapting defaults; keys the recipe sets are kept."""
     from seekformer.training.multitask_recipe import finetune_recipe_from_dict
     from seekformer.training.privacy.recipe import DP_ADAPT_DEFAULTS, DP_TRAIN_DEFAULTS
@@ -267,11 +267,11 @@ def test_dp_defaults_fill_what_the_recipe_leaves_unset():
     r = finetune_recipe_from_dict({"base": "b", "tasks": [task], "privacy": {"epsilon": 8, "delta": 1e-5}})
     assert (r.train.method, r.train.batch_size, r.train.steps) == ("frozen", DP_TRAIN_DEFAULTS["batch_size"],
                                                                    DP_TRAIN_DEFAULTS["steps"])
-    assert (r.tasks[0].features, r.tasks[0].pooling, r.tasks[0].dropout) == ("layers", "mean", 0.0)
+    assert (r.tasks[0].features, r.tasks[0].pooling, r.tasks[0].dropout) == ("layers+tokens", "mean", 0.0)
     r = finetune_recipe_from_dict({"base": "b", "tasks": [{**task, "pooling": "last"}], "train": {"method": "lora",
                                    "steps": 7}, "privacy": {"epsilon": 8, "delta": 1e-5}})
     assert (r.train.batch_size, r.train.lr, r.train.steps) == (DP_ADAPT_DEFAULTS["batch_size"], DP_ADAPT_DEFAULTS["lr"], 7)
-    assert (r.tasks[0].features, r.tasks[0].pooling) == ("layers", "last")
+    assert (r.tasks[0].features, r.tasks[0].pooling) == ("layers+tokens", "last")
     r = finetune_recipe_from_dict({"base": "b", "tasks": [task]})
     assert (r.train.method, r.tasks[0].features) == ("full", "final")
 

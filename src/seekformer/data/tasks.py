@@ -37,6 +37,7 @@ from ..errors import DataError, SeekformerError, TaskError
 from .task_sources import BUILTIN_PREFIX, SPLITS, builtin_defaults, builtin_source, read_records  # noqa: F401
 
 TASK_TYPES = ("classification", "tagging", "qa", "generation", "chat", "image_classification", "vqa")
+FEATURES = ("final", "layers", "final+tokens", "layers+tokens")  # classification: what the head reads
 LM_TASK_TYPES = ("generation", "chat")  # trained and decoded through the language-model head
 IMAGE_TASK_TYPES = ("image_classification", "vqa")  # data/images.py, models/vision_lm.py
 FIELDS: dict[str, tuple[str, ...]] = {
@@ -68,7 +69,9 @@ class TaskRecipe:
         max_length: tokens per example (prompt + target for generation)
         pooling: classification: last (last non-pad token) | mean
         features: classification: final (the final-normed states) | layers (the embeddings and every layer's
-            output, each pooled and RMS-normalised, side by side: lexical features a small trunk loses in depth)
+            output, each pooled and RMS-normalised, side by side: lexical features a small trunk loses in depth);
+            `+tokens` (final+tokens, layers+tokens) adds the text's bag of tokens (which token ids occur) as one
+            more block
         dropout: head dropout (classification, tagging, qa)
         label_all_subwords: tagging: label continuation sub-words too (B-X -> I-X) instead of ignoring them
         max_answer_tokens: qa: longest predicted span
@@ -89,7 +92,7 @@ class TaskRecipe:
     labels: list[str] | None = None
     max_length: int = 128  # tokens per example (prompt + target for generation)
     pooling: str = "last"  # classification: last (last non-pad token) | mean
-    features: str = "final"  # classification: final | layers (embeddings + every layer's output)
+    features: str = "final"  # classification: final | layers | final+tokens | layers+tokens
     dropout: float = 0.1  # head dropout (classification, tagging, qa)
     label_all_subwords: bool = False  # tagging: label continuation sub-words too (B-X -> I-X) instead of -100
     max_answer_tokens: int = 30  # qa: longest predicted span
@@ -118,8 +121,9 @@ class TaskRecipe:
                             f"(valid: {', '.join(FIELDS[self.type])})")
         if self.pooling not in ("last", "mean"):
             raise TaskError(f"task {self.name!r}: pooling must be 'last' or 'mean', got {self.pooling!r}")
-        if self.features not in ("final", "layers"):
-            raise TaskError(f"task {self.name!r}: features must be 'final' or 'layers', got {self.features!r}")
+        if self.features not in FEATURES:
+            raise TaskError(f"task {self.name!r}: features must be one of {', '.join(FEATURES)}, "
+                            f"got {self.features!r}")
         if self.features != "final" and self.type != "classification":
             raise TaskError(f"task {self.name!r}: features: {self.features} applies to classification tasks only")
         if self.max_length < 8:

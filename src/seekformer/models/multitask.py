@@ -35,6 +35,7 @@ HEADS_FILE = "heads.safetensors"
 MULTITASK_FILE = "multitask.json"
 ADAPTER_DIR = "adapter"  # train.method lora: the peft adapter (adapter_config.json, adapter_model.safetensors)
 FORMAT_VERSION = 1
+BAG_BUCKETS = 16384  # `features: ...+tokens`: vocabularies above this are hashed (id modulo) into this many buckets
 DEFAULT_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                         "gate_proj", "up_proj", "down_proj")
 
@@ -50,38 +51,52 @@ class TaskOutput:
 
 
 class ClassificationHead(nn.Module):
-    """hidden [B,T,n*D], mask [B,T] -> logits [B,C], pooled from the last non-pad token or the mean.
+    """hidden [B,T,n*D], mask [B,T] (and input_ids [B,T]) -> logits [B,C], pooled from the last non-pad token
+    or the mean.
 
     `blocks` n > 1: the input is n depths' states side by side (`features: layers`: the embeddings and every
-    decoder layer's output); each pooled block is RMS-normalised (no weights) and scaled by 1/sqrt(n), so
-    the pooled vector has the norm of one normed state whatever n is.
+    decoder layer's output). `bag` W > 0 (`features: ...+tokens`): one more block, the text's bag of tokens:
+    1 for each token id present among the real tokens (ids folded modulo W, so a large vocabulary is hashed
+    into W buckets). With more than one block, each pooled block is RMS-normalised (no weights) and scaled by
+    1/sqrt(blocks), so the pooled vector has the norm of one normed state whatever the blocks are.
     """
 
-    def __init__(self, d: int, num_labels: int, pooling: str = "last", dropout: float = 0.0, blocks: int = 1) -> None:
+    def __init__(self, d: int, num_labels: int, pooling: str = "last", dropout: float = 0.0, blocks: int = 1,
+                 bag: int = 0) -> None:
         super().__init__()
-        self.pooling, self.blocks = pooling, blocks
+        self.pooling, self.blocks, self.bag = pooling, blocks, bag
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(blocks * d, num_labels)
+        self.proj = nn.Linear(blocks * d + bag, num_labels)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.pool(hidden, mask))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(self.pool(hidden, mask, input_ids))
 
-    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """hidden [B,T,n*D], mask [B,T] -> pooled [B,n*D]."""
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B,T,n*D], mask [B,T] (input_ids [B,T] with a bag of tokens) -> pooled [B,n*D(+W)]."""
         if self.pooling == "mean":
             m = mask.to(hidden.dtype).unsqueeze(-1)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             last = mask.long().sum(1).clamp_min(1) - 1
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        if self.blocks == 1:
+        if self.blocks == 1 and not self.bag:
             return pooled
-        p_BND = pooled.unflatten(-1, (self.blocks, -1))
-        p_BND = p_BND * torch.rsqrt(p_BND.pow(2).mean(-1, keepdim=True) + 1e-6) / self.blocks ** 0.5
-        return p_BND.flatten(1)
+        parts = list(pooled.unflatten(-1, (self.blocks, -1)).unbind(1))
+        if self.bag:
+            if input_ids is None:
+                raise ValueError("a classification head with a bag of tokens needs the input ids")
+            parts.append(self.bag_of_tokens(input_ids, mask).to(pooled.dtype))
+        k = len(parts) ** 0.5
+        return torch.cat([p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6) / k for p in parts], -1)
+
+    def bag_of_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """input_ids [B,T], mask [B,T] -> [B,W]: 1.0 where a bucket's token occurs among the real tokens."""
+        idx = torch.where(mask.bool(), input_ids % self.bag, self.bag)  # padding goes to a spare bucket W
+        out = torch.zeros(*input_ids.shape[:-1], self.bag + 1, device=input_ids.device)
+        return out.scatter(-1, idx, torch.ones_like(idx, dtype=out.dtype))[..., : self.bag]
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled [B,n*D] -> logits [B,C] (dropout, then the projection)."""
+        """pooled [B,n*D(+W)] -> logits [B,C] (dropout, then the projection)."""
         return self.proj(self.dropout(pooled))
 
 
@@ -103,14 +118,22 @@ class TokenHead(nn.Module):
         return self.proj(self.dropout(torch.cat([hidden, nxt], dim=-1)))
 
 
-def build_head(task: dict[str, Any], d: int, n_layers: int = 0) -> nn.Module | None:
+def feature_parts(features: str) -> tuple[str, bool]:
+    """`features` of a classification task -> (trunk part: final | layers, whether a bag of tokens is added)."""
+    trunk, _, extra = features.partition("+")
+    return trunk, extra == "tokens"
+
+
+def build_head(task: dict[str, Any], d: int, n_layers: int = 0, vocab: int = 0) -> nn.Module | None:
     """The head module a task declaration asks for (None for generation, which uses the LM head);
     `n_layers`: the trunk's decoder layers (a classification head with `features: layers` reads n_layers + 1
-    depths)."""
+    depths); `vocab`: the vocabulary size (`features: ...+tokens` adds a bag of min(vocab, BAG_BUCKETS) tokens)."""
     kind, drop = task["type"], float(task.get("dropout", 0.0))
     if kind == "classification":
-        blocks = n_layers + 1 if task.get("features", "final") == "layers" else 1
-        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop, blocks)
+        trunk, tokens = feature_parts(task.get("features", "final"))
+        blocks = n_layers + 1 if trunk == "layers" else 1
+        return ClassificationHead(d, len(task["labels"]), task.get("pooling", "last"), drop, blocks,
+                                  min(vocab, BAG_BUCKETS) if tokens else 0)
     if kind == "tagging":
         return TokenHead(d, len(task["labels"]), drop)
     if kind == "qa":
@@ -154,7 +177,7 @@ class SeekForMultiTask(nn.Module):
         self.tasks = {t["name"]: dict(t) for t in tasks}
         self.heads = nn.ModuleDict()
         for t in tasks:
-            head = build_head(t, lm.config.hidden_size, lm.config.num_hidden_layers)
+            head = build_head(t, lm.config.hidden_size, lm.config.num_hidden_layers, lm.config.vocab_size)
             if head is not None:
                 self.heads[t["name"]] = head
         self.heads.to(lm.device)
@@ -173,8 +196,9 @@ class SeekForMultiTask(nn.Module):
 
     def trunk_states(self, task: str, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """What `task`'s head reads: the final-normed trunk states [B,T,D]; for a classification task with
-        `features: layers`, the embeddings and every decoder layer's output side by side [B,T,(L+1)D]."""
-        if self.tasks[task].get("features", "final") != "layers":
+        `features: layers` (or `layers+tokens`), the embeddings and every decoder layer's output side by side
+        [B,T,(L+1)D]."""
+        if feature_parts(self.tasks[task].get("features", "final"))[0] != "layers":
             return self.lm.model(input_ids, mask)
         states: list[torch.Tensor] = []
         self.lm.model(input_ids, mask, layer_states=states)
@@ -203,7 +227,7 @@ class SeekForMultiTask(nn.Module):
             if labels is not None:
                 loss = shifted_cross_entropy(logits, labels)
         elif kind == "classification":
-            logits = self.heads[task](hidden, mask)
+            logits = self.heads[task](hidden, mask, input_ids)
             if labels is not None:
                 loss = F.cross_entropy(logits.float(), labels)
         elif kind == "tagging":

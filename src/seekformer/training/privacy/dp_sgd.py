@@ -102,7 +102,7 @@ class PrivateTrainer(MultiTaskTrainer):
         pools with the mask."""
         hidden = self.model.trunk_states(self.task, batch["input_ids"], None)
         aux = self.model._aux_loss()
-        logits = self.model.heads[self.task](hidden, batch["attention_mask"])
+        logits = self.model.heads[self.task](hidden, batch["attention_mask"], batch["input_ids"])
         loss = self.weighting.weights()[self.task] * F.cross_entropy(logits.float(), batch["labels"])
         return loss + aux if aux is not None else loss
 
@@ -115,8 +115,8 @@ class PrivateTrainer(MultiTaskTrainer):
         feats = []
         for _, batch in eval_batches(self.examples, "classification", self.t.eval_batch_size,
                                      self.tokenizer.pad_token_id):
-            mask = batch["attention_mask"].to(self.t.device)
-            feats.append(head.pool(self.model.trunk_states(self.task, batch["input_ids"].to(self.t.device), mask), mask))
+            ids, mask = batch["input_ids"].to(self.t.device), batch["attention_mask"].to(self.t.device)
+            feats.append(head.pool(self.model.trunk_states(self.task, ids, mask), mask, ids))
         self.model.train()
         return torch.cat(feats)
 
