@@ -276,6 +276,22 @@ def test_dp_defaults_fill_what_the_recipe_leaves_unset():
     assert (r.train.method, r.tasks[0].features) == ("full", "final")
 
 
+def test_default_expected_batch_shrinks_to_small_data(base, tmp_path):
+    """The default expected batch (512) is for ~1,000+ examples: on 40 it becomes 20 (q = 1/2) instead of an
+    error; a batch the recipe sets is kept (and more than the data is a one-line error)."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    p = tmp_path / "dp.yaml"
+    p.write_text(json.dumps({"base": base, "out": str(tmp_path / "out"),
+                             "tasks": [{"name": "topic", "type": "classification", "train": train}],
+                             "train": {"steps": 2, "progress": False}, "privacy": {"epsilon": 8, "delta": 1e-3}}))
+    main(["finetune", str(p)])
+    acct = json.loads((tmp_path / "out" / "privacy.json").read_text())
+    assert acct["expected_batch_size"] == 20 and acct["sample_rate"] == pytest.approx(0.5)
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", str(p), "--train.batch_size", "64", "--out", str(tmp_path / "out2")])
+    assert e.value.code == 2
+
+
 def test_noise_multiplier_given_stops_at_the_budget(base, tmp_path):
     main(["finetune", _recipe(tmp_path, base, "frozen", {"epsilon": 1.0, "delta": 1e-3, "noise_multiplier": 2.0},
                               steps=50)])

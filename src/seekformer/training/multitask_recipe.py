@@ -362,7 +362,9 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
     private = d.get("privacy") is not None
     if d.get("federated") is not None and (train is None or isinstance(train, dict)):
         train = {**FEDERATED_TRAIN_DEFAULTS, **(train or {})}
+    defaulted: tuple[str, ...] = ()
     if private and (train is None or isinstance(train, dict)):
+        defaulted = tuple(k for k in private_train_defaults(None) if k not in (train or {}))
         train = private_train_defaults(train)
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
                        tasks=[_task_from_dict(t, i, private) for i, t in enumerate(tasks)],
@@ -376,6 +378,7 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
                        if d.get("federated") is not None else None,
                        parallel=build_section(ParallelRecipe, d.get("parallel"), "parallel"))
     r.validate()
+    r.dp_defaulted = defaulted  # train keys a privacy run took from the DP defaults (not a recipe key)
     return r
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ...errors import RecipeError
 from ..multitask import MultiTaskTrainer
 from .accounting import epsilon_of
+from .recipe import DP_TRAIN_DEFAULTS
 from .mechanism import DPSGD
 from .per_sample import PerSampleClipper
 
@@ -47,6 +48,11 @@ class PrivateTrainer(MultiTaskTrainer):
         data = self.data[self.task]
         self.examples = data.train
         n = len(self.examples)
+        if "batch_size" in getattr(self.recipe, "dp_defaulted", ()) and t.batch_size > n // 2:
+            # the default expected batch suits ~1,000+ examples; smaller data keeps q <= 1/2
+            t.batch_size = max(1, n // 2)
+            self.console.print(f"privacy: expected batch {t.batch_size} (half of the {n} examples; the default "
+                               f"{DP_TRAIN_DEFAULTS['batch_size']} is for larger data)")
         gamma = self.model.config.aux_free_bias_update_rate
         moe = [m for n_, m in self.model.lm.moe_layers() if not n_.startswith("mtp.")]
         balanced = moe if t.method == "full" and gamma > 0 else []

@@ -24,7 +24,8 @@
       dp_clip_norm: 0.0           # per-client update L2 bound (needed with dp_noise_multiplier > 0)
 
 With a `privacy:` section, `train:` keys the recipe does not set take the DP defaults in `DP_TRAIN_DEFAULTS`
-(`DP_ADAPT_DEFAULTS` for method lora / full), and classification tasks the `DP_TASK_DEFAULTS` (DP-SGD wants
+(`DP_ADAPT_DEFAULTS` for method lora / full; a default expected batch above half the examples becomes half of
+them), and classification tasks the `DP_TASK_DEFAULTS` (DP-SGD wants
 few trainable parameters and large batches; measured in benchmarks/results/privacy.md). `federated:` does the same with `FEDERATED_TRAIN_DEFAULTS`.
 """
 
