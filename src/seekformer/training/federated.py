@@ -109,14 +109,15 @@ class WeightSet:
 
 def sparse_payload(arrays: list[np.ndarray], is_expert: list[bool], layer_of: list[int | None],
                    used: dict[int, set[int]]) -> tuple[list[np.ndarray], int]:
-    """(what an expert-sparse client sends, its bytes): expert tensors cut to the used rows + their indices."""
+    """(what an expert-sparse client sends, its bytes): expert tensors cut to the used rows, plus which rows as a
+    bitmask of ceil(E / 8) bytes (a client whose data reached every expert sends as much as a full update)."""
     sent, nbytes = [], 0
     for a, ex, layer in zip(arrays, is_expert, layer_of):
         if ex:
             rows = np.array(sorted(used.get(layer, set())), dtype=np.int64)
             part = a[rows]
             sent.append(part)
-            nbytes += part.nbytes + rows.nbytes
+            nbytes += part.nbytes + -(-a.shape[0] // 8)
         else:
             sent.append(a)
             nbytes += a.nbytes
