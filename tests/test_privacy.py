@@ -274,6 +274,8 @@ def test_dp_defaults_fill_what_the_recipe_leaves_unset():
     assert (r.tasks[0].features, r.tasks[0].pooling) == ("layers+tokens", "last")
     r = finetune_recipe_from_dict({"base": "b", "tasks": [task]})
     assert (r.train.method, r.tasks[0].features) == ("full", "final")
+    r = finetune_recipe_from_dict({"base": "b", "tasks": [task], "federated": {"clients": 2}})
+    assert (r.train.method, r.tasks[0].features, r.tasks[0].pooling) == ("full", "layers+tokens", "mean")
 
 
 def test_default_expected_batch_shrinks_to_small_data(base, tmp_path):

@@ -26,8 +26,8 @@ from ..data.tasks import TaskRecipe, builtin_defaults
 from ..distributed.config import ParallelRecipe, check_parallel, env_world_size
 from ..errors import RecipeError, SeekformerError, TaskError
 from ..models.multitask import DEFAULT_LORA_TARGETS
-from .privacy.recipe import (DP_TASK_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe, PrivacyRecipe,
-                             private_train_defaults)
+from .privacy.recipe import (DP_TASK_DEFAULTS, FEDERATED_TASK_DEFAULTS, FEDERATED_TRAIN_DEFAULTS, FederatedRecipe,
+                             PrivacyRecipe, private_train_defaults)
 from .recipe import build_section, apply_overrides, read_recipe_dict
 from .weighting import STRATEGIES
 
@@ -291,8 +291,9 @@ class FinetuneRecipe:
             raise RecipeError(f"{mode} fine-tuning runs on one process; drop --nproc / torchrun")
 
 
-def _task_from_dict(raw: Any, i: int, private: bool = False) -> TaskRecipe:
-    """One `tasks:` entry; `private` (a recipe with `privacy:`): unset keys take DP_TASK_DEFAULTS of its type."""
+def _task_from_dict(raw: Any, i: int, mode_defaults: dict[str, dict[str, Any]] | None = None) -> TaskRecipe:
+    """One `tasks:` entry; `mode_defaults` (a recipe with `privacy:` or `federated:`: DP_TASK_DEFAULTS,
+    FEDERATED_TASK_DEFAULTS): unset keys take the defaults of its type."""
     where = f"tasks[{i}]"
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a mapping with name, type and train")
@@ -307,8 +308,8 @@ def _task_from_dict(raw: Any, i: int, private: bool = False) -> TaskRecipe:
         if raw["type"] == defaults["type"] and defaults.get("labels") is not None:
             raw.setdefault("labels", defaults["labels"])
         raw.setdefault("name", train.split(":")[1])
-    if private:
-        raw = {**DP_TASK_DEFAULTS.get(raw.get("type"), {}), **raw}
+    if mode_defaults:
+        raw = {**mode_defaults.get(raw.get("type"), {}), **raw}
     return build_section(TaskRecipe, raw, where)
 
 
@@ -362,12 +363,14 @@ def finetune_recipe_from_dict(d: dict[str, Any]) -> FinetuneRecipe:
     private = d.get("privacy") is not None
     if d.get("federated") is not None and (train is None or isinstance(train, dict)):
         train = {**FEDERATED_TRAIN_DEFAULTS, **(train or {})}
+    task_defaults = (DP_TASK_DEFAULTS if private else FEDERATED_TASK_DEFAULTS if d.get("federated") is not None
+                     else None)
     defaulted: tuple[str, ...] = ()
     if private and (train is None or isinstance(train, dict)):
         defaulted = tuple(k for k in private_train_defaults(None) if k not in (train or {}))
         train = private_train_defaults(train)
     r = FinetuneRecipe(base=d.get("base") or "", out=d.get("out") or "runs/finetune",
-                       tasks=[_task_from_dict(t, i, private) for i, t in enumerate(tasks)],
+                       tasks=[_task_from_dict(t, i, task_defaults) for i, t in enumerate(tasks)],
                        train=build_section(FinetuneTrainRecipe, train, "train"),
                        weighting=build_section(WeightingRecipe, d.get("weighting"), "weighting"),
                        lora=build_section(LoraRecipe, d.get("lora"), "lora"),
