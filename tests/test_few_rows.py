@@ -121,3 +121,28 @@ def test_product_form_measured_once_per_model_and_forced_by_policy():
     finally:
         few_rows.use = real_use
         runtime.set_product_form(None)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (2, 96)])
+def test_one_row_reduction_in_a_compiled_graph(shape):
+    """Inside a captured graph one row takes the reduction form (a generated kernel); its values are
+    F.linear's, and eager code (no capture) never takes it."""
+    torch.manual_seed(0)
+    w, b, x = torch.randn(1536, 96), torch.randn(1536), torch.randn(*shape)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    with torch.no_grad():
+        got = torch.compile(few_rows_linear, backend=backend, fullgraph=True, dynamic=False)(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    reduced = torch.ops.aten.mm.default not in seen[0] and torch.mm not in seen[0] and F.linear not in seen[0]
+    assert reduced == (x.numel() == 96)  # one row: no product op in the graph; two rows: W @ X^T as before
+    with few_rows.use(None, reduce_rows=0):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(few_rows_linear, backend=backend, fullgraph=True, dynamic=False)(x, w, b)
+    assert torch.mm in seen[-1] or F.linear in seen[-1]  # switched off: the product ops
+    torch._dynamo.reset()
