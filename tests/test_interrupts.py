@@ -28,9 +28,12 @@ class Proc:
     """A `seekformer` subprocess whose stdout and stderr are collected by threads as they arrive."""
 
     def __init__(self, *args: str, stdin: bool = False) -> None:
+        # SIGINT back to its default in the child: a test run started in the background (`bash .ci/run &`)
+        # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
         self.p = subprocess.Popen([sys.executable, "-m", "seekformer", *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                  text=True, bufsize=1)
+                                  text=True, bufsize=1,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.out: list[str] = []
         self.err: list[str] = []
         self._threads = [threading.Thread(target=self._pump, args=(s, buf), daemon=True)
