@@ -11,7 +11,7 @@ split and its mean (sd) over random re-splits of train + test, which one 150-exa
 give (one standard error there is ~0.035). Used to pick DP_TRAIN_DEFAULTS / DP_TASK_DEFAULTS.
 
     python benchmarks/privacy_dp_sim.py MODEL_DIR TASK_DIR [--features layers+tokens] [--pooling mean]
-        [--lr 0.01] [--batch 512] [--steps 400] [--epsilon 8] [--delta 1e-5] [--splits 6] [--no-dp]
+        [--lr 0.005] [--batch 512] [--steps 400] [--epsilon 8] [--delta 1e-5] [--splits 6] [--no-dp]
 
 TASK_DIR holds train.jsonl and test.jsonl ({text, label}), e.g. from
 `seekformer.training.privacy.tasks.write_two_class_task`.
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from seekformer.training.optim import build_scheduler
 
 
 def features(model_dir: str, task_dir: Path, feats: str, pooling: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -69,7 +70,7 @@ def dp_train(x: torch.Tensor, y: torch.Tensor, classes: int, lr: float, batch: i
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = build_scheduler(opt, 0, steps, 0.1)  # the trainer's schedule (min_lr_ratio 0.1, no warm-up)
     for _ in range(steps):
         idx = torch.nonzero(torch.rand(n, generator=g) < q).flatten()
         xb, yb = x[idx], y[idx]
@@ -93,7 +94,7 @@ def main() -> None:
     ap.add_argument("task_dir", type=Path)
     ap.add_argument("--features", default="layers+tokens")
     ap.add_argument("--pooling", default="mean")
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.005)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--epsilon", type=float, default=8.0)

@@ -138,6 +138,7 @@ def test_one_row_reduction_in_a_compiled_graph(shape):
     with torch.no_grad():
         got = torch.compile(few_rows_linear, backend=backend, fullgraph=True, dynamic=False)(x, w, b)
     torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert not few_rows.reduces(1)  # outside a capture (eager) one row keeps the product forms
     reduced = torch.ops.aten.mm.default not in seen[0] and torch.mm not in seen[0] and F.linear not in seen[0]
     assert reduced == (x.numel() == 96)  # one row: no product op in the graph; two rows: W @ X^T as before
     with few_rows.use(None, reduce_rows=0):
