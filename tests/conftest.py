@@ -27,6 +27,19 @@ def _runtime_policies():
     runtime._decode_threads, runtime._product_form = saved
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`seekformer ARGS` in-process: (exit code, stdout, stderr)."""
+    from seekformer.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def tiny_config(**overrides) -> SeekConfig:
     """A ~100k-parameter DeepSeek-V3 config with every feature on (MoE, groups, shared expert, MTP off)."""
     base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from seekformer.cli import main
 from seekformer.serving.demo import build_demo_model_dir
+
+from .conftest import run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,14 +28,7 @@ def dense_dir(tmp_path_factory):
     return build_demo_model_dir(tmp_path_factory.mktemp("dense-model"), first_k_dense_replace=2)
 
 
-def run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+run = run_cli
 
 
 def test_prompt_json_equals_transformers(model_dir, tmp_path, capsys):

@@ -66,15 +66,33 @@ def register(app: typer.Typer) -> None:
         text_key: str = typer.Option("text", "--text-key", help="Field of .jsonl / hf records holding the text."),
         device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
         dtype: str = typer.Option("fp32", help="fp32, bf16 or fp16."),
+        image: Optional[list[Path]] = typer.Option(None, "--image", help="With --prompt, a vision model: an image the "
+                                                   "question is about (repeatable); image vs text routing."),
+        images: Optional[Path] = typer.Option(None, "--images", help="A vision model: image vs text routing over a "
+                                              "jsonl of {image[, question]} records or an image folder."),
+        max_examples: int = typer.Option(500, "--max-examples", min=1, help="With --images: examples read at most."),
     ) -> None:
-        """Show what the experts and attention heads do: one prompt (--prompt), or a corpus (--corpus)."""
-        from ..inference.chat import load_model_and_tokenizer
-        from ..interpret.capture import InspectError, check_layers
+        """Show what the experts and attention heads do: one prompt (--prompt, with --image for a vision model),
+        a corpus (--corpus), or image vs text tokens over many images (--images)."""
+        from ..interpret.capture import InspectError
 
         if (compare or ablate_experts) and corpus is None:
             raise InspectError("--compare and --ablate-experts need --corpus SOURCE")
+        if images is not None or image:
+            if images is not None and (image or prompt is not None or corpus is not None):
+                raise InspectError("--images (statistics over many images) goes alone: not with --prompt, --image "
+                                   "or --corpus")
+            if image and prompt is None:
+                raise InspectError("--image needs --prompt TEXT (the question about the image)")
+            _image_mode(model_dir, device, dtype, prompt, list(image or []), images, max_examples, layer, batch_size,
+                        json_path)
+            return
+        from ..inference.chat import load_model_and_tokenizer
+        from ..interpret.capture import check_layers
+
         if (prompt is None) == (corpus is None):
-            raise InspectError("give either --prompt TEXT (one text) or --corpus SOURCE (statistics)")
+            raise InspectError("give either --prompt TEXT (one text), --corpus SOURCE (statistics) or, for a "
+                               "vision model, --images SOURCE")
         model, tok = load_model_and_tokenizer(model_dir, device, dtype)
         layers = check_layers(model, layer) if layer else None
         if prompt is not None:
@@ -84,6 +102,32 @@ def register(app: typer.Typer) -> None:
             return
         _corpus_mode(model, tok, corpus, compare, ablate_experts, ablate_mode, layers, max_tokens, window,
                      batch_size, text_key, json_path, out)
+
+
+def _print_modality(summary: dict) -> None:
+    typer.echo(f"{summary['image_tokens']} image tokens, {summary['text_tokens']} text tokens "
+               f"(image share {summary['image_token_share']:.3f})")
+    for x in summary["layers"]:
+        js = "n/a" if x["js_divergence"] is None else f"{x['js_divergence']:.3f}"
+        fav = max(range(len(x["image_share"])), key=lambda e: x["image_share"][e])
+        typer.echo(f"layer {x['layer']}: image tokens -> experts {x['top_image_experts']}, text tokens -> "
+                   f"{x['top_text_experts']}; JS divergence {js} bits; most image-heavy expert {fav} "
+                   f"({x['image_share'][fav]:.2f} of its tokens are image tokens)")
+
+
+def _image_mode(model_dir, device, dtype, prompt, image, images, max_examples, layer, batch_size, json_path) -> None:
+    from ..inference.vision import load_vision_model
+    from ..interpret.modality import image_examples, inspect_image_prompt, modality_stats
+
+    vlm, tok = load_vision_model(model_dir, device, dtype)
+    if prompt is not None:
+        record = inspect_image_prompt(vlm, tok, prompt, image, layers=layer)
+        summary = record["modality"]
+    else:
+        record = summary = modality_stats(vlm, tok, image_examples(images, max_examples), batch_size, layers=layer)
+        typer.echo(f"{images}: {summary['examples']} examples")
+    _print_modality(summary)
+    _write_json(json_path, record)
 
 
 def _corpus_mode(model, tok, corpus, compare, ablate, mode, layers, max_tokens, window, batch_size, text_key,
