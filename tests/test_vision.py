@@ -59,6 +59,22 @@ def test_conv_stem_layers_and_old_configs():
     assert "encoder.patch_embed.stem.0.weight" in VisionTower(VisionConfig.from_dict(old)).state_dict()
     with pytest.raises(Exception, match="stem_layers"):
         VisionConfig.from_preset("vit-tiny", stem_layers=0)
+    # ... and before token_positions: no slot embedding, no new weight
+    old = {k: v for k, v in VisionConfig.from_preset("vit-tiny").to_dict().items() if k != "token_positions"}
+    assert "projector.pos" not in VisionTower(VisionConfig.from_dict(old)).state_dict()
+
+
+def test_token_positions_add_one_embedding_per_slot():
+    cfg = VisionConfig.from_preset("vit-nano", image_size=16, pixel_shuffle=True, lm_hidden_size=24,
+                                   token_positions=True)
+    tower = VisionTower(cfg).eval()
+    assert tower.projector.pos.shape == (1, cfg.num_image_tokens, 24) and float(tower.projector.pos.detach().std()) > 0
+    pix = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        with_pos = tower(pix)
+        base = tower.projector.fc2(torch.nn.functional.gelu(tower.projector.fc1(tower.projector.norm(
+            pixel_shuffle(tower.encoder(pix), cfg.grid)))))
+    assert torch.allclose(with_pos - base, tower.projector.pos.expand(2, -1, -1), atol=1e-6)
 
 
 def test_splice_puts_image_tokens_at_placeholders():

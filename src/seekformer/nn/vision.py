@@ -8,6 +8,8 @@ D the language model's hidden size, M image tokens after the projector (N, or N/
                    of Xiao et al. 2021) + learned positions -> x_BNE
     x_BNE -> `layers` pre-norm Transformer blocks (bidirectional attention, GELU MLP) -> LayerNorm -> x_BNE
     Projector: optional 2x2 pixel shuffle (x_BNE -> x_B(N/4)(4E)), then Linear -> GELU -> Linear -> y_BMD
+               (+ with `token_positions` a learned embedding per image-token slot, pos_1MD: where in the image
+               a token is, given to the trunk directly rather than through the encoder's features)
 
 Presets are sized to train from scratch on a CPU in minutes. Pure torch, no I/O.
 """
@@ -51,6 +53,7 @@ class VisionConfig:
     strided_stem: bool = False  # patchify with log2(patch_size) stride-2 3x3 convs (+ 1x1) instead of P x P
     text_first: bool = True  # prompts put the question before the image (image tokens then see the question)
     pixel_shuffle: bool = False  # 2x2 patches -> one image token (4x fewer tokens)
+    token_positions: bool = False  # a learned embedding per image-token slot added after the projector
     projector_hidden_size: int | None = None  # default: lm_hidden_size
     lm_hidden_size: int = 64
     layer_norm_eps: float = 1e-6
@@ -71,7 +74,8 @@ class VisionConfig:
         from ..errors import ConfigError
 
         known = {f.name for f in fields(cls)}
-        d = {"text_first": False, **d}  # vision.json files written before this key put the image first
+        # vision.json files written before these keys: the image first, no slot embeddings
+        d = {"text_first": False, "token_positions": False, **d}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown vision config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -205,11 +209,14 @@ class Projector(nn.Module):
         self.norm = nn.LayerNorm(d_in, eps=cfg.layer_norm_eps)
         self.fc1 = nn.Linear(d_in, d_mid)
         self.fc2 = nn.Linear(d_mid, cfg.lm_hidden_size)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.num_image_tokens, cfg.lm_hidden_size)) \
+            if cfg.token_positions else None
 
     def forward(self, x_BNE: torch.Tensor) -> torch.Tensor:
         if self.shuffle:
             x_BNE = pixel_shuffle(x_BNE, self.grid)
-        return self.fc2(F.gelu(self.fc1(self.norm(x_BNE))))
+        y = self.fc2(F.gelu(self.fc1(self.norm(x_BNE))))
+        return y + self.pos if self.pos is not None else y
 
 
 class VisionTower(nn.Module):
@@ -227,6 +234,8 @@ class VisionTower(nn.Module):
     def reset_parameters(self, seed: int | None = None) -> None:
         """Truncated-normal(0.02) Linear weights, zero biases, Kaiming convs, unit LayerNorms."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        if self.projector.pos is not None:
+            self.projector.pos.copy_(torch.randn(self.projector.pos.shape, generator=gen) * 0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen).clamp_(-2, 2) * 0.02)
