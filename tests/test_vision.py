@@ -77,6 +77,23 @@ def test_token_positions_add_one_embedding_per_slot():
     assert torch.allclose(with_pos - base, tower.projector.pos.expand(2, -1, -1), atol=1e-6)
 
 
+def test_global_token_summarises_the_whole_map_first():
+    cfg = VisionConfig.from_preset("vit-nano", image_size=16, pixel_shuffle=True, lm_hidden_size=24, global_token=True)
+    assert cfg.num_image_tokens == 4 + 1
+    tower = VisionTower(cfg).eval()
+    pix = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out, feats = tower(pix), tower.encoder(pix)
+        assert out.shape == (2, 5, 24)
+        assert torch.allclose(out[:, 0], tower.projector.glob(feats.flatten(1)), atol=1e-6)
+        # the summary token sees every patch: changing one corner patch's features changes it
+        moved = feats.clone()
+        moved[:, -1] += 1.0
+        assert not torch.allclose(tower.projector.glob(moved.flatten(1)), out[:, 0])
+    old = {k: v for k, v in cfg.to_dict().items() if k != "global_token"}
+    assert VisionConfig.from_dict(old).num_image_tokens == 4
+
+
 def test_splice_puts_image_tokens_at_placeholders():
     emb = torch.zeros(2, 5, 3)
     is_img = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)

@@ -10,6 +10,9 @@ D the language model's hidden size, M image tokens after the projector (N, or N/
     Projector: optional 2x2 pixel shuffle (x_BNE -> x_B(N/4)(4E)), then Linear -> GELU -> Linear -> y_BMD
                (+ with `token_positions` a learned embedding per image-token slot, pos_1MD: where in the image
                a token is, given to the trunk directly rather than through the encoder's features)
+               (+ with `global_token` one more token first: LayerNorm -> Linear -> GELU -> Linear of the whole
+               flattened feature map x_B(NE), a position-aware summary of the image, as a plain CNN classifier
+               reads it)
 
 Presets are sized to train from scratch on a CPU in minutes. Pure torch, no I/O.
 """
@@ -54,6 +57,7 @@ class VisionConfig:
     text_first: bool = True  # prompts put the question before the image (image tokens then see the question)
     pixel_shuffle: bool = False  # 2x2 patches -> one image token (4x fewer tokens)
     token_positions: bool = False  # a learned embedding per image-token slot added after the projector
+    global_token: bool = False  # one more image token: an MLP of the whole flattened feature map
     projector_hidden_size: int | None = None  # default: lm_hidden_size
     lm_hidden_size: int = 64
     layer_norm_eps: float = 1e-6
@@ -75,7 +79,7 @@ class VisionConfig:
 
         known = {f.name for f in fields(cls)}
         # vision.json files written before these keys: the image first, no slot embeddings
-        d = {"text_first": False, "token_positions": False, **d}
+        d = {"text_first": False, "token_positions": False, "global_token": False, **d}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown vision config key(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -98,7 +102,7 @@ class VisionConfig:
     @property
     def num_image_tokens(self) -> int:
         """Image tokens one image puts into the LM's sequence."""
-        return self.num_patches // 4 if self.pixel_shuffle else self.num_patches
+        return (self.num_patches // 4 if self.pixel_shuffle else self.num_patches) + int(self.global_token)
 
     def validate(self) -> None:
         from ..errors import ConfigError
@@ -211,11 +215,17 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(d_mid, cfg.lm_hidden_size)
         self.pos = nn.Parameter(torch.zeros(1, cfg.num_image_tokens, cfg.lm_hidden_size)) \
             if cfg.token_positions else None
+        d_flat = cfg.num_patches * cfg.hidden_size
+        self.glob = nn.Sequential(nn.LayerNorm(d_flat, eps=cfg.layer_norm_eps), nn.Linear(d_flat, d_mid), nn.GELU(),
+                                  nn.Linear(d_mid, cfg.lm_hidden_size)) if cfg.global_token else None
 
     def forward(self, x_BNE: torch.Tensor) -> torch.Tensor:
+        g = self.glob(x_BNE.flatten(1)).unsqueeze(1) if self.glob is not None else None  # [B,1,D]
         if self.shuffle:
             x_BNE = pixel_shuffle(x_BNE, self.grid)
         y = self.fc2(F.gelu(self.fc1(self.norm(x_BNE))))
+        if g is not None:
+            y = torch.cat([g, y], dim=1)
         return y + self.pos if self.pos is not None else y
 
 

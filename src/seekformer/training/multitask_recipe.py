@@ -152,6 +152,7 @@ class VisionRecipe:
         strided_stem: patchify with stride-2 3x3 convs instead of one P x P conv (default: the preset's)
         text_first: prompts put the question before the image (default true; the image tokens then see it)
         token_positions: add a learned embedding per image-token slot after the projector (default false)
+        global_token: one more image token, an MLP of the whole flattened feature map (default false)
         pretrained: a model directory with a trained vision tower to start from
         freeze: keep the encoder's weights fixed (its features are cached per image)
         stage: 1 trains only the projector and task heads (LLaVA stage 1); 2 everything trainable
@@ -167,6 +168,7 @@ class VisionRecipe:
     strided_stem: bool | None = None  # stride-2 3x3 convs instead of the P x P patch conv (default: the preset's)
     text_first: bool | None = None  # the question before the image in prompts (default true)
     token_positions: bool | None = None  # a learned embedding per image-token slot after the projector
+    global_token: bool | None = None  # one more image token: an MLP of the whole flattened feature map
     pretrained: str | None = None  # a model directory with a trained vision tower to start from
     freeze: bool = False  # keep the encoder's weights fixed (its features are cached per image)
     stage: int = 2  # 1: train only the projector (and task heads; LLaVA stage 1); 2: everything trainable
@@ -177,7 +179,7 @@ class VisionRecipe:
         return {"image_size": self.image_size if self.image_size is not None else 32, "patch_size": self.patch_size,
                 "channels": self.channels, "pixel_shuffle": self.pixel_shuffle, "conv_stem": self.conv_stem,
                 "strided_stem": self.strided_stem, "text_first": self.text_first,
-                "token_positions": self.token_positions}
+                "token_positions": self.token_positions, "global_token": self.global_token}
 
     def validate(self) -> None:
         """RecipeError for an unknown stage or a non-positive learning rate."""
