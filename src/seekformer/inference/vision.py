@@ -67,10 +67,16 @@ def _stop_ids(tok) -> tuple[int, ...]:
     return tuple(i for i in (tok.end_of_turn_token_id,) if i is not None)
 
 
+def question_ids(vlm, tok, question: str, n_images: int) -> list[int]:
+    """The prompt ids of a question about `n_images` images (image_chat_prompt, markers expanded into the
+    model's image tokens): what generation, chat and `inspect --image` feed the model."""
+    prompt = image_chat_prompt(tok, question, n_images, vlm.vision.config.text_first)
+    return expand_prompt(vlm, tok.encode(prompt), n_images)
+
+
 def stream_with_images(vlm, tok, question: str, images: Sequence[str | Path | bytes], **options) -> Iterator[str]:
-    """Stream the answer to `question` about `images` (prompt: image_chat_prompt)."""
-    prompt = image_chat_prompt(tok, question, len(images), vlm.vision.config.text_first)
-    ids = expand_prompt(vlm, tok.encode(prompt), len(images))
+    """Stream the answer to `question` about `images` (prompt: `question_ids`)."""
+    ids = question_ids(vlm, tok, question, len(images))
     options["stop_token_ids"] = tuple(options.get("stop_token_ids", ())) + _stop_ids(tok)
     yield from stream_ids(vlm, tok, ids, pixels_of(vlm, images), **options)
 
@@ -117,5 +123,5 @@ class VisionChatSession(ChatSession):
         self.messages.append({"role": "assistant", "content": "".join(reply)})
 
 
-__all__ = ["load_vision_model", "pixels_of", "expand_prompt", "stream_with_images", "stream_ids",
+__all__ = ["load_vision_model", "pixels_of", "expand_prompt", "question_ids", "stream_with_images", "stream_ids",
            "VisionChatSession"]

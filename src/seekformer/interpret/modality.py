@@ -21,17 +21,9 @@ from pathlib import Path
 
 import torch
 
-from .capture import InspectError, capture, check_layers, check_length, moe_layer_ids
+from .capture import InspectError, capture, check_layers, moe_layer_ids
 from .report import dense_note, routing_lists, token_strings
 from .stats import js_divergence
-
-
-def _prompt(vlm, tok, question: str, n_images: int) -> list[int]:
-    from ..data.images import image_chat_prompt
-    from ..inference.vision import expand_prompt
-
-    ids = tok.encode(image_chat_prompt(tok, question, n_images, vlm.vision.config.text_first))
-    return expand_prompt(vlm, ids, n_images)
 
 
 class ModalityCounts:
@@ -83,12 +75,11 @@ def inspect_image_prompt(vlm, tok, question: str, images: Sequence[str | Path | 
                          layers: Sequence[int] | None = None) -> dict:
     """The inspection record (see interpret.report) of a question about `images`, with `is_image` per token
     and the per-layer image-vs-text summary under "modality"."""
-    from ..inference.vision import pixels_of
+    from ..inference.vision import pixels_of, question_ids
 
     if not images:
         raise InspectError("--image needs at least one image")
-    ids = _prompt(vlm, tok, question, len(images))
-    check_length(vlm.lm, len(ids))
+    ids = question_ids(vlm, tok, question, len(images))  # GenerationError when over the context
     want = check_layers(vlm.lm, layers)
     input_ids = torch.tensor([ids], device=vlm.device)
     is_image = input_ids == vlm.image_token_id
@@ -133,7 +124,7 @@ def modality_stats(vlm, tok, examples: Iterable[dict], batch_size: int = 16,
                    layers: Sequence[int] | None = None) -> dict:
     """Image-vs-text routing summary (see the module docstring) over examples {"image", "question"}.
     Examples are batched by prompt length (no padding, so every position is a real token)."""
-    from ..inference.vision import pixels_of
+    from ..inference.vision import pixels_of, question_ids
 
     moe = _check_moe(vlm)
     want = set(check_layers(vlm.lm, layers))
@@ -141,8 +132,7 @@ def modality_stats(vlm, tok, examples: Iterable[dict], batch_size: int = 16,
     by_len: dict[int, list[tuple[list[int], str]]] = {}
     n = 0
     for ex in examples:
-        ids = _prompt(vlm, tok, ex["question"], 1)
-        check_length(vlm.lm, len(ids))
+        ids = question_ids(vlm, tok, ex["question"], 1)
         by_len.setdefault(len(ids), []).append((ids, ex["image"]))
         n += 1
     with capture(vlm.lm, routing=True, layers=sorted(want)) as cap:
